@@ -1,0 +1,20 @@
+"""onlinemix: Diff-Mix diffusion augmentation generated online, during training."""
+from .labels import mix_labels, one_hot, smooth_labels, translation_label
+from .sources import ReplaySource, SampleBatch, SampleSource, TensorSource
+from .transform import DiffMix, DiffMixCollate, random_horizontal_flip
+
+__all__ = [
+    "DiffMix",
+    "DiffMixCollate",
+    "ReplaySource",
+    "SampleBatch",
+    "SampleSource",
+    "TensorSource",
+    "mix_labels",
+    "one_hot",
+    "random_horizontal_flip",
+    "smooth_labels",
+    "translation_label",
+]
+
+__version__ = "0.1.0.dev0"

@@ -1,0 +1,235 @@
+"""Where synthetic samples come from: the ``SampleSource`` protocol and two sources.
+
+A source hands out translated images with the metadata needed to label them:
+the reference image's class (``source``), the prompt's class (``target``) and
+the SDEdit strength. Labels are *not* stored: ``DiffMix`` computes them when a
+sample is read, so γ and smoothing can change without regenerating anything.
+
+- ``TensorSource``: a pool held in memory (tests, or a precomputed pool).
+- ``ReplaySource``: a directory written by the original, offline Diff-Mix sampler.
+- ``SampleRing`` (``onlinemix.ring``): fresh samples from a live generator process.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from typing import Protocol, Sequence, Union, runtime_checkable
+
+import numpy as np
+import torch
+from PIL import Image
+
+Size = Union[int, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class SampleBatch:
+    """``K`` synthetic samples and their metadata, all on the CPU.
+
+    Attributes:
+        images: uint8 ``[K, 3, H, W]``, RGB, not normalised.
+        source: int64 ``[K]``, class of the reference image that was translated.
+        target: int64 ``[K]``, class named in the prompt.
+        strength: float32 ``[K]``, SDEdit strength in ``[0, 1]`` (1 for text-to-image).
+    """
+
+    images: torch.Tensor
+    source: torch.Tensor
+    target: torch.Tensor
+    strength: torch.Tensor
+
+    def __post_init__(self):
+        images = self.images
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(
+                "SampleBatch.images must be uint8 RGB images [K, 3, H, W], got a "
+                f"{images.dtype} tensor of shape {tuple(images.shape)}; convert float images "
+                "in [0, 1] with (images * 255).round().to(torch.uint8)."
+            )
+        k = images.shape[0]
+        for name in ("source", "target", "strength"):
+            value = getattr(self, name)
+            if value.ndim != 1 or value.shape[0] != k:
+                raise ValueError(
+                    f"SampleBatch.{name} must have shape [{k}] to match {k} images, "
+                    f"got {tuple(value.shape)}."
+                )
+        for name in ("source", "target"):
+            value = getattr(self, name)
+            if value.dtype.is_floating_point or value.dtype == torch.bool:
+                raise ValueError(f"SampleBatch.{name} must hold integer class indices, got {value.dtype}.")
+            if k and int(value.min()) < 0:
+                raise ValueError(f"SampleBatch.{name} holds a negative class index ({int(value.min())}).")
+        if not self.strength.dtype.is_floating_point:
+            raise ValueError(f"SampleBatch.strength must be floating point, got {self.strength.dtype}.")
+        if k and not bool(((self.strength >= 0) & (self.strength <= 1)).all()):
+            raise ValueError(
+                "SampleBatch.strength must lie in [0, 1] (the SDEdit strength s, 1 for "
+                f"text-to-image), got values from {float(self.strength.min())} to "
+                f"{float(self.strength.max())}."
+            )
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def select(self, index: torch.Tensor) -> "SampleBatch":
+        """The samples at ``index`` (integer ``[K']``), in that order."""
+        return SampleBatch(self.images[index], self.source[index], self.target[index], self.strength[index])
+
+
+@runtime_checkable
+class SampleSource(Protocol):
+    """Anything that hands out synthetic samples.
+
+    ``take(n)`` returns a ``SampleBatch`` of ``k <= n`` samples and never blocks:
+    when fewer than ``n`` samples are ready it returns what it has, possibly none.
+    Randomness comes from NumPy's global generator, which timm seeds per rank
+    and per DataLoader worker.
+    """
+
+    def take(self, n: int) -> SampleBatch:
+        ...
+
+
+class TensorSource:
+    """A pool of synthetic samples held in memory, drawn uniformly with replacement.
+
+    Args:
+        images: uint8 ``[N, 3, H, W]``.
+        source: int64 ``[N]``, reference classes.
+        target: int64 ``[N]``, prompt classes.
+        strength: float ``[N]``, SDEdit strengths in ``[0, 1]``.
+    """
+
+    def __init__(self, images: torch.Tensor, source: torch.Tensor, target: torch.Tensor, strength: torch.Tensor):
+        pool = SampleBatch(images, source.long(), target.long(), strength.float())
+        if len(pool) == 0:
+            raise ValueError("TensorSource needs at least one sample, got an empty pool.")
+        self.pool = pool
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def take(self, n: int) -> SampleBatch:
+        index = torch.from_numpy(np.random.randint(0, len(self.pool), size=n))
+        return self.pool.select(index)
+
+
+def _class_key(name: str) -> str:
+    # The offline sampler turns ' ' and '/' into '_' in folder and file names and
+    # writes meta.csv with '_' turned back into ' ': compare names in that form.
+    return name.replace("/", " ").replace("_", " ")
+
+
+def _pixel_size(size: Size) -> tuple[int, int]:
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"size must be positive, got {size!r}.")
+    return int(height), int(width)
+
+
+class ReplaySource:
+    """Serves a directory written by the original (offline) Diff-Mix sampler.
+
+    The layout is the one ``scripts/sample_mp.py`` of the Diff-Mix repository
+    writes: ``root/meta.csv`` with columns ``First Directory`` (reference class),
+    ``Second Directory`` (prompt class), ``Number``, ``Strength`` and ``Path``,
+    and images at ``root/data/<Path>``. Images are decoded only when taken and
+    resized (bicubic, with antialiasing) to ``size``.
+
+    Args:
+        root: Directory holding ``meta.csv`` and ``data/``.
+        class_names: Class names of the training set, in label order. Names are
+            matched the way the sampler writes them (``_`` and ``/`` read as spaces).
+        size: Output size, ``int`` for square or ``(height, width)``.
+    """
+
+    COLUMNS = ("First Directory", "Second Directory", "Strength", "Path")
+
+    def __init__(self, root: Union[str, os.PathLike], class_names: Sequence[str], *, size: Size):
+        self.root = os.fspath(root)
+        self.size = _pixel_size(size)
+        meta = os.path.join(self.root, "meta.csv")
+        if not os.path.isfile(meta):
+            raise FileNotFoundError(
+                f"No meta.csv in {self.root!r}: pass the output directory of the Diff-Mix "
+                "sampler, the one that holds meta.csv and data/."
+            )
+        class_index = self._class_index(class_names)
+        paths, source, target, strength = [], [], [], []
+        with open(meta, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in self.COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{meta} lacks the columns {missing}; it has {reader.fieldnames}.")
+            unknown = set()
+            for line, row in enumerate(reader, start=2):
+                s, t = (class_index.get(_class_key(row[c])) for c in self.COLUMNS[:2])
+                unknown.update(row[c] for c, i in zip(self.COLUMNS[:2], (s, t)) if i is None)
+                strength.append(self._strength(row["Strength"], meta, line))
+                paths.append(os.path.join(self.root, "data", row["Path"]))
+                source.append(s)
+                target.append(t)
+        if unknown:
+            raise ValueError(
+                f"{meta} names {len(unknown)} classes that are not in class_names, e.g. "
+                f"{sorted(unknown)[:5]}; pass the training set's class names in label order "
+                f"(got {len(class_names)} names starting {list(class_names)[:3]})."
+            )
+        if not paths:
+            raise ValueError(f"{meta} lists no images.")
+        absent = [p for p in paths if not os.path.isfile(p)]
+        if absent:
+            raise FileNotFoundError(
+                f"{len(absent)} of the {len(paths)} images listed in {meta} are missing, e.g. "
+                f"{absent[:3]}; regenerate them or remove their rows."
+            )
+        self.paths = paths
+        self.source = torch.tensor(source, dtype=torch.int64)
+        self.target = torch.tensor(target, dtype=torch.int64)
+        self.strength = torch.tensor(strength, dtype=torch.float32)
+
+    @staticmethod
+    def _class_index(class_names: Sequence[str]) -> dict[str, int]:
+        index: dict[str, int] = {}
+        for i, name in enumerate(class_names):
+            key = _class_key(name)
+            if key in index:
+                raise ValueError(
+                    f"Class names {class_names[index[key]]!r} and {name!r} are the same once "
+                    "'_' and '/' are read as spaces, as the Diff-Mix sampler writes them; "
+                    "the replay directory cannot tell them apart."
+                )
+            index[key] = i
+        return index
+
+    @staticmethod
+    def _strength(text: str, meta: str, line: int) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{meta} line {line}: Strength must be a number in [0, 1], got {text!r}.")
+        return value
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _load(self, path: str) -> torch.Tensor:
+        height, width = self.size
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.Resampling.BICUBIC)
+            return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+    def take(self, n: int) -> SampleBatch:
+        index = np.random.randint(0, len(self.paths), size=n)
+        height, width = self.size
+        images = torch.empty(n, 3, height, width, dtype=torch.uint8)
+        for row, i in enumerate(index):
+            images[row] = self._load(self.paths[i])
+        index = torch.from_numpy(index)
+        return SampleBatch(images, self.source[index], self.target[index], self.strength[index])
