@@ -1,0 +1,646 @@
+"""SampleRing: a lock-free shared-memory ring of synthetic samples between processes.
+
+One segment in ``/dev/shm`` holds ``slots`` uint8 images ``[3, H, W]`` with their
+metadata (reference class, prompt class, strength, sequence number, write time,
+writer pid) and the bookkeeping of every producer and consumer. The training
+process creates it; generator workers attach as producers, DataLoader workers and
+other ranks on the node as consumers.
+
+Protocol (a seqlock per slot; it needs no lock):
+
+- Slot ``s`` belongs to producer ``s % producers``: one writer per slot. A writer
+  makes the slot's version odd, writes pixels and metadata, then makes it even.
+- A reader snapshots versions, picks published slots, *copies* them, and keeps a
+  copy only if the slot's version did not move meanwhile; otherwise it retries
+  (bounded). It never hands out a view into the segment.
+- Every consumer counts its own reads per slot (one writer per counter), so the
+  reuse bound needs no lock either; the price is that ``C`` consumers racing for
+  the same sample can read it up to ``max_reuse + C - 1`` times.
+
+Memory ordering relies on x86's total store order, where the writes above are seen
+in program order by other cores; weaker architectures (aarch64) are untested.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sys
+import time
+import uuid
+import weakref
+from multiprocessing import resource_tracker, shared_memory
+
+import _posixshmem
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .sources import SampleBatch
+
+PREFIX = "onlinemix-"
+SHM_DIR = "/dev/shm"
+_MAGIC = 0x6F6E6C696E656D78  # "onlinemx"
+_LAYOUT_VERSION = 1
+_HEADER_WORDS = 16
+_ALIGN = 64
+_MAX_RETRIES = 8
+_POLL_S = 0.0005
+# Header words.
+_H_MAGIC, _H_LAYOUT, _H_SLOTS, _H_HEIGHT, _H_WIDTH, _H_PRODUCERS, _H_CONSUMERS, _H_MAX_REUSE, \
+    _H_OWNER_PID, _H_OWNER_START = range(10)
+# Columns of the per-consumer statistics.
+_C_READS, _C_FRESH, _C_AGE_SUM, _C_RETRIES, _C_SHORTFALL, _C_TAKES = range(6)
+# Columns of the per-producer statistics.
+_P_COUNTER, _P_WRITTEN, _P_WAITS, _P_PID = range(4)
+
+
+def _layout(slots: int, height: int, width: int, producers: int, consumers: int, bins: int):
+    """Byte offsets of every array in the segment, 64-byte aligned."""
+    fields = [
+        ("header", np.int64, (_HEADER_WORDS,)),
+        ("version", np.uint64, (slots,)),
+        ("seq", np.int64, (slots,)),
+        ("write_time", np.float64, (slots,)),
+        ("source", np.int64, (slots,)),
+        ("target", np.int64, (slots,)),
+        ("strength", np.float64, (slots,)),
+        ("writer", np.int64, (slots,)),
+        ("reads", np.int64, (consumers, slots)),
+        ("reads_seq", np.int64, (consumers, slots)),
+        ("consumer_stats", np.float64, (consumers, 6)),
+        ("consumer_owner", np.int64, (consumers, 2)),
+        ("producer_stats", np.int64, (producers, 4)),
+        ("evicted_reads", np.int64, (producers, bins)),
+        ("images", np.uint8, (slots, 3, height, width)),
+    ]
+    offsets, offset = {}, 0
+    for name, dtype, shape in fields:
+        offsets[name] = (offset, dtype, shape)
+        offset += int(np.prod(shape)) * np.dtype(dtype).itemsize
+        offset = (offset + _ALIGN - 1) // _ALIGN * _ALIGN
+    return offsets, offset
+
+
+def _bins(max_reuse: int, consumers: int) -> int:
+    """Bins of the reads-per-sample histogram: 0 .. max_reuse + consumers - 1, capped at 64."""
+    return min(max_reuse + consumers, 64)
+
+
+def _start_ticks(pid: int) -> Optional[int]:
+    """Start time of a live, non-zombie process (clock ticks since boot), else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):  # a zombie still answers kill(pid, 0)
+        return None
+    return int(fields[19])
+
+
+def _alive(pid: int, start: int) -> bool:
+    """Whether process ``pid``, started at ``start`` ticks, still runs (pid reuse aware)."""
+    if pid <= 0:
+        return False
+    if os.path.isdir("/proc"):
+        return _start_ticks(pid) == start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _open_untracked(name: str, size: int = 0) -> shared_memory.SharedMemory:
+    """Open (``size`` > 0: create) a segment that no resource tracker will destroy.
+
+    Before Python 3.13 every process that opens a segment registers it with its
+    resource tracker, which unlinks it when that process exits; cleanup is ours.
+    """
+    create = size > 0
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, create=create, size=size, track=False)
+    shm = shared_memory.SharedMemory(name=name, create=create, size=size)
+    resource_tracker.unregister(shm._name, "shared_memory")
+    return shm
+
+
+def _unlink(name: str, owner_pid: int) -> None:
+    # Through _posixshmem, not SharedMemory.unlink, which would tell a resource
+    # tracker that never knew the segment. Forked children never unlink.
+    if os.getpid() != owner_pid:
+        return
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    except FileNotFoundError:
+        pass
+
+
+def sweep_stale_segments() -> list[str]:
+    """Unlink onlinemix segments whose owner process is gone (e.g. after ``kill -9``).
+
+    Only names with the ``onlinemix-`` prefix are considered, and only those whose
+    header names an owner that no longer runs. Returns the names removed.
+    """
+    if not os.path.isdir(SHM_DIR):
+        return []
+    removed = []
+    for entry in os.listdir(SHM_DIR):
+        if not entry.startswith(PREFIX):
+            continue
+        path = os.path.join(SHM_DIR, entry)
+        try:
+            with open(path, "rb") as f:
+                header = np.frombuffer(f.read(_HEADER_WORDS * 8), dtype=np.int64)
+            young = time.time() - os.stat(path).st_mtime < 60
+        except OSError:
+            continue
+        if len(header) < _HEADER_WORDS or header[_H_MAGIC] != _MAGIC:
+            if young:  # possibly being created right now
+                continue
+        elif _alive(int(header[_H_OWNER_PID]), int(header[_H_OWNER_START])):
+            continue
+        try:
+            os.unlink(path)
+            removed.append(entry)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+_OWNED: "weakref.WeakSet[SampleRing]" = weakref.WeakSet()
+_PREVIOUS_SIGTERM = None
+
+
+def _on_sigterm(signum, frame):
+    for ring in list(_OWNED):
+        ring.close()
+    signal.signal(signal.SIGTERM, _PREVIOUS_SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _install_sigterm_cleanup() -> None:
+    """Unlink owned rings on SIGTERM, unless the program already handles SIGTERM."""
+    global _PREVIOUS_SIGTERM
+    if _PREVIOUS_SIGTERM is not None:
+        return
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+            _PREVIOUS_SIGTERM = previous
+    except ValueError:  # not the main thread: close(), garbage collection and exit still clean up
+        pass
+
+
+class SampleRing:
+    """A shared-memory ring of synthetic samples; a ``SampleSource`` for ``DiffMix``.
+
+    Create it with ``SampleRing.create`` in the owning (training) process and attach
+    with ``SampleRing.attach`` anywhere else. A ring pickles as its name, so it can be
+    passed to spawned processes and DataLoader workers; a consumer attaches lazily,
+    once per process, and claims a free consumer index.
+    """
+
+    def __init__(self, name: str, role: str = "consumer", index: Optional[int] = None):
+        if role not in ("producer", "consumer"):
+            raise ValueError(f"role must be 'producer' or 'consumer', got {role!r}.")
+        self.name = name
+        self.role = role
+        self._requested_index = index
+        self.index: Optional[int] = None
+        self._pid: Optional[int] = None
+        self._shm: Optional[shared_memory.SharedMemory] = None
+        self._closed = False
+        self._finalizer: Optional[weakref.finalize] = None
+
+    # -- construction -------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        slots: int,
+        image_size: Union[int, Sequence[int]],
+        *,
+        producers: int,
+        consumers: int,
+        max_reuse: int = 4,
+        name: Optional[str] = None,
+    ) -> "SampleRing":
+        """Create a ring in ``/dev/shm``; the calling process owns it and unlinks it on close.
+
+        Args:
+            slots: Number of samples the ring holds (at least ``producers``).
+            image_size: ``int`` for square images or ``(height, width)``.
+            producers: Number of producer indices (generator workers).
+            consumers: Number of consumer indices (every process that reads:
+                training ranks, DataLoader workers).
+            max_reuse: How many times one sample may be read (see the module notes
+                on how tight this is with several consumers).
+            name: Segment name; default a fresh ``onlinemix-...`` name.
+
+        Raises:
+            ValueError: for bad sizes, or when ``/dev/shm`` lacks the space.
+        """
+        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        for label, value in (("slots", slots), ("producers", producers), ("consumers", consumers),
+                             ("max_reuse", max_reuse), ("height", height), ("width", width)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{label} must be a positive integer, got {value}.")
+        if slots < producers:
+            raise ValueError(f"slots ({slots}) must be at least producers ({producers}): each producer owns slots.")
+        sweep_stale_segments()
+        offsets, size = _layout(slots, height, width, producers, consumers, _bins(max_reuse, consumers))
+        _check_space(size, slots, height, width)
+        name = name or f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        shm = _open_untracked(name, size)
+        try:
+            _allocate(shm, size, slots, height, width)
+        except BaseException:
+            shm.close()
+            _unlink(name, os.getpid())
+            raise
+        header = np.ndarray((_HEADER_WORDS,), np.int64, shm.buf)
+        header[:] = 0
+        header[[_H_LAYOUT, _H_SLOTS, _H_HEIGHT, _H_WIDTH, _H_PRODUCERS, _H_CONSUMERS, _H_MAX_REUSE]] = \
+            [_LAYOUT_VERSION, slots, height, width, producers, consumers, max_reuse]
+        header[_H_OWNER_PID] = os.getpid()
+        header[_H_OWNER_START] = _start_ticks(os.getpid()) or 0
+        header[_H_MAGIC] = _MAGIC
+        del header
+        ring = cls(name, "consumer", None)
+        ring._map(shm)
+        ring._seq[:] = -1
+        # Unlinks at close(), when the ring is garbage collected, or at interpreter exit.
+        ring._finalizer = weakref.finalize(ring, _unlink, name, os.getpid())
+        _OWNED.add(ring)
+        _install_sigterm_cleanup()
+        return ring
+
+    @classmethod
+    def attach(cls, name: str, role: str = "consumer", index: Optional[int] = None) -> "SampleRing":
+        """Attach to an existing ring by name.
+
+        Args:
+            name: The ring's ``name``.
+            role: ``'producer'`` (may ``put``) or ``'consumer'`` (may ``take``).
+            index: Producer index in ``[0, producers)`` (required for producers), or
+                consumer index in ``[0, consumers)``; ``None`` claims a free one.
+        """
+        ring = cls(name, role, index)
+        ring._ensure_attached()
+        return ring
+
+    def __reduce__(self):
+        return (SampleRing, (self.name, self.role, self._requested_index if self.role == "producer" else None))
+
+    def _ensure_attached(self) -> None:
+        if self._closed:
+            raise ValueError(f"SampleRing {self.name!r} is closed.")
+        if self._pid == os.getpid():
+            return
+        if self._shm is not None:
+            # Forked after attaching: the parent's mapping and consumer index are not ours.
+            self._views_off()
+            self._shm = None
+            self.index = None
+        try:
+            shm = _open_untracked(self.name)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"No SampleRing named {self.name!r}: its owner closed it or exited. Create it with "
+                "SampleRing.create in the training process before starting readers and producers."
+            ) from None
+        self._map(shm)
+
+    def _map(self, shm: shared_memory.SharedMemory) -> None:
+        header = np.ndarray((_HEADER_WORDS,), np.int64, shm.buf).copy()
+        if header[_H_MAGIC] != _MAGIC or header[_H_LAYOUT] != _LAYOUT_VERSION:
+            shm.close()
+            raise ValueError(f"Shared-memory segment {self.name!r} is not an onlinemix SampleRing of this version.")
+        self.slots, height, width, self.producers, self.consumers, self.max_reuse = (
+            int(v) for v in header[[_H_SLOTS, _H_HEIGHT, _H_WIDTH, _H_PRODUCERS, _H_CONSUMERS, _H_MAX_REUSE]])
+        self.image_size = (height, width)
+        offsets, _ = _layout(self.slots, height, width, self.producers, self.consumers,
+                             _bins(self.max_reuse, self.consumers))
+        for field, (offset, dtype, shape) in offsets.items():
+            setattr(self, "_" + field, np.ndarray(shape, dtype, shm.buf, offset))
+        self._shm = shm
+        self._pid = os.getpid()
+        if self.role == "producer":
+            self._claim_producer()
+
+    def _claim_producer(self) -> None:
+        index = self._requested_index
+        if index is None or not 0 <= index < self.producers:
+            raise ValueError(f"A producer needs an index in [0, {self.producers}), got {index}.")
+        self.index = index
+        self._producer_stats[index, _P_PID] = os.getpid()
+        # A writer that died mid-write left its slot odd: reclaim it as empty.
+        own = np.arange(index, self.slots, self.producers)
+        torn = own[self._version[own] % 2 == 1]
+        self._seq[torn] = -1
+        self._version[torn] += 1
+
+    def _claim_consumer(self) -> None:
+        """Claim a consumer index, once per process, at the first read."""
+        me = (os.getpid(), _start_ticks(os.getpid()) or 0)
+        # Claiming is rare (once per process); a file lock on the segment serialises it.
+        fcntl.flock(self._shm._fd, fcntl.LOCK_EX)
+        try:
+            owners = self._consumer_owner
+            if self._requested_index is not None:
+                if not 0 <= self._requested_index < self.consumers:
+                    raise ValueError(
+                        f"consumer index must be in [0, {self.consumers}), got {self._requested_index}.")
+                index = self._requested_index
+            else:
+                free = [c for c in range(self.consumers) if not _alive(int(owners[c, 0]), int(owners[c, 1]))]
+                if not free:
+                    raise ValueError(
+                        f"All {self.consumers} consumer indices of ring {self.name!r} are held by live "
+                        "processes; create the ring with more consumers (one per training rank and "
+                        "DataLoader worker, plus the main process)."
+                    )
+                index = free[0]
+            owners[index] = me
+        finally:
+            fcntl.flock(self._shm._fd, fcntl.LOCK_UN)
+        self.index = index
+
+    # -- producer side ------------------------------------------------------------
+
+    def put(
+        self,
+        images: torch.Tensor,
+        source: torch.Tensor,
+        target: torch.Tensor,
+        strength: torch.Tensor,
+        *,
+        timeout: Optional[float] = None,
+    ) -> int:
+        """Publish samples; returns how many were written.
+
+        Each sample goes into one of this producer's slots, preferring empty ones,
+        then the most-read, then the oldest. A slot whose sample was never read is
+        not overwritten: when all of this producer's slots are fresh, ``put`` waits
+        for a reader, up to ``timeout`` seconds (``None``: no limit), and returns
+        fewer than ``len(images)`` if time runs out.
+        """
+        if self.role != "producer":
+            raise ValueError("put() needs a ring attached with role='producer'.")
+        self._ensure_attached()
+        batch = SampleBatch(images.cpu(), source.cpu().long(), target.cpu().long(), strength.cpu().float())
+        if tuple(batch.images.shape[-2:]) != self.image_size:
+            raise ValueError(
+                f"Ring {self.name!r} holds {self.image_size[0]}x{self.image_size[1]} images, got "
+                f"{batch.images.shape[-2]}x{batch.images.shape[-1]}; resize them before put()."
+            )
+        pixels = batch.images.numpy()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for i in range(len(batch)):
+            slot = self._free_slot(deadline)
+            if slot is None:
+                return i
+            self._write(slot, pixels[i], int(batch.source[i]), int(batch.target[i]), float(batch.strength[i]))
+        return len(batch)
+
+    def _free_slot(self, deadline: Optional[float]) -> Optional[int]:
+        own = np.arange(self.index, self.slots, self.producers)
+        waited = False
+        while True:
+            seq = self._seq[own]
+            empty = own[seq < 0]
+            if len(empty):
+                return int(empty[0])
+            reads = self._total_reads(own, seq)
+            if reads.max() > 0:
+                # Most-read first, then oldest.
+                return int(own[np.lexsort((seq, -reads))[0]])
+            if not waited:
+                self._producer_stats[self.index, _P_WAITS] += 1
+                waited = True
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(_POLL_S)
+
+    def _write(self, slot: int, pixels: np.ndarray, source: int, target: int, strength: float) -> None:
+        stats = self._producer_stats[self.index]
+        old_seq = int(self._seq[slot])
+        if old_seq >= 0:
+            evicted = int(self._total_reads(np.array([slot]), np.array([old_seq]))[0])
+            bins = self._evicted_reads.shape[1]
+            self._evicted_reads[self.index, min(evicted, bins - 1)] += 1
+        seq = int(stats[_P_COUNTER]) * self.producers + self.index
+        self._version[slot] += 1  # odd: being written
+        self._images[slot] = pixels
+        self._source[slot], self._target[slot], self._strength[slot] = source, target, strength
+        self._writer[slot] = os.getpid()
+        self._write_time[slot] = time.monotonic()
+        self._seq[slot] = seq
+        self._version[slot] += 1  # even: published
+        stats[_P_COUNTER] += 1
+        stats[_P_WRITTEN] += 1
+
+    # -- consumer side ------------------------------------------------------------
+
+    def _total_reads(self, slots: np.ndarray, seq: np.ndarray) -> np.ndarray:
+        """Reads of the samples now in ``slots`` (whose sequence numbers are ``seq``), over all consumers."""
+        current = self._reads_seq[:, slots] == seq[None, :]
+        return (self._reads[:, slots] * current).sum(0)
+
+    def take(self, n: int, *, timeout: float = 0.0) -> SampleBatch:
+        """Copy up to ``n`` samples out of the ring.
+
+        Prefers the least-read, then the newest samples, never one read
+        ``max_reuse`` times already. Returns at once with what is eligible (possibly
+        nothing) unless ``timeout`` > 0, in which case it waits up to that long for
+        ``n`` samples.
+        """
+        if self.role != "consumer":
+            raise ValueError("take() needs a ring attached with role='consumer'.")
+        self._ensure_attached()
+        if self.index is None:
+            self._claim_consumer()
+        deadline = time.monotonic() + timeout
+        parts: list[tuple] = []
+        need = n
+        taken: set[int] = set()
+        stats = self._consumer_stats[self.index]
+        stats[_C_TAKES] += 1
+        while need > 0:
+            got = self._take_once(need, taken)
+            parts.extend(got)
+            need -= len(got)
+            if need <= 0 or time.monotonic() >= deadline:
+                break
+            time.sleep(_POLL_S)
+        stats[_C_SHORTFALL] += max(need, 0)
+        return self._batch(parts)
+
+    def _take_once(self, need: int, taken: set) -> list[tuple]:
+        got: list[tuple] = []
+        stats = self._consumer_stats[self.index]
+        for _ in range(_MAX_RETRIES):
+            version = self._version.copy()
+            seq = self._seq.copy()
+            candidates = np.flatnonzero((version % 2 == 0) & (seq >= 0))
+            if taken:
+                candidates = candidates[~np.isin(candidates, list(taken))]
+            if len(candidates) == 0:
+                break
+            reads = self._total_reads(candidates, seq[candidates])
+            keep = reads < self.max_reuse
+            candidates, reads = candidates[keep], reads[keep]
+            if len(candidates) == 0:
+                break
+            chosen = _pick(candidates, reads, seq[candidates], need)
+            images = self._images[chosen]  # a copy: fancy indexing
+            meta = (self._source[chosen], self._target[chosen], self._strength[chosen], self._write_time[chosen])
+            valid = self._version[chosen] == version[chosen]
+            stats[_C_RETRIES] += int((~valid).sum())
+            now = time.monotonic()
+            for j in np.flatnonzero(valid):
+                slot = int(chosen[j])
+                self._count_read(slot, int(seq[slot]), now - meta[3][j])
+                got.append((images[j], meta[0][j], meta[1][j], meta[2][j]))
+                taken.add(slot)
+            need -= int(valid.sum())
+            if need <= 0 or valid.all():
+                break
+        return got
+
+    def _count_read(self, slot: int, seq: int, age: float) -> None:
+        stats = self._consumer_stats[self.index]
+        if int(self._total_reads(np.array([slot]), np.array([seq]))[0]) == 0:
+            stats[_C_FRESH] += 1
+        if self._reads_seq[self.index, slot] != seq:
+            self._reads[self.index, slot] = 0
+            self._reads_seq[self.index, slot] = seq
+        self._reads[self.index, slot] += 1
+        stats[_C_READS] += 1
+        stats[_C_AGE_SUM] += age
+
+    def _batch(self, parts: list[tuple]) -> SampleBatch:
+        height, width = self.image_size
+        if not parts:
+            return SampleBatch(torch.empty(0, 3, height, width, dtype=torch.uint8), torch.empty(0, dtype=torch.long),
+                               torch.empty(0, dtype=torch.long), torch.empty(0))
+        images, source, target, strength = zip(*parts)
+        return SampleBatch(
+            torch.from_numpy(np.stack(images)),
+            torch.tensor(source, dtype=torch.int64),
+            torch.tensor(target, dtype=torch.int64),
+            torch.tensor(strength, dtype=torch.float32),
+        )
+
+    # -- statistics and lifetime --------------------------------------------------
+
+    def stats(self) -> dict:
+        """Ring-wide counts, summed over every producer and consumer.
+
+        ``reads_per_sample[k]`` counts samples read ``k`` times: those already
+        overwritten plus those in the ring now (the last bin collects the rest).
+        """
+        self._ensure_attached()
+        consumer = self._consumer_stats.sum(0)
+        producer = self._producer_stats.sum(0)
+        seq = self._seq.copy()
+        live = np.flatnonzero(seq >= 0)
+        bins = self._evicted_reads.shape[1]
+        histogram = self._evicted_reads.sum(0)
+        histogram += np.bincount(np.minimum(self._total_reads(live, seq[live]), bins - 1), minlength=bins)
+        reads = int(consumer[_C_READS])
+        return {
+            "slots": self.slots,
+            "filled": len(live),
+            "written": int(producer[_P_WRITTEN]),
+            "read": reads,
+            "fresh_fraction": float(consumer[_C_FRESH]) / reads if reads else 0.0,
+            "mean_age_s": float(consumer[_C_AGE_SUM]) / reads if reads else 0.0,
+            "retries": int(consumer[_C_RETRIES]),
+            "shortfall": int(consumer[_C_SHORTFALL]),
+            "producer_waits": int(producer[_P_WAITS]),
+            "reads_per_sample": histogram.tolist(),
+        }
+
+    def _views_off(self) -> None:
+        # Views into the buffer must go before the mapping is closed.
+        for field in list(vars(self)):
+            if isinstance(getattr(self, field), np.ndarray):
+                delattr(self, field)
+
+    def close(self) -> None:
+        """Detach; the owner also unlinks the segment. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        shm, self._shm = self._shm, None
+        if shm is not None and self._pid == os.getpid():
+            if self.role == "consumer" and self.index is not None:
+                self._consumer_owner[self.index] = 0
+            self._views_off()
+            shm.close()
+        elif shm is not None:
+            self._views_off()
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self) -> "SampleRing":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SampleRing(name={self.name!r}, role={self.role!r}, index={self.index})"
+
+
+def _pick(candidates: np.ndarray, reads: np.ndarray, seq: np.ndarray, need: int) -> np.ndarray:
+    """Up to ``need`` slots: least-read first, then newest.
+
+    Among the samples tied at the last read count taken, draw at random from the
+    newest ``2·need`` so that consumers reading at once spread over the ring.
+    """
+    order = np.lexsort((-seq, reads))
+    ranked, ranked_reads = candidates[order], reads[order]
+    if len(ranked) <= need:
+        return np.sort(ranked)
+    cutoff = ranked_reads[need - 1]
+    sure = ranked[ranked_reads < cutoff]
+    tied = ranked[ranked_reads == cutoff][: 2 * (need - len(sure))]
+    drawn = np.random.choice(tied, size=need - len(sure), replace=False)
+    return np.sort(np.concatenate((sure, drawn)))
+
+
+def _check_space(size: int, slots: int, height: int, width: int) -> None:
+    if not os.path.isdir(SHM_DIR):
+        return
+    stat = os.statvfs(SHM_DIR)
+    available = stat.f_bavail * stat.f_frsize
+    if size > available:
+        raise ValueError(_space_message(size, available, slots, height, width))
+
+
+def _allocate(shm: shared_memory.SharedMemory, size: int, slots: int, height: int, width: int) -> None:
+    # Reserve the pages now: a sparse segment would die with SIGBUS on first write.
+    if not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(shm._fd, 0, size)
+    except OSError as error:
+        stat = os.statvfs(SHM_DIR)
+        raise ValueError(_space_message(size, stat.f_bavail * stat.f_frsize, slots, height, width)) from error
+
+
+def _space_message(size: int, available: int, slots: int, height: int, width: int) -> str:
+    return (
+        f"A SampleRing of {slots} slots at {height}x{width} px needs {size / 2**20:.1f} MiB of shared "
+        f"memory but {SHM_DIR} has {available / 2**20:.1f} MiB available; use fewer slots "
+        "(--ring-slots), a smaller image size (--ring-size), or give the container more shared "
+        "memory (docker run --shm-size=...)."
+    )
