@@ -468,74 +468,71 @@ class SampleRing:
             self._claim_consumer()
         deadline = time.monotonic() + timeout
         parts: list[tuple] = []
+        taken = np.zeros(self.slots, dtype=bool)
         need = n
-        taken: set[int] = set()
         stats = self._consumer_stats[self.index]
         stats[_C_TAKES] += 1
         while need > 0:
-            got = self._take_once(need, taken)
-            parts.extend(got)
-            need -= len(got)
+            need -= self._take_once(need, taken, parts)
             if need <= 0 or time.monotonic() >= deadline:
                 break
             time.sleep(_POLL_S)
         stats[_C_SHORTFALL] += max(need, 0)
         return self._batch(parts)
 
-    def _take_once(self, need: int, taken: set) -> list[tuple]:
-        got: list[tuple] = []
-        stats = self._consumer_stats[self.index]
+    def _take_once(self, need: int, taken: np.ndarray, parts: list) -> int:
+        """One pass of snapshot, pick, copy, validate; appends to ``parts``, returns the count."""
+        got = 0
         for _ in range(_MAX_RETRIES):
             version = self._version.copy()
             seq = self._seq.copy()
-            candidates = np.flatnonzero((version % 2 == 0) & (seq >= 0))
-            if taken:
-                candidates = candidates[~np.isin(candidates, list(taken))]
-            if len(candidates) == 0:
-                break
+            candidates = np.flatnonzero((version % 2 == 0) & (seq >= 0) & ~taken)
             reads = self._total_reads(candidates, seq[candidates])
             keep = reads < self.max_reuse
             candidates, reads = candidates[keep], reads[keep]
             if len(candidates) == 0:
                 break
-            chosen = _pick(candidates, reads, seq[candidates], need)
-            images = self._images[chosen]  # a copy: fancy indexing
-            meta = (self._source[chosen], self._target[chosen], self._strength[chosen], self._write_time[chosen])
+            chosen = _pick(candidates, reads, seq[candidates], need - got)
+            images = self._images[chosen]  # fancy indexing copies: no view leaves the segment
+            meta = [column[chosen] for column in (self._source, self._target, self._strength, self._write_time)]
             valid = self._version[chosen] == version[chosen]
-            stats[_C_RETRIES] += int((~valid).sum())
-            now = time.monotonic()
-            for j in np.flatnonzero(valid):
-                slot = int(chosen[j])
-                self._count_read(slot, int(seq[slot]), now - meta[3][j])
-                got.append((images[j], meta[0][j], meta[1][j], meta[2][j]))
-                taken.add(slot)
-            need -= int(valid.sum())
-            if need <= 0 or valid.all():
+            n_valid = int(valid.sum())
+            self._consumer_stats[self.index, _C_RETRIES] += len(chosen) - n_valid
+            if n_valid:
+                if n_valid < len(chosen):
+                    images, meta = images[valid], [column[valid] for column in meta]
+                slots = chosen[valid]
+                self._count_reads(slots, seq[slots], reads[np.searchsorted(candidates, slots)], meta[3])
+                parts.append((images, *meta[:3]))
+                taken[slots] = True
+                got += n_valid
+            if got >= need or n_valid == len(chosen):
                 break
         return got
 
-    def _count_read(self, slot: int, seq: int, age: float) -> None:
-        stats = self._consumer_stats[self.index]
-        if int(self._total_reads(np.array([slot]), np.array([seq]))[0]) == 0:
-            stats[_C_FRESH] += 1
-        if self._reads_seq[self.index, slot] != seq:
-            self._reads[self.index, slot] = 0
-            self._reads_seq[self.index, slot] = seq
-        self._reads[self.index, slot] += 1
-        stats[_C_READS] += 1
-        stats[_C_AGE_SUM] += age
+    def _count_reads(self, slots: np.ndarray, seq: np.ndarray, prior: np.ndarray, written: np.ndarray) -> None:
+        own = self.index
+        stale = self._reads_seq[own, slots] != seq
+        self._reads[own, slots[stale]] = 0
+        self._reads_seq[own, slots] = seq
+        self._reads[own, slots] += 1
+        stats = self._consumer_stats[own]
+        stats[_C_READS] += len(slots)
+        stats[_C_FRESH] += int((prior == 0).sum())
+        stats[_C_AGE_SUM] += float((time.monotonic() - written).sum())
 
     def _batch(self, parts: list[tuple]) -> SampleBatch:
-        height, width = self.image_size
         if not parts:
+            height, width = self.image_size
             return SampleBatch(torch.empty(0, 3, height, width, dtype=torch.uint8), torch.empty(0, dtype=torch.long),
                                torch.empty(0, dtype=torch.long), torch.empty(0))
-        images, source, target, strength = zip(*parts)
+        images, source, target, strength = (np.concatenate(column) if len(parts) > 1 else column[0]
+                                            for column in zip(*parts))
         return SampleBatch(
-            torch.from_numpy(np.stack(images)),
-            torch.tensor(source, dtype=torch.int64),
-            torch.tensor(target, dtype=torch.int64),
-            torch.tensor(strength, dtype=torch.float32),
+            torch.from_numpy(images),
+            torch.from_numpy(source),
+            torch.from_numpy(target),
+            torch.from_numpy(strength.astype(np.float32)),
         )
 
     # -- statistics and lifetime --------------------------------------------------
@@ -612,8 +609,9 @@ def _pick(candidates: np.ndarray, reads: np.ndarray, seq: np.ndarray, need: int)
         return np.sort(ranked)
     cutoff = ranked_reads[need - 1]
     sure = ranked[ranked_reads < cutoff]
-    tied = ranked[ranked_reads == cutoff][: 2 * (need - len(sure))]
-    drawn = np.random.choice(tied, size=need - len(sure), replace=False)
+    missing = need - len(sure)
+    tied = ranked[ranked_reads == cutoff][: 2 * missing]
+    drawn = tied[np.random.permutation(len(tied))[:missing]]
     return np.sort(np.concatenate((sure, drawn)))
 
 

@@ -63,12 +63,13 @@ class SampleBatch:
                 raise ValueError(f"SampleBatch.{name} holds a negative class index ({int(value.min())}).")
         if not self.strength.dtype.is_floating_point:
             raise ValueError(f"SampleBatch.strength must be floating point, got {self.strength.dtype}.")
-        if k and not bool(((self.strength >= 0) & (self.strength <= 1)).all()):
-            raise ValueError(
-                "SampleBatch.strength must lie in [0, 1] (the SDEdit strength s, 1 for "
-                f"text-to-image), got values from {float(self.strength.min())} to "
-                f"{float(self.strength.max())}."
-            )
+        if k:
+            low, high = (float(v) for v in torch.aminmax(self.strength))
+            if not (0.0 <= low and high <= 1.0):  # also rejects NaN
+                raise ValueError(
+                    "SampleBatch.strength must lie in [0, 1] (the SDEdit strength s, 1 for "
+                    f"text-to-image), got values from {low} to {high}."
+                )
 
     def __len__(self) -> int:
         return self.images.shape[0]
