@@ -1,13 +1,19 @@
 """onlinemix: Diff-Mix diffusion augmentation generated online, during training."""
 from .labels import mix_labels, one_hot, smooth_labels, translation_label
-from .sources import ReplaySource, SampleBatch, SampleSource, TensorSource
+from .pool import GeneratorPool
+from .ring import SampleRing
+from .sources import ReplayProducer, ReplaySource, SampleBatch, SampleRecorder, SampleSource, TensorSource
 from .transform import DiffMix, DiffMixCollate, random_horizontal_flip
 
 __all__ = [
     "DiffMix",
     "DiffMixCollate",
+    "GeneratorPool",
+    "ReplayProducer",
     "ReplaySource",
     "SampleBatch",
+    "SampleRecorder",
+    "SampleRing",
     "SampleSource",
     "TensorSource",
     "mix_labels",

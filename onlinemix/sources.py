@@ -12,6 +12,7 @@ sample is read, so γ and smoothing can change without regenerating anything.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass
 from typing import Protocol, Sequence, Union, runtime_checkable
@@ -115,6 +116,11 @@ class TensorSource:
     def take(self, n: int) -> SampleBatch:
         index = torch.from_numpy(np.random.randint(0, len(self.pool), size=n))
         return self.pool.select(index)
+
+
+def _folder_name(name: str) -> str:
+    # How the offline sampler names class folders and files.
+    return name.replace(" ", "_").replace("/", "_")
 
 
 def _class_key(name: str) -> str:
@@ -234,3 +240,59 @@ class ReplaySource:
             images[row] = self._load(self.paths[i])
         index = torch.from_numpy(index)
         return SampleBatch(images, self.source[index], self.target[index], self.strength[index])
+
+
+class ReplayProducer:
+    """A producer factory that serves an offline Diff-Mix directory through a ring.
+
+    ``GeneratorPool(ring, ReplayProducer(root, class_names, size=..., batch_size=...), "cpu")``
+    moves image decoding and resizing out of the training process.
+    """
+
+    def __init__(self, root: Union[str, os.PathLike], class_names: Sequence[str], *, size: Size, batch_size: int = 16):
+        ReplaySource(root, class_names, size=size)  # fail here, in the training process, on a bad directory
+        self.root, self.class_names, self.size, self.batch_size = os.fspath(root), list(class_names), size, batch_size
+
+    def __call__(self, device: str):
+        source = ReplaySource(self.root, self.class_names, size=self.size)
+        return lambda: source.take(self.batch_size)
+
+
+class SampleRecorder:
+    """Writes samples in the offline Diff-Mix sampler's layout, readable by ``ReplaySource``.
+
+    Images go to ``root/data/<source>/<target>-<number>-<strength>.png`` and one row per
+    image is appended to ``root/meta.csv``. Several processes may write at once: each
+    appends its rows with a single ``O_APPEND`` write, after the images exist.
+
+    Args:
+        root: An empty or absent directory.
+        class_names: Class names in label order.
+    """
+
+    def __init__(self, root: Union[str, os.PathLike], class_names: Sequence[str]):
+        self.root = os.fspath(root)
+        self.class_names = list(class_names)
+        if os.path.isdir(self.root) and os.listdir(self.root):
+            raise ValueError(f"Recording directory {self.root!r} is not empty; pass a new or empty directory.")
+        os.makedirs(os.path.join(self.root, "data"), exist_ok=True)
+        with open(os.path.join(self.root, "meta.csv"), "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerow(["First Directory", "Second Directory", "Number", "Strength", "Path"])
+
+    def write(self, batch: SampleBatch, *, first_number: int) -> None:
+        """Save ``batch``, numbering its images from ``first_number``."""
+        lines = io.StringIO()
+        writer = csv.writer(lines)
+        for k in range(len(batch)):
+            source = _folder_name(self.class_names[int(batch.source[k])])
+            target = _folder_name(self.class_names[int(batch.target[k])])
+            strength = round(float(batch.strength[k]), 4)
+            path = os.path.join(source, f"{target}-{first_number + k:06d}-{strength}.png")
+            os.makedirs(os.path.join(self.root, "data", source), exist_ok=True)
+            Image.fromarray(batch.images[k].permute(1, 2, 0).numpy()).save(os.path.join(self.root, "data", path))
+            writer.writerow([source.replace("_", " "), target.replace("_", " "), first_number + k, strength, path])
+        fd = os.open(os.path.join(self.root, "meta.csv"), os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, lines.getvalue().encode("utf-8"))
+        finally:
+            os.close(fd)

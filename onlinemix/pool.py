@@ -1,0 +1,291 @@
+"""GeneratorPool: start, watch, restart and stop the generator worker processes.
+
+Each worker is a spawned process bound to one device. It builds its producer
+from a picklable factory (``factory(device) -> producer``, where ``producer()``
+returns a ``SampleBatch``), then writes batch after batch into the ring until
+told to stop. A failing generator never stops training: the pool restarts a
+crashed or hung worker with back-off up to a limit, and when every worker is gone
+for good the ring simply runs dry and ``DiffMix`` keeps the real images.
+
+Workers share no lock or queue with the training process (a ``kill -9`` of a
+group would leak their semaphores): heartbeats, counters and the stop flag live
+in one raw shared array, errors travel over a pipe per worker.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from .ring import SampleRing
+from .sources import SampleBatch, SampleRecorder
+
+logger = logging.getLogger("onlinemix")
+
+Producer = Callable[[], SampleBatch]
+ProducerFactory = Callable[[str], Producer]
+
+# Columns of the shared state, one row per worker; row 0 column 0 of the extra
+# leading row is the stop flag.
+_HEARTBEAT, _WRITTEN, _STARTED = range(3)
+_PUT_TIMEOUT_S = 0.2
+
+
+def _worker_main(ring_name: str, index: int, device: str, factory: ProducerFactory, state, conn,
+                 parent_pid: int, seed: int, recorder: Optional[SampleRecorder]) -> None:
+    """A generator worker: build the producer, then write batches until stopped or orphaned."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
+    row = np.frombuffer(state, dtype=np.float64).reshape(-1, 3)
+    stop, me = row[0], row[index + 1]
+
+    def should_stop() -> bool:
+        me[_HEARTBEAT] = time.monotonic()
+        return stop[0] > 0 or os.getppid() != parent_pid
+
+    ring = None
+    try:
+        np.random.seed(seed)
+        me[_HEARTBEAT] = time.monotonic()
+        producer = factory(device)
+        ring = SampleRing.attach(ring_name, "producer", index)
+        me[_STARTED] = time.monotonic()
+        while not should_stop():
+            batch = producer()
+            written = 0
+            while written < len(batch) and not should_stop():
+                written += ring.put(batch.images[written:], batch.source[written:], batch.target[written:],
+                                    batch.strength[written:], timeout=_PUT_TIMEOUT_S)
+            if recorder is not None and written:
+                # Numbers unique across workers and restarts: the counter lives in the pool.
+                recorder.write(batch.select(slice(0, written)), first_number=index * 10**9 + int(me[_WRITTEN]))
+            me[_WRITTEN] += written
+    except BaseException:
+        conn.send(traceback.format_exc())
+        raise SystemExit(1)
+    finally:
+        if ring is not None:
+            ring.close()
+        conn.close()
+
+
+@dataclass
+class _Worker:
+    index: int
+    device: str
+    process: Optional[mp.process.BaseProcess] = None
+    conn: object = None
+    restarts: int = 0
+    restart_at: Optional[float] = None
+    gone: bool = False
+    errors: list = field(default_factory=list)
+
+
+class GeneratorPool:
+    """Generator worker processes feeding one ``SampleRing``.
+
+    Args:
+        ring: The ring (created by this, the training, process) to feed; it needs
+            at least ``len(devices) * workers_per_device`` producers.
+        factory: Picklable callable ``factory(device) -> producer``; ``producer()``
+            returns a ``SampleBatch`` of images at the ring's size.
+        devices: Devices to run on, e.g. ``["cuda:1", "cuda:2"]`` or ``"cpu"``.
+        workers_per_device: Worker processes per device.
+        max_restarts: Restarts allowed per worker before it is given up.
+        hang_timeout: Seconds without a heartbeat after which a worker counts as
+            hung and is restarted (a heartbeat comes at least every ``put`` wait).
+        backoff: First restart delay in seconds, doubled per restart up to 60 s.
+        seed: Base seed; worker ``i`` seeds NumPy with ``seed + 1000·i + restarts``.
+        record_dir: If set, every sample written to the ring is also saved there in
+            the original Diff-Mix layout (``meta.csv`` + PNGs), readable by
+            ``ReplaySource``; needs ``class_names``.
+        class_names: Class names in label order, for recording.
+    """
+
+    def __init__(
+        self,
+        ring: SampleRing,
+        factory: ProducerFactory,
+        devices: Union[str, Sequence[str]],
+        *,
+        workers_per_device: int = 1,
+        max_restarts: int = 5,
+        hang_timeout: float = 600.0,
+        backoff: float = 1.0,
+        seed: int = 0,
+        record_dir: Optional[str] = None,
+        class_names: Optional[Sequence[str]] = None,
+    ):
+        devices = [devices] if isinstance(devices, str) else list(devices)
+        if not devices:
+            raise ValueError("GeneratorPool needs at least one device, e.g. 'cuda:1' or 'cpu'.")
+        if workers_per_device < 1:
+            raise ValueError(f"workers_per_device must be >= 1, got {workers_per_device}.")
+        if not callable(factory):
+            raise ValueError(f"factory must be callable as factory(device), got {type(factory).__name__}.")
+        count = len(devices) * workers_per_device
+        ring.stats()  # attaches, so the ring's geometry is known
+        if ring.producers < count:
+            raise ValueError(
+                f"{count} workers need a ring with at least {count} producers, but ring {ring.name!r} has "
+                f"{ring.producers}; create it with producers={count}."
+            )
+        if record_dir is not None and not class_names:
+            raise ValueError("record_dir needs class_names to name the recorded folders.")
+        self.ring = ring
+        self.factory = factory
+        self.max_restarts = max_restarts
+        self.hang_timeout = hang_timeout
+        self.backoff = backoff
+        self.seed = seed
+        self.recorder = SampleRecorder(record_dir, class_names) if record_dir is not None else None
+        self._ctx = mp.get_context("spawn")
+        self._state = self._ctx.RawArray("d", 3 * (count + 1))
+        self._rows = np.frombuffer(self._state, dtype=np.float64).reshape(-1, 3)
+        self._workers = [_Worker(i, devices[i // workers_per_device]) for i in range(count)]
+        self._watcher: Optional[threading.Thread] = None
+        self._stopping = threading.Event()
+        self._warned_all_gone = False
+        self._started_at = 0.0
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> "GeneratorPool":
+        """Start every worker and the watcher thread."""
+        if self._watcher is not None:
+            raise ValueError("GeneratorPool.start() was already called.")
+        self._started_at = time.monotonic()
+        for worker in self._workers:
+            self._spawn(worker)
+        self._watcher = threading.Thread(target=self._watch, name="onlinemix-pool-watcher", daemon=True)
+        self._watcher.start()
+        return self
+
+    def _spawn(self, worker: _Worker) -> None:
+        receive, send = self._ctx.Pipe(duplex=False)
+        seed = self.seed + 1000 * worker.index + worker.restarts
+        worker.process = self._ctx.Process(
+            target=_worker_main,
+            args=(self.ring.name, worker.index, worker.device, self.factory, self._state, send,
+                  os.getpid(), seed, self.recorder),
+            name=f"onlinemix-generator-{worker.index}",
+            daemon=True,
+        )
+        self._rows[worker.index + 1, _HEARTBEAT] = time.monotonic()
+        worker.process.start()
+        send.close()
+        worker.conn = receive
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask workers to finish, join them for ``timeout`` seconds, then terminate the rest."""
+        self._stopping.set()
+        self._rows[0, 0] = 1.0
+        if self._watcher is not None:
+            self._watcher.join()
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            if worker.process is not None:
+                worker.process.join(max(0.0, deadline - time.monotonic()))
+        for worker in self._workers:
+            if worker.process is not None and worker.process.is_alive():
+                worker.process.terminate()
+                worker.process.join(5.0)
+                if worker.process.is_alive():
+                    worker.process.kill()
+                    worker.process.join()
+            self._drain(worker)
+
+    def __enter__(self) -> "GeneratorPool":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- watching -----------------------------------------------------------------
+
+    def _drain(self, worker: _Worker) -> None:
+        """Log what a worker reported over its pipe."""
+        try:
+            while worker.conn is not None and worker.conn.poll():
+                message = worker.conn.recv()
+                worker.errors.append(message)
+                logger.error("onlinemix generator worker %d on %s failed:\n%s", worker.index, worker.device, message)
+        except (EOFError, OSError):
+            pass
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.2):
+            now = time.monotonic()
+            for worker in self._workers:
+                self._check(worker, now)
+            if not self._warned_all_gone and all(w.gone for w in self._workers):
+                self._warned_all_gone = True
+                message = ("Every onlinemix generator worker has failed for good; training continues on "
+                           "real images only (see the errors logged above).")
+                logger.error(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=1)
+
+    def _check(self, worker: _Worker, now: float) -> None:
+        self._drain(worker)
+        if worker.gone:
+            return
+        if worker.restart_at is not None:
+            if now >= worker.restart_at:
+                worker.restart_at = None
+                worker.restarts += 1
+                self._spawn(worker)
+            return
+        process = worker.process
+        if process.is_alive():
+            if now - self._rows[worker.index + 1, _HEARTBEAT] <= self.hang_timeout:
+                return
+            logger.error("onlinemix generator worker %d on %s sent no heartbeat for %.0f s; stopping it.",
+                         worker.index, worker.device, self.hang_timeout)
+            process.kill()
+            process.join()
+            self._drain(worker)
+        if worker.restarts >= self.max_restarts:
+            worker.gone = True
+            logger.error("onlinemix generator worker %d on %s exited (code %s) and reached its restart "
+                         "limit (%d); giving it up.", worker.index, worker.device, process.exitcode,
+                         self.max_restarts)
+            return
+        delay = min(self.backoff * 2 ** worker.restarts, 60.0)
+        worker.restart_at = now + delay
+        logger.warning("onlinemix generator worker %d on %s exited (code %s); restarting in %.1f s.",
+                       worker.index, worker.device, process.exitcode, delay)
+
+    # -- statistics ---------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Per-worker images written, images/s since the worker started, restarts and state."""
+        now = time.monotonic()
+        workers = []
+        for worker in self._workers:
+            written, started = self._rows[worker.index + 1, _WRITTEN], self._rows[worker.index + 1, _STARTED]
+            alive = worker.process is not None and worker.process.is_alive()
+            workers.append({
+                "index": worker.index,
+                "device": worker.device,
+                "alive": alive,
+                "gone": worker.gone,
+                "restarts": worker.restarts,
+                "written": int(written),
+                "images_per_s": written / (now - started) if started and alive else 0.0,
+                "errors": len(worker.errors),
+            })
+        return {
+            "workers": workers,
+            "written": sum(w["written"] for w in workers),
+            "images_per_s": sum(w["images_per_s"] for w in workers),
+            "restarts": sum(w["restarts"] for w in workers),
+            "alive": sum(w["alive"] for w in workers),
+        }

@@ -1,0 +1,40 @@
+"""Cheap producers for GeneratorPool tests; module-level so spawned workers can unpickle them."""
+import os
+import time
+
+import torch
+
+from onlinemix import SampleBatch
+
+
+class Counting:
+    """Batches of 4 whose every byte is a running value; ``source`` holds the worker's pid % 7."""
+
+    def __init__(self, size=8, delay=0.0):
+        self.size, self.delay = size, delay
+
+    def __call__(self, device):
+        state = {"value": 0}
+
+        def produce():
+            time.sleep(self.delay)
+            values = [(state["value"] + k) % 200 + 1 for k in range(4)]
+            state["value"] += 4
+            images = torch.tensor(values, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 3, self.size, self.size)
+            return SampleBatch(images.contiguous(), torch.full((4,), os.getpid() % 7), torch.zeros(4, dtype=torch.long),
+                               torch.full((4,), 0.5))
+
+        return produce
+
+
+class Failing:
+    def __call__(self, device):
+        raise RuntimeError(f"no generator on {device} today")
+
+
+class Hanging:
+    def __call__(self, device):
+        def produce():
+            time.sleep(3600)
+
+        return produce

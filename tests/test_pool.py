@@ -1,0 +1,132 @@
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from onlinemix import DiffMix, GeneratorPool, ReplayProducer, ReplaySource, SampleRing
+from onlinemix.ring import SHM_DIR
+from tests.producers import Counting, Failing, Hanging
+from tests.test_sources import CLASSES, ROWS, write_offline_output
+
+
+def wait_for(condition, seconds=60.0, step=0.05):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(step)
+    return False
+
+
+def worker_pids(pool):
+    return [w.process.pid for w in pool._workers if w.process is not None and w.process.is_alive()]
+
+
+def test_workers_fill_the_ring_and_stop_cleanly():
+    with SampleRing.create(32, 8, producers=2, consumers=2, max_reuse=1) as ring:
+        with GeneratorPool(ring, Counting(size=8), ["cpu"], workers_per_device=2) as pool:
+            assert wait_for(lambda: pool.stats()["written"] == 32)  # full: back-pressure holds the rest
+            batch = ring.take(16, timeout=30)
+            assert len(batch) == 16
+            flat = batch.images.flatten(1)
+            assert (flat == flat[:, :1]).all() and flat.min() >= 1
+            assert len(set(batch.source.tolist())) == 2, "both workers wrote"
+            stats = pool.stats()
+            assert stats["alive"] == 2 and stats["restarts"] == 0 and stats["images_per_s"] > 0
+            pids = worker_pids(pool)
+        assert all(not w.process.is_alive() for w in pool._workers)
+        assert all(w.process.exitcode == 0 for w in pool._workers), "workers left on the stop flag"
+        assert not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+                       for pid in pids)
+
+
+def test_killed_worker_is_restarted_and_reads_go_on():
+    with SampleRing.create(16, 8, producers=1, consumers=1, max_reuse=1) as ring:
+        with GeneratorPool(ring, Counting(size=8), "cpu", backoff=0.1) as pool:
+            assert len(ring.take(4, timeout=60)) == 4
+            os.kill(worker_pids(pool)[0], signal.SIGKILL)
+            assert wait_for(lambda: pool.stats()["restarts"] == 1 and pool.stats()["alive"] == 1)
+            before = pool.stats()["written"]
+            # max_reuse=1 and at most 16 unread samples: 32 reads need new writes.
+            assert sum(len(ring.take(8, timeout=30)) for _ in range(4)) == 32
+            assert pool.stats()["written"] >= before + 16
+
+
+def test_failing_generator_logs_traceback_gives_up_and_training_goes_on(caplog):
+    caplog.set_level(logging.WARNING, logger="onlinemix")
+    with SampleRing.create(8, 8, producers=1, consumers=1) as ring:
+        pool = GeneratorPool(ring, Failing(), "cpu", max_restarts=1, backoff=0.0)
+        with pytest.warns(RuntimeWarning, match="continues on real images"):
+            pool.start()
+            assert wait_for(lambda: all(w.gone for w in pool._workers))
+            assert wait_for(lambda: pool._warned_all_gone, 5)
+        pool.stop()
+        assert "no generator on cpu today" in caplog.text and "Traceback" in caplog.text
+        assert pool.stats()["restarts"] == 1
+        mix = DiffMix(num_classes=7, p=1.0, source=ring)
+        x = torch.zeros(4, 3, 8, 8)
+        out, target = mix(x.clone(), torch.zeros(4, dtype=torch.long))
+        assert torch.equal(out, x) and mix.stats()["shortfall"] == 4
+
+
+def test_hung_worker_is_restarted(caplog):
+    caplog.set_level(logging.WARNING, logger="onlinemix")
+    with SampleRing.create(8, 8, producers=1, consumers=1) as ring:
+        with GeneratorPool(ring, Hanging(), "cpu", hang_timeout=1.0, backoff=0.0, max_restarts=3) as pool:
+            assert wait_for(lambda: pool.stats()["restarts"] >= 1)
+        assert "no heartbeat" in caplog.text
+
+
+def test_workers_exit_when_the_training_process_dies():
+    code = (
+        "import time\n"
+        "from onlinemix import GeneratorPool, SampleRing\n"
+        "from tests.producers import Counting\n"
+        "ring = SampleRing.create(8, 8, producers=1, consumers=1)\n"
+        "pool = GeneratorPool(ring, Counting(size=8, delay=0.05), 'cpu').start()\n"
+        "while pool.stats()['written'] == 0: time.sleep(0.05)\n"
+        "print(ring.name, pool._workers[0].process.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    name, pid = child.stdout.readline().split()
+    child.kill()
+    child.wait()
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 30), "an orphaned worker must exit"
+    with SampleRing.create(2, 4, producers=1, consumers=1):  # sweeps the dead owner's segment
+        assert not os.path.exists(os.path.join(SHM_DIR, name))
+
+
+def test_replay_producer_serves_an_offline_directory_and_recording_round_trips(tmp_path):
+    write_offline_output(tmp_path / "offline", ROWS)
+    factory = ReplayProducer(tmp_path / "offline", CLASSES, size=8, batch_size=4)
+    with SampleRing.create(8, 8, producers=1, consumers=1, max_reuse=1) as ring:
+        with GeneratorPool(ring, factory, "cpu", record_dir=str(tmp_path / "recorded"), class_names=CLASSES) as pool:
+            batch = ring.take(8, timeout=60)
+            assert wait_for(lambda: pool.stats()["written"] >= 8)
+    assert len(batch) == 8
+    numbers = (batch.images[:, 0, 4, 4].long() // 10).tolist()
+    meta = {number: (CLASSES.index(s), CLASSES.index(t)) for s, t, number, _ in ROWS}
+    assert [meta[n] for n in numbers] == list(zip(batch.source.tolist(), batch.target.tolist()))
+
+    recorded = ReplaySource(tmp_path / "recorded", CLASSES, size=8)
+    assert len(recorded) >= 8
+    again = recorded.take(16)
+    numbers = (again.images[:, 0, 4, 4].long() // 10).tolist()
+    assert [meta[n] for n in numbers] == list(zip(again.source.tolist(), again.target.tolist()))
+
+
+def test_pool_errors():
+    with SampleRing.create(4, 8, producers=1, consumers=1) as ring:
+        with pytest.raises(ValueError, match="producers=2"):
+            GeneratorPool(ring, Counting(), ["cpu", "cpu"])
+        with pytest.raises(ValueError, match="at least one device"):
+            GeneratorPool(ring, Counting(), [])
+        with pytest.raises(ValueError, match="class_names"):
+            GeneratorPool(ring, Counting(), "cpu", record_dir="/tmp/x")
