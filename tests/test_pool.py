@@ -130,3 +130,27 @@ def test_pool_errors():
             GeneratorPool(ring, Counting(), [])
         with pytest.raises(ValueError, match="class_names"):
             GeneratorPool(ring, Counting(), "cpu", record_dir="/tmp/x")
+
+
+def test_ctrl_c_stops_everything_cleanly():
+    code = (
+        "import time\n"
+        "from onlinemix import GeneratorPool, SampleRing\n"
+        "from tests.producers import Counting\n"
+        "with SampleRing.create(8, 8, producers=1, consumers=1) as ring:\n"
+        "    with GeneratorPool(ring, Counting(size=8), 'cpu') as pool:\n"
+        "        ring.take(1, timeout=60)\n"
+        "        print(ring.name, pool._workers[0].process.pid, flush=True)\n"
+        "        while True:\n"
+        "            ring.take(4, timeout=0.1)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    name, pid = child.stdout.readline().split()
+    os.killpg(child.pid, signal.SIGINT)  # what a terminal sends to the whole foreground group
+    _, err = child.communicate(timeout=60)
+    assert err.count("KeyboardInterrupt") == 1, err  # the training process's own, no worker's
+    assert "onlinemix generator worker" not in err
+    assert not os.path.exists(os.path.join(SHM_DIR, name))
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10)
