@@ -318,3 +318,20 @@ def test_dataloader_workers_attach_and_read_live_data(context):
     # max_reuse=1 with 2 consumers: a sample may be read by both at once, never more.
     assert max(values.count(v) for v in values) <= 2
     assert len(set(values)) >= 12, "reads follow the live producer"
+
+
+def test_segment_is_private_and_survives_attachers_that_exit():
+    with SampleRing.create(2, 4, producers=1, consumers=2) as ring:
+        path = os.path.join(SHM_DIR, ring.name)
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        code = (
+            "import sys\n"
+            "from onlinemix.ring import SampleRing\n"
+            "ring = SampleRing.attach(sys.argv[1], 'producer', 0)\n"
+            "from tests.test_ring import samples\n"
+            "ring.put(*samples([42]))\n"
+        )
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        subprocess.run([sys.executable, "-c", code, ring.name], check=True, cwd=root)
+        assert os.path.exists(path), "a process that attached and exited must not destroy the ring"
+        assert ring.take(1).images[0, 0, 0, 0].item() == 42
