@@ -12,19 +12,16 @@ Writes ``benchmarks/results/ring_cpu.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import statistics
 import time
-from datetime import datetime, timezone
 
 import numpy as np
 import torch
+from report import RESULTS, machine, write_report
 
 from onlinemix.ring import SampleRing
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 BATCH = 8
 
 
@@ -122,19 +119,14 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(RESULTS, "ring_cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-    report = {
-        "benchmark": "bench_ring",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__},
-        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"batch": BATCH, "producers": 1},
-        "runs": [run(size, consumers, take, args)
-                 for size in args.sizes for consumers in args.consumers for take in args.take],
-    }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    report = write_report(
+        "bench_ring",
+        args.out,
+        {k: v for k, v in vars(args).items() if k != "out"} | {"batch": BATCH, "producers": 1},
+        [run(size, consumers, take, args)
+         for size in args.sizes for consumers in args.consumers for take in args.take],
+        machine=machine(),
+    )
     for r in report["runs"]:
         print(
             f"{r['image_size']} px, {r['consumers']} consumer(s), take({r['take']}): write {r['write_samples_per_s']:.0f}/s, "
@@ -142,7 +134,6 @@ def main() -> None:
             f"{100 * r['read_fraction_of_copy']:.0f}% of copy {r['copy_gb_per_s']:.2f} GB/s), take(1) latency "
             f"median {r['take1_latency_ms']['median']:.3f} ms, p99 {r['take1_latency_ms']['p99']:.3f} ms"
         )
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

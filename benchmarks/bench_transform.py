@@ -17,42 +17,17 @@ Writes ``benchmarks/results/transform_<device>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
 
 import numpy as np
 import timm
 import torch
+from report import RESULTS, machine, write_report
 from timm.data import Mixup
 
 from onlinemix import DiffMix, TensorSource
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def machine(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "numpy": np.__version__,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def sync(device: torch.device) -> None:
@@ -132,18 +107,16 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
 
-    report = {
-        "benchmark": "bench_transform",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": str(device),
-        "machine": machine(device),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "runs": [run(size, args, device) for size in args.source_size],
-    }
-    out = args.out or os.path.join(RESULTS, f"transform_{device.type}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
+    info = machine(device)
+    info["timm"] = timm.__version__
+    report = write_report(
+        "bench_transform",
+        args.out or os.path.join(RESULTS, f"transform_{device.type}.json"),
+        {k: v for k, v in vars(args).items() if k != "out"},
+        [run(size, args, device) for size in args.source_size],
+        device=str(device),
+        machine=info,
+    )
     for r in report["runs"]:
         print(
             f"source {r['source_size']} px: timm Mixup {r['timm_mixup']['median_ms']:.2f} ms, "
@@ -151,7 +124,6 @@ def main() -> None:
             f"(medians per call), ratio {r['ratio_of_medians']:.2f}, "
             f"synthetic fraction {r['realised_synthetic_fraction']:.3f}"
         )
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
