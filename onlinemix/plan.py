@@ -1,0 +1,193 @@
+"""What to generate: the strategies of the Diff-Mix paper and a seeded planner of requests.
+
+A ``Request`` says which training image to translate (``reference``), its class
+(``source``), the class to translate it toward (``target``), the SDEdit strength
+and the noise seed, so any sample can be regenerated from its metadata. Pure
+code: no processes, no devices.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+PAPER_STRENGTHS = (0.5, 0.7, 0.9)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How one augmentation strategy pairs classes and prompts the generator.
+
+    Attributes:
+        name: The strategy's name in the paper (``diff-mix``, ``real-guidance`` ...).
+        inter_class: Target class drawn independently of the reference's class;
+            otherwise the target is the reference's own class.
+        text_to_image: No reference image: text-to-image generation, strength 1.
+        prompt: Template with ``{token}`` (learned placeholder), ``{name}`` (class
+            name) and ``{metaclass}`` fields.
+        personalised: Needs a fine-tuned generator (learned tokens, LoRA).
+        strengths: Default SDEdit strengths, drawn uniformly.
+    """
+
+    name: str
+    inter_class: bool
+    text_to_image: bool
+    prompt: str
+    personalised: bool
+    strengths: tuple[float, ...]
+
+    def prompt_for(self, target: int, class_names: Sequence[str], metaclass: str) -> str:
+        """The prompt that asks for class ``target``."""
+        return self.prompt.format(token=placeholder_token(target), name=class_names[target], metaclass=metaclass)
+
+
+def placeholder_token(class_index: int) -> str:
+    """The learned token of a class, ``<class_i>``."""
+    return f"<class_{class_index}>"
+
+
+STRATEGIES = {
+    s.name: s
+    for s in (
+        Strategy("diff-mix", True, False, "a photo of a {token} {metaclass}", True, PAPER_STRENGTHS),
+        Strategy("diff-aug", False, False, "a photo of a {token} {metaclass}", True, PAPER_STRENGTHS),
+        Strategy("diff-gen", False, True, "a photo of a {token} {metaclass}", True, (1.0,)),
+        Strategy("real-mix", True, False, "a photo of a {name}", False, PAPER_STRENGTHS),
+        Strategy("real-aug", False, False, "a photo of a {name}", False, PAPER_STRENGTHS),
+        Strategy("real-gen", False, True, "a photo of a {name}", False, (1.0,)),
+        Strategy("real-guidance", False, False, "a photo of a {name}", False, (0.1,)),
+        Strategy("da-fusion", False, False, "a photo of a {token}", True, (0.25, 0.5, 0.75, 1.0)),
+    )
+}
+
+
+def get_strategy(name: str) -> Strategy:
+    """The strategy called ``name``; a ``ValueError`` lists the known ones."""
+    if name not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}.")
+    return STRATEGIES[name]
+
+
+def long_tail_weights(class_counts: Sequence[int]) -> np.ndarray:
+    """Target-class weights ∝ 1 / (n_c + 1), the paper's choice for long-tail data."""
+    return 1.0 / (np.asarray(class_counts, dtype=np.float64) + 1.0)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One sample to generate.
+
+    Attributes:
+        reference: Index of the reference image in the training set, -1 for text-to-image.
+        source: Class of the reference image (equals ``target`` for text-to-image).
+        target: Class named in the prompt.
+        strength: SDEdit strength in (0, 1]; 1.0 for text-to-image.
+        seed: Seed of the sample's initial noise.
+    """
+
+    reference: int
+    source: int
+    target: int
+    strength: float
+    seed: int
+
+
+class Planner:
+    """A seeded, reproducible stream of generation requests.
+
+    By default (the paper) the target class is uniform over classes, the source
+    class is drawn independently and uniformly for inter-class strategies (equal to
+    the target otherwise), the reference image is uniform within the source class,
+    and the strength is uniform over the strategy's set.
+
+    Args:
+        labels: Class of every training image, in data-set order.
+        strategy: A ``Strategy`` or its name.
+        num_classes: Number of classes (default ``max(labels) + 1``).
+        strengths: Strength set to draw from uniformly, or one fixed strength;
+            default the strategy's own.
+        referable_classes: If set, each target class may only take references from
+            this many source classes, chosen once at random (the paper's Fig. 7b).
+        target_weights: Relative weight of each target class (e.g.
+            ``long_tail_weights(counts)``); default uniform.
+        seed: Seed of the whole stream.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int],
+        strategy,
+        *,
+        num_classes: Optional[int] = None,
+        strengths=None,
+        referable_classes: Optional[int] = None,
+        target_weights: Optional[Sequence[float]] = None,
+        seed: int = 0,
+    ):
+        self.strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.ndim != 1 or (len(labels) and labels.min() < 0):
+            raise ValueError("labels must be a flat sequence of non-negative class indices.")
+        self.num_classes = int(num_classes if num_classes is not None else labels.max() + 1)
+        if len(labels) and labels.max() >= self.num_classes:
+            raise ValueError(f"labels hold class {labels.max()} but num_classes={self.num_classes}.")
+        self.strengths = self._check_strengths(strengths)
+        self._rng = np.random.default_rng(seed)
+        self._by_class = [np.flatnonzero(labels == c) for c in range(self.num_classes)]
+        self._target_p = self._check_weights(target_weights)
+        self._sources = self._referable(referable_classes)
+
+    def _check_strengths(self, strengths) -> np.ndarray:
+        if self.strategy.text_to_image:
+            if strengths is not None and set(np.atleast_1d(strengths).tolist()) != {1.0}:
+                raise ValueError(f"{self.strategy.name} generates from text; its strength is always 1.0.")
+            return np.array([1.0])
+        values = np.atleast_1d(np.asarray(self.strategy.strengths if strengths is None else strengths, dtype=float))
+        if len(values) == 0 or not np.all((values > 0) & (values <= 1)):
+            raise ValueError(f"strengths must lie in (0, 1], got {values.tolist()}.")
+        return values
+
+    def _check_weights(self, weights) -> np.ndarray:
+        has_images = np.array([len(i) > 0 for i in self._by_class])
+        if weights is None:
+            weights = np.ones(self.num_classes)
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != (self.num_classes,) or np.any(weights < 0) or not np.isfinite(weights).all():
+            raise ValueError(f"target_weights must be {self.num_classes} non-negative numbers.")
+        if not self.strategy.inter_class and not self.strategy.text_to_image:
+            weights = weights * has_images  # intra-class: the target is also the reference's class
+        if weights.sum() <= 0:
+            raise ValueError("No target class can be generated: every weight is zero or its class has no images.")
+        return weights / weights.sum()
+
+    def _referable(self, k: Optional[int]) -> Optional[list]:
+        """For each target class, the source classes it may take references from (None: all)."""
+        if not self.strategy.inter_class:
+            return None
+        with_images = np.flatnonzero([len(i) > 0 for i in self._by_class])
+        if len(with_images) == 0:
+            raise ValueError("No class has training images to translate.")
+        if k is None:
+            return [with_images] * self.num_classes
+        if not 1 <= k <= len(with_images):
+            raise ValueError(f"referable_classes must be between 1 and {len(with_images)} (classes with images), got {k}.")
+        return [np.sort(self._rng.choice(with_images, size=k, replace=False)) for _ in range(self.num_classes)]
+
+    def take(self, n: int) -> list[Request]:
+        """The next ``n`` requests; the stream does not depend on how it is cut into takes."""
+        return [self._next() for _ in range(n)]
+
+    def _next(self) -> Request:
+        rng = self._rng
+        target = int(rng.choice(self.num_classes, p=self._target_p))
+        strength = float(self.strengths[rng.integers(len(self.strengths))])
+        seed = int(rng.integers(0, 2**31 - 1))
+        if self.strategy.text_to_image:
+            return Request(-1, target, target, 1.0, seed)
+        source = int(rng.choice(self._sources[target])) if self.strategy.inter_class else target
+        return Request(int(rng.choice(self._by_class[source])), source, target, strength, seed)
+
+    def __iter__(self) -> Iterator[Request]:
+        while True:
+            yield self._next()

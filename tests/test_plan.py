@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+
+from onlinemix.plan import STRATEGIES, Planner, get_strategy, long_tail_weights, placeholder_token
+
+CLASSES = ["Laysan Albatross", "Sooty Albatross", "Rhinoceros Auklet", "Gray Catbird"]
+
+
+def test_every_strategy_prompts_as_in_the_paper():
+    prompts = {name: s.prompt_for(2, CLASSES, "bird") for name, s in STRATEGIES.items()}
+    assert prompts == {
+        "diff-mix": "a photo of a <class_2> bird",
+        "diff-aug": "a photo of a <class_2> bird",
+        "diff-gen": "a photo of a <class_2> bird",
+        "real-mix": "a photo of a Rhinoceros Auklet",
+        "real-aug": "a photo of a Rhinoceros Auklet",
+        "real-gen": "a photo of a Rhinoceros Auklet",
+        "real-guidance": "a photo of a Rhinoceros Auklet",
+        "da-fusion": "a photo of a <class_2>",
+    }
+    assert get_strategy("real-guidance").strengths == (0.1,)
+    assert get_strategy("da-fusion").strengths == (0.25, 0.5, 0.75, 1.0)
+    assert get_strategy("diff-mix").strengths == (0.5, 0.7, 0.9)
+    assert [n for n, s in STRATEGIES.items() if s.inter_class] == ["diff-mix", "real-mix"]
+    assert {n for n, s in STRATEGIES.items() if s.personalised} == {"diff-mix", "diff-aug", "diff-gen", "da-fusion"}
+    assert placeholder_token(11) == "<class_11>"
+
+
+def labels(per_class=(5, 5, 5, 5)):
+    return np.repeat(np.arange(len(per_class)), per_class)
+
+
+def test_diff_mix_pairs_are_independent_and_uniform():
+    y = labels((3, 4, 5, 6, 7))
+    requests = Planner(y, "diff-mix", seed=1).take(20000)
+    pairs = np.zeros((5, 5))
+    for r in requests:
+        assert y[r.reference] == r.source
+        assert r.strength in (0.5, 0.7, 0.9)
+        pairs[r.source, r.target] += 1
+    expected = 20000 / 25
+    assert np.abs(pairs - expected).max() < 5 * np.sqrt(expected)  # independent, uniform
+    same = sum(r.source == r.target for r in requests) / len(requests)
+    assert abs(same - 1 / 5) < 0.02
+    # reference uniform within its class
+    refs = np.bincount([r.reference for r in requests if r.source == 4], minlength=len(y))[y == 4]
+    assert refs.min() > 0.8 * refs.mean()
+
+
+@pytest.mark.parametrize("name", ["diff-aug", "real-aug", "real-guidance", "da-fusion"])
+def test_intra_class_strategies_keep_the_class(name):
+    requests = Planner(labels(), name, seed=0).take(500)
+    assert all(r.source == r.target for r in requests)
+    assert {r.strength for r in requests} == set(get_strategy(name).strengths)
+
+
+@pytest.mark.parametrize("name", ["diff-gen", "real-gen"])
+def test_text_to_image_has_no_reference(name):
+    requests = Planner(labels(), name, seed=0).take(100)
+    assert all(r.reference == -1 and r.source == r.target and r.strength == 1.0 for r in requests)
+
+
+def test_referable_class_limit():
+    y = labels((4,) * 10)
+    planner = Planner(y, "diff-mix", referable_classes=3, seed=2)
+    requests = planner.take(5000)
+    for target in range(10):
+        sources = {r.source for r in requests if r.target == target}
+        assert len(sources) == 3
+        assert sources == set(planner._sources[target].tolist())
+
+
+def test_weighted_targets_follow_long_tail_weights():
+    counts = [40, 10, 2, 1]
+    weights = long_tail_weights(counts)
+    np.testing.assert_allclose(weights, [1 / 41, 1 / 11, 1 / 3, 1 / 2])
+    requests = Planner(labels(counts), "diff-mix", target_weights=weights, seed=3).take(20000)
+    freq = np.bincount([r.target for r in requests], minlength=4) / 20000
+    np.testing.assert_allclose(freq, weights / weights.sum(), atol=0.015)
+
+
+def test_fixed_strength_and_reproducibility():
+    a = Planner(labels(), "diff-mix", strengths=0.7, seed=5)
+    b = Planner(labels(), "diff-mix", strengths=0.7, seed=5)
+    first = a.take(7) + a.take(13)
+    assert first == b.take(20), "the stream does not depend on how it is cut"
+    assert {r.strength for r in first} == {0.7}
+    assert len({r.seed for r in first}) == 20
+    assert Planner(labels(), "diff-mix", seed=6).take(20) != first
+    it = iter(Planner(labels(), "diff-mix", strengths=0.7, seed=5))
+    assert [next(it) for _ in range(20)] == first
+
+
+def test_classes_without_images_are_never_references():
+    y = np.array([0, 0, 2, 2])  # class 1 has no image
+    requests = Planner(y, "diff-mix", num_classes=3, seed=0).take(300)
+    assert all(r.source != 1 for r in requests)
+    assert any(r.target == 1 for r in requests), "it can still be a target"
+    assert all(r.target != 1 for r in Planner(y, "diff-aug", num_classes=3).take(300))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(strategy="diff-mixx"), "Unknown strategy"),
+        (dict(strategy="diff-mix", strengths=[0.5, 1.2]), r"\(0, 1\]"),
+        (dict(strategy="diff-mix", strengths=0.0), r"\(0, 1\]"),
+        (dict(strategy="diff-gen", strengths=0.5), "always 1.0"),
+        (dict(strategy="diff-mix", referable_classes=9), "referable_classes"),
+        (dict(strategy="diff-mix", target_weights=[1, 1]), "target_weights"),
+        (dict(strategy="diff-mix", target_weights=[0, 0, 0, 0]), "every weight is zero"),
+        (dict(strategy="diff-mix", num_classes=2), "num_classes=2"),
+    ],
+)
+def test_planner_errors(kwargs, message):
+    strategy = kwargs.pop("strategy")
+    with pytest.raises(ValueError, match=message):
+        Planner(labels(), strategy, **kwargs)
