@@ -1,0 +1,202 @@
+"""The parts of a Stable-Diffusion-like generator, loaded from a folder or a hub id, or built tiny.
+
+``Components`` holds tokenizer, text encoder, U-Net, VAE and a DPM-Solver++
+scheduler. ``load_components`` reads a diffusers folder or hub id (Stable
+Diffusion 1.x/2.x layout); ``tiny_components`` builds a small model in code, with
+the same architecture family and an 8x VAE, for tests and demos without downloads.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    algorithm_type="dpmsolver++",
+    solver_order=2,
+    prediction_type="epsilon",
+)
+
+
+@dataclass
+class Components:
+    """A text-to-image latent diffusion model, split into the parts the sampler drives."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: object
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device=None, dtype=None) -> "Components":
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def save(self, folder: Union[str, os.PathLike]) -> None:
+        """Save in the diffusers folder layout, loadable by ``load_components`` and diffusers' pipelines."""
+        from diffusers import StableDiffusionPipeline
+
+        self.pipeline(StableDiffusionPipeline).save_pretrained(folder, safe_serialization=True)
+
+    def pipeline(self, cls):
+        """A diffusers pipeline of class ``cls`` over these very modules (no safety checker)."""
+        return cls(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                   scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
+                   requires_safety_checker=False)
+
+
+def dpm_solver_scheduler(config: Optional[dict] = None):
+    """DPM-Solver++ (2M) with a Stable Diffusion noise schedule, or adapted from ``config``."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    if config is None:
+        return DPMSolverMultistepScheduler(**SD_SCHEDULER)
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+
+
+def load_components(
+    model: Union[str, os.PathLike],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    local_files_only: bool = False,
+    attention: str = "sdpa",
+) -> Components:
+    """Load tokenizer, text encoder, U-Net, VAE and scheduler of a Stable Diffusion model.
+
+    Args:
+        model: A diffusers folder (``model_index.json`` with ``tokenizer/``,
+            ``text_encoder/``, ``unet/``, ``vae/``, ``scheduler/``) or a hub id.
+        dtype: Weights' dtype (``torch.float16``/``bfloat16`` on GPUs).
+        device: Where the modules go.
+        local_files_only: Never reach a hub.
+        attention: ``"sdpa"`` (PyTorch's scaled-dot-product attention, default) or
+            ``"xformers"`` (needs the ``xformers`` package).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if attention not in ("sdpa", "xformers"):
+        raise ValueError(f"attention must be 'sdpa' or 'xformers', got {attention!r}.")
+    model = os.fspath(model)
+    if os.path.sep in model or model.startswith("."):
+        if not os.path.isdir(model):
+            raise FileNotFoundError(f"No model folder at {model!r}; pass a diffusers folder or a hub id.")
+        missing = [p for p in ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+                   if not os.path.isdir(os.path.join(model, p))]
+        if missing:
+            raise FileNotFoundError(
+                f"{model!r} is not a complete diffusers Stable Diffusion folder: it lacks {missing}. "
+                "Save one with StableDiffusionPipeline.save_pretrained(folder)."
+            )
+    kwargs = dict(local_files_only=local_files_only)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype, **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kwargs)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **kwargs)
+        from diffusers import DPMSolverMultistepScheduler
+
+        scheduler = dpm_solver_scheduler(DPMSolverMultistepScheduler.load_config(model, subfolder="scheduler", **kwargs))
+    except OSError as error:
+        raise FileNotFoundError(
+            f"Could not load the model {model!r} ({error.__class__.__name__}: {str(error).splitlines()[0]}). "
+            "Without network access, download it elsewhere and pass its local folder, e.g. "
+            "--gen-model /models/stable-diffusion-v1-5."
+        ) from None
+    components = Components(tokenizer, text_encoder, unet, vae, scheduler).to(device=device)
+    set_attention(components, attention)
+    for module in (text_encoder, unet, vae):
+        module.requires_grad_(False).eval()
+    return components
+
+
+def set_attention(components: Components, attention: str) -> None:
+    """Route the U-Net's and VAE's attention through SDPA or xformers."""
+    if attention == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise ValueError("attention='xformers' needs the xformers package: pip install 'onlinemix[xformers]'.") from None
+        components.unet.enable_xformers_memory_efficient_attention()
+        components.vae.enable_xformers_memory_efficient_attention()
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        components.unet.set_attn_processor(AttnProcessor2_0())
+        components.vae.set_attn_processor(AttnProcessor2_0())
+
+
+def _byte_characters() -> list[str]:
+    # The printable stand-in for each of the 256 bytes used by byte-level BPE
+    # (CLIP's and GPT-2's scheme): printable Latin-1 bytes map to themselves, the
+    # rest to code points from 256 upward.
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in keep:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def tiny_tokenizer():
+    """A CLIP tokenizer whose vocabulary is the 512 byte-level characters (no merges)."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in _byte_characters():
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def tiny_components(seed: int = 0, *, cross_attention_dim: int = 32) -> Components:
+    """A small SD-like model built in code: byte-level CLIP tokenizer, 2-layer CLIP text
+    encoder, a two-level conditional U-Net and a 4-block (8x) VAE. Random weights from ``seed``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cross_attention_dim, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(32, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=32, sample_size=64,
+    )
+    components = Components(tokenizer, text_encoder, unet, vae, dpm_solver_scheduler())
+    set_attention(components, "sdpa")
+    for module in (text_encoder, unet, vae):
+        module.requires_grad_(False).eval()
+    return components
