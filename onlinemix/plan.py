@@ -37,9 +37,12 @@ class Strategy:
     personalised: bool
     strengths: tuple[float, ...]
 
-    def prompt_for(self, target: int, class_names: Sequence[str], metaclass: str) -> str:
-        """The prompt that asks for class ``target``."""
-        return self.prompt.format(token=placeholder_token(target), name=class_names[target], metaclass=metaclass)
+    def prompt_for(self, target: int, class_names: Sequence[str], metaclass: str,
+                   tokens: Optional[Sequence[str]] = None) -> str:
+        """The prompt that asks for class ``target``; ``tokens`` are the learned tokens in
+        class order (default ``<class_i>``)."""
+        token = tokens[target] if tokens is not None else placeholder_token(target)
+        return self.prompt.format(token=token, name=class_names[target], metaclass=metaclass)
 
 
 def placeholder_token(class_index: int) -> str:

@@ -99,9 +99,10 @@ def load_components(
     if attention not in ("sdpa", "xformers"):
         raise ValueError(f"attention must be 'sdpa' or 'xformers', got {attention!r}.")
     model = os.fspath(model)
-    if os.path.sep in model or model.startswith("."):
-        if not os.path.isdir(model):
-            raise FileNotFoundError(f"No model folder at {model!r}; pass a diffusers folder or a hub id.")
+    looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") != 1
+    if not os.path.isdir(model) and looks_like_path:
+        raise FileNotFoundError(f"No model folder at {model!r}; pass a diffusers folder or a hub id (org/name).")
+    if os.path.isdir(model):
         missing = [p for p in ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
                    if not os.path.isdir(os.path.join(model, p))]
         if missing:
@@ -200,3 +201,104 @@ def tiny_components(seed: int = 0, *, cross_attention_dim: int = 32) -> Componen
     for module in (text_encoder, unet, vae):
         module.requires_grad_(False).eval()
     return components
+
+
+PERSONALISATION_JSON = "onlinemix.json"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+EMBEDDINGS = "learned_embeds.safetensors"
+DIFFMIX_EMBEDDINGS = "learned_embeds-steps-last.bin"  # what the original Diff-Mix fine-tuning writes
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def save_personalisation(folder: Union[str, os.PathLike], unet: torch.nn.Module, embeddings: dict,
+                         info: dict) -> None:
+    """Write a personalised generator as one folder: LoRA weights with their alpha (if the
+    U-Net carries a LoRA adapter), learned token embeddings, and ``onlinemix.json``.
+
+    Args:
+        folder: Output folder (created).
+        unet: The fine-tuned U-Net, with a peft LoRA adapter or none.
+        embeddings: ``{token: embedding row}`` of the learned tokens, in class order.
+        info: JSON-able facts: base model, method, class names, metaclass, steps.
+    """
+    import json
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    if getattr(unet, "peft_config", None):
+        config = next(iter(unet.peft_config.values()))
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, weight_name=LORA_WEIGHTS,
+                                                  unet_lora_adapter_metadata=config.to_dict())
+    if embeddings:
+        save_file({t: e.detach().float().cpu().contiguous() for t, e in embeddings.items()},
+                  os.path.join(folder, EMBEDDINGS))
+    with open(os.path.join(folder, PERSONALISATION_JSON), "w") as f:
+        json.dump({**info, "tokens": list(embeddings)}, f, indent=2)
+
+
+def attach_personalisation(components: Components, folder: Union[str, os.PathLike]) -> dict:
+    """Load a personalised generator's LoRA and learned tokens into ``components``.
+
+    Reads the folder ``save_personalisation`` writes, or the original Diff-Mix
+    outputs (``pytorch_lora_weights.safetensors`` and ``learned_embeds-steps-last.bin``,
+    the latter with ``torch.load(weights_only=True)``).
+
+    Returns:
+        The folder's facts (``onlinemix.json``; for original outputs only ``tokens``).
+    """
+    import json
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"No personalised generator folder at {folder!r}.")
+    info_path = os.path.join(folder, PERSONALISATION_JSON)
+    info = {}
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+    embeddings = {}
+    if os.path.isfile(os.path.join(folder, EMBEDDINGS)):
+        embeddings = load_file(os.path.join(folder, EMBEDDINGS))
+        embeddings = {t: embeddings[t] for t in info.get("tokens", embeddings)}
+    elif os.path.isfile(os.path.join(folder, DIFFMIX_EMBEDDINGS)):
+        embeddings = torch.load(os.path.join(folder, DIFFMIX_EMBEDDINGS), map_location="cpu", weights_only=True)
+    has_lora = os.path.isfile(os.path.join(folder, LORA_WEIGHTS))
+    if not embeddings and not has_lora:
+        raise FileNotFoundError(
+            f"{folder!r} holds neither {EMBEDDINGS} / {DIFFMIX_EMBEDDINGS} nor {LORA_WEIGHTS}; pass the output "
+            "folder of `onlinemix finetune` or of the original Diff-Mix fine-tuning."
+        )
+    if embeddings:
+        add_tokens(components, embeddings)
+    if has_lora:
+        state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+            folder, weight_name=LORA_WEIGHTS, return_lora_metadata=True)
+        StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=components.unet, adapter_name="personalised",
+                                                    metadata=metadata)
+    info["tokens"] = list(embeddings)
+    return info
+
+
+def add_tokens(components: Components, embeddings: dict) -> None:
+    """Add new tokens to the tokenizer and their embedding rows to the text encoder."""
+    tokenizer, encoder = components.tokenizer, components.text_encoder
+    clash = [t for t in embeddings if t in tokenizer.get_vocab()]
+    if clash:
+        raise ValueError(f"Tokens {clash[:3]} already exist in the tokenizer; a generator can be personalised once.")
+    tokenizer.add_tokens(list(embeddings))
+    encoder.resize_token_embeddings(len(tokenizer))
+    table = encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for token, row in embeddings.items():
+            if row.shape[-1] != table.shape[1]:
+                raise ValueError(f"Token {token!r} has a {row.shape[-1]}-d embedding but the text encoder uses "
+                                 f"{table.shape[1]}: the personalised folder belongs to another base model.")
+            table[tokenizer.convert_tokens_to_ids(token)] = row.reshape(-1).to(table.dtype)
