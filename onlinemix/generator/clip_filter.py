@@ -1,0 +1,112 @@
+"""The paper's data cleaning, online: drop synthetic images CLIP doubts show a {metaclass}.
+
+CLIP scores each image on "a photo with a {metaclass} on it" against "a photo
+without a {metaclass} on it" (softmax over the two). Offline, Diff-Mix dropped the
+lowest 10% of the whole synthetic set; online there is no whole set, so a sample
+is dropped when its score falls below the running ``drop_fraction`` quantile of
+the last ``window`` scores.
+"""
+from __future__ import annotations
+
+import collections
+import os
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ClipFilter:
+    """Keep-or-drop decisions for batches of synthetic images.
+
+    Args:
+        model: A ``transformers.CLIPModel``.
+        tokenizer: Its tokenizer.
+        metaclass: What every image should show ("bird", "car" ...).
+        drop_fraction: Share of samples to drop (the paper: 0.1).
+        window: How many recent scores the running quantile is taken over.
+        warmup: Keep everything until this many scores have been seen.
+    """
+
+    def __init__(self, model, tokenizer, metaclass: str, *, drop_fraction: float = 0.1, window: int = 2048,
+                 warmup: int = 64):
+        if not 0 <= drop_fraction < 1:
+            raise ValueError(f"drop_fraction must lie in [0, 1), got {drop_fraction}.")
+        self.model = model.eval()
+        self.drop_fraction = drop_fraction
+        self.warmup = warmup
+        self.scores: collections.deque = collections.deque(maxlen=window)
+        captions = [f"a photo with a {metaclass} on it", f"a photo without a {metaclass} on it"]
+        with torch.no_grad():
+            ids = tokenizer(captions, padding=True, return_tensors="pt").to(model.device)
+            text = model.get_text_features(**ids)
+            text = text if isinstance(text, torch.Tensor) else text.pooler_output
+        self.text = F.normalize(text.float(), dim=-1)
+        self.kept = 0
+        self.dropped = 0
+
+    @classmethod
+    def from_pretrained(cls, model: Union[str, os.PathLike], metaclass: str, *, device="cpu",
+                        dtype=torch.float32, local_files_only=False, **kwargs) -> "ClipFilter":
+        """Load CLIP (e.g. ``openai/clip-vit-base-patch32``, the paper's) from a folder or hub id."""
+        from transformers import CLIPModel, CLIPTokenizer
+
+        try:
+            clip = CLIPModel.from_pretrained(model, torch_dtype=dtype, local_files_only=local_files_only)
+            tokenizer = CLIPTokenizer.from_pretrained(model, local_files_only=local_files_only)
+        except OSError as error:
+            raise FileNotFoundError(
+                f"Could not load the CLIP model {os.fspath(model)!r} ({str(error).splitlines()[0]}); pass a local "
+                "folder holding a saved CLIPModel and its tokenizer."
+            ) from None
+        return cls(clip.to(device), tokenizer, metaclass, **kwargs)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor) -> torch.Tensor:
+        """P("with a {metaclass}") for float images ``[B, 3, H, W]`` in ``[0, 1]``."""
+        size = self.model.config.vision_config.image_size
+        device, dtype = self.model.device, self.model.dtype
+        pixels = F.interpolate(images.to(device, torch.float32), size=(size, size), mode="bicubic",
+                               antialias=True).clamp_(0, 1)
+        mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+        features = self.model.get_image_features(pixel_values=((pixels - mean) / std).to(dtype))
+        features = features if isinstance(features, torch.Tensor) else features.pooler_output
+        logits = self.model.logit_scale.exp().float() * F.normalize(features.float(), dim=-1) @ self.text.T
+        return logits.softmax(-1)[:, 0].cpu()
+
+    def keep(self, images: torch.Tensor) -> torch.Tensor:
+        """Bool ``[B]``: which images to keep. Updates the running window."""
+        scores = self.score(images)
+        self.scores.extend(scores.tolist())
+        if len(self.scores) < self.warmup or self.drop_fraction == 0:
+            keep = torch.ones(len(scores), dtype=torch.bool)
+        else:
+            threshold = float(np.quantile(np.fromiter(self.scores, float), self.drop_fraction))
+            keep = scores >= threshold
+        self.kept += int(keep.sum())
+        self.dropped += int((~keep).sum())
+        return keep
+
+
+def tiny_clip(seed: int = 0):
+    """A small CLIP model and tokenizer built in code (tests, demos)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from .components import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2),
+        projection_dim=16,
+    )
+    return CLIPModel(config).eval(), tokenizer
