@@ -20,9 +20,20 @@ import copy
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from .components import Components
+
+
+def check_steps(steps: int, strengths) -> None:
+    """A strength ``s`` runs ``int(steps·s)`` denoising steps; it must run at least one."""
+    weakest = min(float(s) for s in strengths)
+    if int(steps * weakest) < 1:
+        raise ValueError(
+            f"Strength {weakest} with {steps} steps runs no denoising step (int({steps}·{weakest}) = 0); "
+            f"use at least {int(np.ceil(1 / weakest))} steps."
+        )
 
 
 @dataclass
@@ -122,6 +133,7 @@ class Sampler:
             )
         if any(not 0 < float(s) <= 1 for s in strengths):
             raise ValueError(f"strengths must lie in (0, 1], got {list(strengths)}.")
+        check_steps(self.steps, strengths)
 
     def _scheduler(self, strength: float):
         """A fresh scheduler for one strength, positioned where diffusers' img2img starts it."""

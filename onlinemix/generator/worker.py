@@ -1,0 +1,221 @@
+"""The producer a ``GeneratorPool`` worker runs: plan, load references, translate, filter.
+
+``DiffMixProducer(spec, references, class_names, metaclass)`` is a picklable
+factory: the training process builds it (and it checks every setting there,
+before any process starts); each worker calls it with its device to load the
+model once, then calls the returned producer for batch after batch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..plan import Planner, get_strategy
+from ..sources import SampleBatch
+from .clip_filter import ClipFilter
+from .components import attach_personalisation, load_components
+from .sampler import Sampler, check_steps
+
+logger = logging.getLogger("onlinemix")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """Everything a generator worker needs to know, picklable.
+
+    Attributes:
+        model: Base model, a diffusers folder or hub id (Stable Diffusion 1.5 in the paper).
+        finetuned: Folder of the personalised generator (LoRA + learned tokens);
+            needed by diff-mix, diff-aug, diff-gen and da-fusion.
+        strategy: One of ``onlinemix.plan.STRATEGIES``.
+        strengths: Strength set (or one strength); default the strategy's own.
+        steps: Denoising steps of the full schedule (25 in the paper).
+        guidance: Classifier-free guidance scale (7.5 in the paper).
+        resolution: Generation resolution; references are stretched to it.
+        image_size: Size of the images handed to the ring (the training resolution).
+        batch_size: Samples per generator batch.
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+        attention: ``"sdpa"`` or ``"xformers"``.
+        clip_model: CLIP folder or hub id for the confidence filter; None: no filter.
+        clip_drop: Share of samples the CLIP filter drops.
+        referable_classes: Limit of source classes per target class.
+        target_weights: Relative target-class weights (e.g. long-tail).
+        local_files_only: Never reach a model hub.
+    """
+
+    model: str
+    finetuned: Optional[str] = None
+    strategy: str = "diff-mix"
+    strengths: Optional[tuple] = None
+    steps: int = 25
+    guidance: float = 7.5
+    resolution: int = 512
+    image_size: int = 224
+    batch_size: int = 8
+    dtype: str = "float32"
+    attention: str = "sdpa"
+    clip_model: Optional[str] = None
+    clip_drop: float = 0.1
+    referable_classes: Optional[int] = None
+    target_weights: Optional[tuple] = None
+    local_files_only: bool = False
+
+
+class TensorImages:
+    """Reference images held in memory: uint8 ``[N, 3, H, W]`` and their labels."""
+
+    def __init__(self, images: torch.Tensor, labels: Sequence[int]):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3 or len(images) != len(labels):
+            raise ValueError("TensorImages needs uint8 images [N, 3, H, W] and N labels.")
+        self.images, self.labels = images, [int(y) for y in labels]
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+class ImageFiles:
+    """Reference images on disk, decoded when needed: file paths and their labels."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int]):
+        if len(paths) != len(labels):
+            raise ValueError(f"ImageFiles needs one label per path, got {len(paths)} paths and {len(labels)} labels.")
+        self.paths, self.labels = [os.fspath(p) for p in paths], [int(y) for y in labels]
+
+    def load(self, index: int) -> torch.Tensor:
+        with Image.open(self.paths[index]) as image:
+            return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def to_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """float ``[B, 3, H, W]`` in ``[0, 1]`` -> uint8 ``[B, 3, size, size]`` (antialiased resize)."""
+    if len(images) == 0:
+        return torch.empty(0, 3, size, size, dtype=torch.uint8)
+    if images.shape[-1] != size or images.shape[-2] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+    return images.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class DiffMixProducer:
+    """A ``GeneratorPool`` factory producing samples of one strategy.
+
+    Args:
+        spec: The generator settings.
+        references: The training images (``TensorImages``, ``ImageFiles`` or anything
+            with ``labels`` and ``load(index) -> uint8 [3, H, W]``).
+        class_names: Class names in label order.
+        metaclass: What the classes are ("bird" ...), for prompts and the CLIP filter.
+    """
+
+    def __init__(self, spec: GeneratorSpec, references, class_names: Sequence[str], metaclass: str):
+        self.spec, self.references = spec, references
+        self.class_names, self.metaclass = list(class_names), metaclass
+        self.check_inputs()
+
+    def check_inputs(self) -> None:
+        """Every setting checked in the training process, before a worker starts."""
+        spec = self.spec
+        strategy = get_strategy(spec.strategy)
+        if spec.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {spec.steps}.")
+        if spec.guidance < 1:
+            raise ValueError(f"guidance must be >= 1 (1 turns guidance off), got {spec.guidance}.")
+        if spec.resolution <= 0 or spec.resolution % 8:
+            raise ValueError(f"The generation resolution must be a positive multiple of 8, got {spec.resolution}.")
+        if spec.image_size <= 0 or spec.batch_size < 1:
+            raise ValueError(f"image_size and batch_size must be positive, got {spec.image_size} and {spec.batch_size}.")
+        if spec.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {spec.dtype!r}.")
+        if len(self.class_names) < 2:
+            raise ValueError(f"Need at least 2 classes, got {len(self.class_names)}.")
+        if strategy.personalised and not spec.finetuned:
+            raise ValueError(f"{spec.strategy} needs a personalised generator: pass finetuned= (--gen-finetuned), "
+                             "the output folder of `onlinemix finetune`.")
+        if spec.finetuned:
+            self._check_finetuned(spec.finetuned)
+        # The planner checks strengths, class weights and the referable-class limit.
+        planner = Planner(self.references.labels, strategy, num_classes=len(self.class_names),
+                          strengths=spec.strengths, referable_classes=spec.referable_classes,
+                          target_weights=spec.target_weights)
+        check_steps(spec.steps, planner.strengths)
+
+    def _check_finetuned(self, folder: str) -> None:
+        info_path = os.path.join(folder, "onlinemix.json")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"No personalised generator folder at {folder!r}.")
+        if os.path.isfile(info_path):
+            with open(info_path) as f:
+                names = json.load(f).get("class_names")
+            if names is not None and len(names) != len(self.class_names):
+                raise ValueError(
+                    f"The personalised generator in {folder!r} knows {len(names)} classes but the data set has "
+                    f"{len(self.class_names)}; fine-tune on this data set (same classes, same order)."
+                )
+
+    def __call__(self, device: str):
+        spec = self.spec
+        dtype = DTYPES[spec.dtype]
+        components = load_components(spec.model, dtype=dtype, device=device, local_files_only=spec.local_files_only,
+                                     attention=spec.attention)
+        tokens = None
+        if spec.finetuned:
+            tokens = attach_personalisation(components, spec.finetuned)["tokens"] or self.class_names
+        sampler = Sampler(components, steps=spec.steps, guidance=spec.guidance)
+        # The pool seeds NumPy per worker and restart, so each worker plans its own stream.
+        planner = Planner(self.references.labels, spec.strategy, num_classes=len(self.class_names),
+                          strengths=spec.strengths, referable_classes=spec.referable_classes,
+                          target_weights=spec.target_weights, seed=int(np.random.randint(0, 2**31 - 1)))
+        clip = None
+        if spec.clip_model:
+            clip = ClipFilter.from_pretrained(spec.clip_model, self.metaclass, device=device,
+                                              local_files_only=spec.local_files_only, drop_fraction=spec.clip_drop)
+        return _Produce(self, sampler, planner, tokens, clip)
+
+
+class _Produce:
+    """One worker's producer: ``producer()`` returns the next ``SampleBatch``."""
+
+    def __init__(self, factory: DiffMixProducer, sampler, planner: Planner, tokens, clip):
+        self.factory, self.sampler, self.planner, self.tokens, self.clip = factory, sampler, planner, tokens, clip
+        self.strategy = get_strategy(factory.spec.strategy)
+        self.non_finite = 0
+
+    def requests_to_images(self, requests) -> torch.Tensor:
+        spec, f = self.factory.spec, self.factory
+        prompts = [self.strategy.prompt_for(r.target, f.class_names, f.metaclass, self.tokens) for r in requests]
+        seeds = [r.seed for r in requests]
+        if self.strategy.text_to_image:
+            return self.sampler.generate(prompts, seeds, height=spec.resolution, width=spec.resolution)
+        size = (spec.resolution, spec.resolution)
+        references = torch.stack([
+            F.interpolate(f.references.load(r.reference)[None].float(), size=size, mode="bilinear",
+                          antialias=True)[0] for r in requests
+        ]).div_(255).clamp_(0, 1)
+        return self.sampler.translate(references, prompts, [r.strength for r in requests], seeds)
+
+    def __call__(self) -> SampleBatch:
+        requests = self.planner.take(self.factory.spec.batch_size)
+        images = self.requests_to_images(requests)
+        keep = torch.isfinite(images).flatten(1).all(1)
+        if not keep.all():
+            self.non_finite += int((~keep).sum())
+            logger.warning("onlinemix generator dropped %d non-finite images (%d so far); with fp16, try bfloat16.",
+                           int((~keep).sum()), self.non_finite)
+        if self.clip is not None and keep.any():
+            keep[keep.clone()] &= self.clip.keep(images[keep])
+        rows = torch.nonzero(keep).flatten().tolist()
+        return SampleBatch(
+            to_uint8(images[keep], self.factory.spec.image_size),
+            torch.tensor([requests[i].source for i in rows], dtype=torch.int64),
+            torch.tensor([requests[i].target for i in rows], dtype=torch.int64),
+            torch.tensor([requests[i].strength for i in rows], dtype=torch.float32),
+        )
