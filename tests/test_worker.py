@@ -116,3 +116,19 @@ def test_too_few_steps_for_a_strength(folders):
     base, tuned = folders
     with pytest.raises(ValueError, match="use at least 10 steps"):
         DiffMixProducer(spec(base, None, strategy="real-guidance", steps=4), references(), CLASSES, "bird")
+
+
+def test_non_finite_images_are_dropped_and_counted(folders, caplog):
+    base, tuned = folders
+    producer = DiffMixProducer(spec(base, tuned), references(), CLASSES, "bird")("cpu")
+    translate = producer.requests_to_images
+
+    def one_nan(requests):
+        images = translate(requests)
+        images[1, 0, 3, 3] = float("nan")
+        return images
+
+    producer.requests_to_images = one_nan
+    batch = producer()
+    assert len(batch) == 3 and producer.non_finite == 1
+    assert "dropped 1 non-finite" in caplog.text
