@@ -1,0 +1,163 @@
+"""Data sets for training: ImageFolder splits, few-shot and long-tail subsets, a toy set.
+
+Pure index arithmetic lives in free functions (``few_shot_indices``,
+``long_tail_counts``, ``long_tail_indices``, ``shot_groups``); ``ImageFolderSplits``
+reads a ``train/ [val/] [test/]`` tree; ``write_toy_dataset`` writes a small
+generated data set for tests and for trying the trainer without a download.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def few_shot_indices(labels: Sequence[int], shots: int, seed: int = 0) -> np.ndarray:
+    """``shots`` images per class, drawn once with ``seed`` (all of a class that has fewer)."""
+    if shots < 1:
+        raise ValueError(f"--shots must be >= 1, got {shots}.")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:shots] for c in np.unique(labels)]
+    return np.sort(np.concatenate(picked))
+
+
+def long_tail_counts(n_max: int, num_classes: int, imbalance_factor: float) -> np.ndarray:
+    """Images per class of the paper's long-tail subsets: ``n_k = max(n_max·(1/ρ)^(k/(N-1)), 1)``."""
+    if imbalance_factor < 1:
+        raise ValueError(f"--imbalance-factor must be >= 1, got {imbalance_factor}.")
+    k = np.arange(num_classes)
+    return np.maximum((n_max * (1.0 / imbalance_factor) ** (k / max(num_classes - 1, 1))).astype(int), 1)
+
+
+def long_tail_indices(labels: Sequence[int], imbalance_factor: float, seed: int = 0) -> np.ndarray:
+    """A seeded long-tail subset: class ``k`` keeps ``long_tail_counts(...)[k]`` of its images."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    n_max = int(np.bincount(labels).max())
+    counts = long_tail_counts(n_max, len(classes), imbalance_factor)
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in zip(classes, counts)]
+    return np.sort(np.concatenate(picked))
+
+
+def shot_groups(train_counts: Sequence[int], many: int = 20, few: int = 5) -> dict[str, np.ndarray]:
+    """Classes by training images: many (> ``many``), medium, few (< ``few``); CUB-LT's thresholds."""
+    counts = np.asarray(train_counts)
+    return {
+        "many": np.flatnonzero(counts > many),
+        "medium": np.flatnonzero((counts <= many) & (counts >= few)),
+        "few": np.flatnonzero(counts < few),
+    }
+
+
+@dataclass
+class Split:
+    """File paths and labels of one split."""
+
+    paths: list
+    labels: list
+
+    def subset(self, indices) -> "Split":
+        return Split([self.paths[i] for i in indices], [self.labels[i] for i in indices])
+
+
+class ImageFolderSplits:
+    """``root/train/<class>/*.png`` (+ ``val/``, ``test/``), classes sorted by folder name.
+
+    Without ``val/``, a seeded ``val_fraction`` of each training class becomes the
+    validation split, so model selection never looks at ``test/``.
+    """
+
+    def __init__(self, root: str, *, val_fraction: float = 0.1, seed: int = 0):
+        train_dir = os.path.join(root, "train")
+        if not os.path.isdir(train_dir):
+            raise FileNotFoundError(
+                f"No training folder at {train_dir!r}: --data-dir must hold train/<class>/<images> "
+                "(and optionally val/ and test/).")
+        self.class_names = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
+        if len(self.class_names) < 2:
+            raise ValueError(f"{train_dir!r} holds {len(self.class_names)} class folders; a classifier needs >= 2.")
+        self.train = self._read(train_dir)
+        if not self.train.paths:
+            raise ValueError(f"{train_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+        val_dir, test_dir = os.path.join(root, "val"), os.path.join(root, "test")
+        if os.path.isdir(val_dir):
+            self.val = self._read(val_dir)
+        else:
+            self.train, self.val = self._carve(self.train, val_fraction, seed)
+        self.test = self._read(test_dir) if os.path.isdir(test_dir) else None
+
+    def _read(self, folder: str) -> Split:
+        paths, labels = [], []
+        for label, name in enumerate(self.class_names):
+            class_dir = os.path.join(folder, name)
+            if not os.path.isdir(class_dir):
+                continue
+            for file in sorted(os.listdir(class_dir)):
+                if file.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(os.path.join(class_dir, file))
+                    labels.append(label)
+        return Split(paths, labels)
+
+    @staticmethod
+    def _carve(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+        rng = np.random.default_rng(seed)
+        labels = np.asarray(train.labels)
+        val = []
+        for c in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == c))
+            take = int(round(fraction * len(members))) if len(members) > 1 else 0
+            val.extend(members[:take].tolist())
+        keep = sorted(set(range(len(labels))) - set(val))
+        return train.subset(keep), train.subset(sorted(val))
+
+
+TOY_COLOURS = [(200, 40, 40), (40, 160, 60), (50, 80, 200), (220, 180, 30), (160, 60, 180), (30, 170, 170)]
+
+
+def write_toy_dataset(root: str, *, classes: int = 4, train_per_class: int = 12, val_per_class: int = 4,
+                      test_per_class: int = 6, size: int = 32, seed: int = 0) -> None:
+    """A small ImageFolder data set of coloured shapes on textured backgrounds.
+
+    Class ``c`` is a shape (disc, square, triangle, bar ...) in colour ``c``, placed
+    at a random position and scale on a random two-tone background. For tests and
+    for trying the trainer without downloading anything.
+    """
+    if classes > len(TOY_COLOURS):
+        raise ValueError(f"The toy data set has at most {len(TOY_COLOURS)} classes.")
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("val", val_per_class), ("test", test_per_class)):
+        for c in range(classes):
+            folder = os.path.join(root, split, f"class_{c}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                _toy_image(c, size, rng).save(os.path.join(folder, f"{i:04d}.png"))
+
+
+def _toy_image(c: int, size: int, rng: np.random.Generator) -> Image.Image:
+    background = tuple(int(v) for v in rng.integers(0, 120, 3))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    stripe = tuple(int(v) for v in rng.integers(0, 120, 3))
+    for y in range(0, size, int(rng.integers(3, 8))):
+        draw.line([(0, y), (size, y)], fill=stripe)
+    r = int(size * rng.uniform(0.2, 0.35))
+    cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
+    box = [cx - r, cy - r, cx + r, cy + r]
+    colour = TOY_COLOURS[c]
+    shape = c % 4
+    if shape == 0:
+        draw.ellipse(box, fill=colour)
+    elif shape == 1:
+        draw.rectangle(box, fill=colour)
+    elif shape == 2:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    else:
+        draw.rectangle([cx - r, cy - r // 3, cx + r, cy + r // 3], fill=colour)
+    return image

@@ -1,0 +1,75 @@
+import os
+
+import numpy as np
+import pytest
+
+from onlinemix.data import (
+    ImageFolderSplits,
+    few_shot_indices,
+    long_tail_counts,
+    long_tail_indices,
+    shot_groups,
+    write_toy_dataset,
+)
+
+
+def test_few_shot_counts_and_seed():
+    labels = np.repeat(np.arange(5), [10, 3, 8, 8, 20])
+    picked = few_shot_indices(labels, 5, seed=1)
+    assert np.bincount(labels[picked]).tolist() == [5, 3, 5, 5, 5]
+    assert np.array_equal(picked, few_shot_indices(labels, 5, seed=1))
+    assert not np.array_equal(picked, few_shot_indices(labels, 5, seed=2))
+    with pytest.raises(ValueError, match="--shots"):
+        few_shot_indices(labels, 0)
+
+
+def test_long_tail_follows_the_formula():
+    counts = long_tail_counts(30, 10, 10)
+    expected = [max(int(30 * (1 / 10) ** (k / 9)), 1) for k in range(10)]
+    assert counts.tolist() == expected and counts[0] == 30 and counts[-1] == 3
+    assert long_tail_counts(30, 10, 100)[-1] == 1  # never below one image
+    labels = np.repeat(np.arange(10), 30)
+    picked = long_tail_indices(labels, 10, seed=0)
+    assert np.bincount(labels[picked]).tolist() == expected
+    with pytest.raises(ValueError, match="imbalance"):
+        long_tail_counts(30, 10, 0.5)
+
+
+def test_shot_groups_use_cub_thresholds():
+    groups = shot_groups([30, 21, 20, 5, 4, 1])
+    assert groups["many"].tolist() == [0, 1]
+    assert groups["medium"].tolist() == [2, 3]
+    assert groups["few"].tolist() == [4, 5]
+
+
+def test_image_folder_splits_and_carved_validation(tmp_path):
+    write_toy_dataset(str(tmp_path), classes=3, train_per_class=10, val_per_class=2, test_per_class=3)
+    splits = ImageFolderSplits(str(tmp_path))
+    assert splits.class_names == ["class_0", "class_1", "class_2"]
+    assert len(splits.train.paths) == 30 and len(splits.val.paths) == 6 and len(splits.test.paths) == 9
+    for name in os.listdir(tmp_path / "val"):
+        os.rename(tmp_path / "val" / name, tmp_path / f"moved_{name}")
+    os.rmdir(tmp_path / "val")
+    carved = ImageFolderSplits(str(tmp_path), val_fraction=0.2, seed=0)
+    assert len(carved.val.paths) == 6 and len(carved.train.paths) == 24
+    assert not set(carved.val.paths) & set(carved.train.paths)
+    assert np.bincount(carved.val.labels).tolist() == [2, 2, 2]
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train/<class>"):
+        ImageFolderSplits(str(tmp_path))
+    os.makedirs(tmp_path / "train" / "a")
+    os.makedirs(tmp_path / "train" / "b")
+    with pytest.raises(ValueError, match="no images"):
+        ImageFolderSplits(str(tmp_path))
+    os.rmdir(tmp_path / "train" / "b")
+    with pytest.raises(ValueError, match=">= 2"):
+        ImageFolderSplits(str(tmp_path))
+
+
+def test_toy_dataset_is_deterministic(tmp_path):
+    write_toy_dataset(str(tmp_path / "a"), classes=2, train_per_class=2, val_per_class=1, test_per_class=1)
+    write_toy_dataset(str(tmp_path / "b"), classes=2, train_per_class=2, val_per_class=1, test_per_class=1)
+    a = (tmp_path / "a" / "train" / "class_1" / "0001.png").read_bytes()
+    assert a == (tmp_path / "b" / "train" / "class_1" / "0001.png").read_bytes()
