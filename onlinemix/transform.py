@@ -133,6 +133,7 @@ class DiffMix(Mixup):
         self.samples = 0
         self.requested = 0
         self.replaced = 0
+        self.recent = None  # (uint8 images, unsmoothed labels) of the last replacement, for sample grids
 
     @staticmethod
     def check_inputs(
@@ -240,6 +241,7 @@ class DiffMix(Mixup):
         x[index.to(x.device)] = self._prepare(batch.images, x)
         labels = translation_label(batch.source, batch.target, batch.strength, self.gamma, self.num_classes)
         rows[index.to(rows.device)] = labels.to(rows.device)
+        self.recent = (batch.images, labels)
 
     def _prepare(self, images: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """uint8 synthetic images -> the batch's device, size, normalisation and dtype."""

@@ -121,8 +121,8 @@ class ImageFolderSplits:
 TOY_COLOURS = [(200, 40, 40), (40, 160, 60), (50, 80, 200), (220, 180, 30), (160, 60, 180), (30, 170, 170)]
 
 
-def write_toy_dataset(root: str, *, classes: int = 4, train_per_class: int = 12, val_per_class: int = 4,
-                      test_per_class: int = 6, size: int = 32, seed: int = 0) -> None:
+def write_toy_dataset(root: str, *, classes: int = 6, train_per_class: int = 30, val_per_class: int = 8,
+                      test_per_class: int = 12, size: int = 32, seed: int = 0) -> None:
     """A small ImageFolder data set of coloured shapes on textured backgrounds.
 
     Class ``c`` is a shape (disc, square, triangle, bar ...) in colour ``c``, placed

@@ -1,0 +1,121 @@
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+import train
+from onlinemix.data import write_toy_dataset
+from tests.test_sources import write_offline_output
+
+CLASSES = [f"class_{c}" for c in range(3)]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    write_toy_dataset(str(root), classes=3, train_per_class=12, val_per_class=4, test_per_class=4)
+    return str(root)
+
+
+def run(data_dir, out, *extra):
+    argv = ["--data-dir", data_dir, "--output", str(out), "--name", "run", "--model", "resnet18", "--img-size", "32",
+            "--batch-size", "8", "--epochs", "1", "--workers", "0", "--device", "cpu", "--lr", "0.05",
+            "--log-interval", "1", *extra]
+    return train.main(argv)
+
+
+def lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("aug", ["none", "cutmix", "mixup"])
+def test_one_epoch_without_a_generator(data_dir, tmp_path, aug):
+    result = run(data_dir, tmp_path, "--aug", aug)
+    run_dir = tmp_path / "run"
+    for name in ("args.yaml", "last.pth", "best.pth", "metrics.jsonl", "metrics.csv", "steps.csv"):
+        assert (run_dir / name).exists(), name
+    metrics = lines(run_dir / "metrics.jsonl")[-1]
+    assert 0 <= metrics["val"]["top1"] <= 1 and 0 <= metrics["test"]["top5"] <= 1
+    assert len(metrics["val"]["per_class"]) == 3
+    assert result["augmentation"]["replaced"] == 0
+    state = torch.load(run_dir / "last.pth", weights_only=False)
+    assert state["epoch"] == 0 and set(state) >= {"model", "optimizer", "scheduler", "scaler", "rng", "args"}
+
+
+def test_replay_run_swaps_in_offline_samples(data_dir, tmp_path):
+    rows = [(CLASSES[i % 3], CLASSES[(i + 1) % 3], i + 1, 0.7) for i in range(6)]
+    write_offline_output(tmp_path / "offline", rows, size=(40, 40))
+    result = run(data_dir, tmp_path, "--aug", "replay", "--replay-dir", str(tmp_path / "offline"), "--p", "0.5")
+    assert result["augmentation"]["replaced"] > 0
+    assert (tmp_path / "run" / "synthetic-epoch001.png").exists()
+
+
+def test_live_generator_run_on_cpu(data_dir, tmp_path):
+    result = run(data_dir, tmp_path, "--aug", "realmix", "--p", "0.5", "--gen-device", "cpu", "--gen-model", "tiny",
+                 "--gen-steps", "4", "--gen-resolution", "32", "--gen-batch-size", "4", "--gen-dtype", "float32",
+                 "--ring-slots", "16", "--epochs", "2")
+    assert result["augmentation"]["replaced"] > 0
+    assert result["ring"]["written"] > 0 and result["generator"]["written"] > 0
+    assert result["generator"]["restarts"] == 0
+
+
+def test_long_tail_run_reports_shot_groups(data_dir, tmp_path):
+    result = run(data_dir, tmp_path, "--aug", "none", "--imbalance-factor", "4")
+    assert {"many", "medium", "few"} & set(result["val"])
+
+
+def read_loss(path, epoch, step):
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            if int(row["epoch"]) == epoch and int(row["step"]) == step:
+                return float(row["loss"])
+    raise AssertionError(f"no loss for epoch {epoch} step {step} in {path}")
+
+
+def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
+    common = ("--aug", "cutmix", "--epochs", "2", "--seed", "3")
+    run(data_dir, tmp_path / "straight", *common)
+
+    class Interrupted(Exception):
+        pass
+
+    real_write = train.write_metrics
+
+    def write_then_stop(*args):
+        real_write(*args)
+        raise Interrupted
+
+    monkeypatch.setattr(train, "write_metrics", write_then_stop)
+    with pytest.raises(Interrupted):
+        run(data_dir, tmp_path / "interrupted", *common)
+    monkeypatch.setattr(train, "write_metrics", real_write)
+    checkpoint = tmp_path / "interrupted" / "run" / "last.pth"
+    run(data_dir, tmp_path / "interrupted", *common, "--resume", str(checkpoint))
+    straight = read_loss(tmp_path / "straight" / "run" / "steps.csv", 1, 0)
+    resumed = read_loss(tmp_path / "interrupted" / "run" / "steps.csv", 1, 0)
+    assert resumed == pytest.approx(straight, abs=1e-6)
+
+
+def test_bad_input_stops_before_any_work(data_dir, tmp_path):
+    with pytest.raises(SystemExit):
+        run(data_dir, tmp_path, "--aug", "magic")
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(ValueError, match="not available"):
+            run(data_dir, tmp_path, "--aug", "diffmix", "--gen-device", "cuda:1")
+    with pytest.raises(ValueError, match=r"--p must lie in \[0, 1\]"):
+        run(data_dir, tmp_path, "--aug", "cutmix", "--p", "1.5")
+    with pytest.raises(FileNotFoundError, match="train/<class>"):
+        run(str(tmp_path / "nothing"), tmp_path, "--aug", "none")
+    finetuned = tmp_path / "tuned"
+    os.makedirs(finetuned)
+    (finetuned / "onlinemix.json").write_text(json.dumps({"class_names": ["a", "b"], "tokens": []}))
+    with pytest.raises(ValueError, match="knows 2 classes but the data set has 3"):
+        run(data_dir, tmp_path, "--aug", "diffmix", "--gen-device", "cpu", "--gen-model", "tiny",
+            "--gen-finetuned", str(finetuned), "--gen-resolution", "32")
+    with pytest.raises(ValueError, match="shared memory"):
+        run(data_dir, tmp_path, "--aug", "realmix", "--gen-device", "cpu", "--gen-model", "tiny",
+            "--gen-resolution", "32", "--ring-slots", str(10**9), "--ring-size", "256")
+    assert not (tmp_path / "run" / "last.pth").exists(), "no failed run trained"

@@ -1,0 +1,489 @@
+#!/usr/bin/env python
+"""Train a timm classifier with online Diff-Mix (or a sibling strategy) as augmentation.
+
+    python train.py --config configs/toy.yaml
+    python train.py --data-dir data/cub --metaclass bird --aug diffmix --gen-device cuda:1 \\
+        --gen-model /models/stable-diffusion-v1-5 --gen-finetuned runs/cub-ti-db
+
+A YAML file (``--config``) sets defaults and flags override them; the resolved
+arguments are written to the run directory with metrics (JSON lines and CSV),
+checkpoints (last and best on validation, written atomically) and sample grids.
+This file wires the pieces of ``onlinemix`` together; the algorithms live there.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import yaml
+
+AUGS = ("none", "mixup", "cutmix", "diffmix", "diffmix+cutmix", "diffaug", "diffgen", "realmix", "realaug",
+        "realguidance", "realgen", "dafusion", "replay")
+STRATEGY_OF_AUG = {"diffmix": "diff-mix", "diffmix+cutmix": "diff-mix", "diffaug": "diff-aug", "diffgen": "diff-gen",
+                   "realmix": "real-mix", "realaug": "real-aug", "realguidance": "real-guidance",
+                   "realgen": "real-gen", "dafusion": "da-fusion"}
+logger = logging.getLogger("onlinemix")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of defaults; flags given here override it")
+    data = p.add_argument_group("data")
+    data.add_argument("--data-dir", help="ImageFolder root with train/ (val/, test/ optional)")
+    data.add_argument("--dataset", choices=["folder", "toy"], default="folder",
+                      help="'toy' writes a small generated data set into --data-dir first if it is missing")
+    data.add_argument("--metaclass", default="object", help='what the classes are, for prompts ("bird" ...)')
+    data.add_argument("--shots", type=int, help="keep K training images per class (seeded)")
+    data.add_argument("--imbalance-factor", type=float, help="the paper's long-tail subset with this factor")
+    data.add_argument("--val-fraction", type=float, default=0.1, help="validation share carved when there is no val/")
+    model = p.add_argument_group("model and optimisation")
+    model.add_argument("--model", default="resnet18", help="any timm model name")
+    model.add_argument("--pretrained", help="local weights file (safetensors or .pth) to start from")
+    model.add_argument("--img-size", type=int, default=224)
+    model.add_argument("--batch-size", type=int, default=64)
+    model.add_argument("--epochs", type=int, default=128)
+    model.add_argument("--opt", choices=["sgd", "adamw"], default="sgd")
+    model.add_argument("--lr", type=float, default=0.02)
+    model.add_argument("--momentum", type=float, default=0.9)
+    model.add_argument("--weight-decay", type=float, default=5e-5)
+    model.add_argument("--warmup-epochs", type=float, default=0.1, help="linear warm-up, as a share of --epochs if < 1")
+    model.add_argument("--smoothing", type=float, default=0.1)
+    model.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    model.add_argument("--channels-last", action="store_true")
+    model.add_argument("--compile", action="store_true", help="torch.compile the classifier")
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    model.add_argument("--workers", type=int, default=4)
+    model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--output", default="runs")
+    model.add_argument("--name", help="run folder name (default: derived from the time)")
+    model.add_argument("--resume", help="checkpoint to continue from")
+    model.add_argument("--log-interval", type=int, default=50)
+    aug = p.add_argument_group("augmentation")
+    aug.add_argument("--aug", choices=AUGS, default="diffmix")
+    aug.add_argument("--p", type=float, default=0.1, help="per-sample synthetic replacement probability")
+    aug.add_argument("--gamma", type=float, default=0.5)
+    aug.add_argument("--strengths", type=float, nargs="+", help="SDEdit strengths (default: the strategy's)")
+    aug.add_argument("--mixup-alpha", type=float, default=0.8)
+    aug.add_argument("--cutmix-alpha", type=float, default=1.0)
+    aug.add_argument("--replay-dir", help="output folder of the offline Diff-Mix sampler (--aug replay)")
+    gen = p.add_argument_group("generator")
+    gen.add_argument("--gen-device", nargs="+", default=["cuda:1"], help="one or more devices, 'cpu' allowed")
+    gen.add_argument("--gen-workers-per-device", type=int, default=1)
+    gen.add_argument("--gen-model", default="runwayml/stable-diffusion-v1-5",
+                     help="diffusers folder or hub id; 'tiny' builds an untrained tiny model (smoke runs only)")
+    gen.add_argument("--gen-finetuned", help="personalised generator folder (onlinemix finetune)")
+    gen.add_argument("--gen-steps", type=int, default=25)
+    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--gen-resolution", type=int, default=512)
+    gen.add_argument("--gen-batch-size", type=int, default=8)
+    gen.add_argument("--gen-dtype", choices=["float32", "float16", "bfloat16"], default="float16")
+    gen.add_argument("--clip-filter", help="CLIP folder or hub id: drop the 10%% least confident samples")
+    gen.add_argument("--ring-slots", type=int, default=512)
+    gen.add_argument("--ring-size", type=int, help="image size in the ring (default --img-size)")
+    gen.add_argument("--max-reuse", type=int, default=4)
+    gen.add_argument("--gen-warmup", type=float, default=60.0,
+                     help="seconds to wait, at most, for the ring to hold one batch of samples before training")
+    gen.add_argument("--local-files-only", action="store_true", help="never reach a model hub")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        with open(known.config) as f:
+            defaults = yaml.safe_load(f) or {}
+        unknown = sorted(set(defaults) - set(vars(known)))
+        if unknown:
+            parser.error(f"{known.config} sets unknown options {unknown}.")
+        parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args) -> None:
+    """Stop before any work on settings that cannot run."""
+    if not 0 <= args.p <= 1:
+        raise ValueError(f"--p must lie in [0, 1], got {args.p}.")
+    if args.data_dir is None:
+        raise ValueError("--data-dir is required (or --dataset toy --data-dir FOLDER to generate a toy set).")
+    if args.aug == "replay" and not args.replay_dir:
+        raise ValueError("--aug replay needs --replay-dir, the output folder of the offline Diff-Mix sampler.")
+    if args.aug in STRATEGY_OF_AUG:
+        for device in args.gen_device:
+            check_device(device, "--gen-device")
+        if any(torch.device(d) == torch.device(args.device) for d in args.gen_device) and args.device != "cpu":
+            warnings.warn("The generator shares the training device: expect training to slow down.", stacklevel=2)
+    check_device(args.device, "--device")
+    if args.epochs < 1 or args.batch_size < 1:
+        raise ValueError("--epochs and --batch-size must be >= 1.")
+
+
+def check_device(device: str, flag: str) -> None:
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{flag} {device!r} is not a device; use e.g. cpu, cuda, cuda:1.") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()
+        if (parsed.index or 0) >= count:
+            raise ValueError(f"{flag} {device} is not available: this machine has {count} CUDA device(s); "
+                             "pass another device, or cpu.")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -- data -------------------------------------------------------------------------------
+
+
+def build_data(args):
+    from onlinemix.data import ImageFolderSplits, few_shot_indices, long_tail_indices, write_toy_dataset
+
+    if args.dataset == "toy" and not os.path.isdir(os.path.join(args.data_dir, "train")):
+        write_toy_dataset(args.data_dir, seed=args.seed)
+    splits = ImageFolderSplits(args.data_dir, val_fraction=args.val_fraction, seed=args.seed)
+    if args.shots:
+        splits.train = splits.train.subset(few_shot_indices(splits.train.labels, args.shots, seed=args.seed))
+    if args.imbalance_factor:
+        splits.train = splits.train.subset(long_tail_indices(splits.train.labels, args.imbalance_factor, seed=args.seed))
+    return splits
+
+
+class Files(torch.utils.data.Dataset):
+    def __init__(self, split, transform):
+        self.split, self.transform = split, transform
+
+    def __len__(self):
+        return len(self.split.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with Image.open(self.split.paths[i]) as image:
+            return self.transform(image.convert("RGB")), self.split.labels[i]
+
+
+def transforms(img_size: int):
+    from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from torchvision import transforms as T
+
+    normalise = [T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+    train = T.Compose([T.RandomResizedCrop(img_size, scale=(0.35, 1.0)), T.RandomHorizontalFlip()] + normalise)
+    evaluate = T.Compose([T.Resize(int(math.floor(img_size / 0.875))), T.CenterCrop(img_size)] + normalise)
+    return train, evaluate
+
+
+def loaders(args, splits):
+    train_tf, eval_tf = transforms(args.img_size)
+    common = dict(num_workers=args.workers, persistent_workers=args.workers > 0)
+    generator = torch.Generator()
+    train = torch.utils.data.DataLoader(Files(splits.train, train_tf), batch_size=args.batch_size, shuffle=True,
+                                        drop_last=len(splits.train.paths) > args.batch_size, generator=generator,
+                                        **common)
+    evaluate = {name: torch.utils.data.DataLoader(Files(split, eval_tf), batch_size=args.batch_size, **common)
+                for name, split in (("val", splits.val), ("test", splits.test)) if split is not None and split.paths}
+    return train, generator, evaluate
+
+
+# -- augmentation ------------------------------------------------------------------------
+
+
+def build_augmentation(args, splits, run_dir):
+    """The batch transform and, for generator strategies, the ring and generator pool."""
+    from onlinemix import DiffMix, GeneratorPool, ReplaySource, SampleRing
+
+    classes = len(splits.class_names)
+    mix = dict(num_classes=classes, label_smoothing=args.smoothing)
+    if args.aug in ("mixup",):
+        mix["mixup_alpha"] = args.mixup_alpha
+    if args.aug in ("cutmix", "diffmix+cutmix"):
+        mix["cutmix_alpha"] = args.cutmix_alpha
+    if args.aug in ("none", "mixup", "cutmix"):
+        return DiffMix(**mix, p=0.0), None, None
+    if args.aug == "replay":
+        source = ReplaySource(args.replay_dir, splits.class_names, size=args.img_size)
+        return DiffMix(**mix, p=args.p, gamma=args.gamma, source=source), None, None
+    factory = generator_factory(args, splits, run_dir)
+    workers = len(args.gen_device) * args.gen_workers_per_device
+    # DiffMix runs in the training loop: the training process is the ring's only reader.
+    ring = SampleRing.create(args.ring_slots, args.ring_size or args.img_size, producers=workers,
+                             consumers=1, max_reuse=args.max_reuse)
+    pool = GeneratorPool(ring, factory, args.gen_device, workers_per_device=args.gen_workers_per_device,
+                         seed=args.seed)
+    return DiffMix(**mix, p=args.p, gamma=args.gamma, source=ring), ring, pool
+
+
+def generator_factory(args, splits, run_dir):
+    from onlinemix.generator.worker import DiffMixProducer, GeneratorSpec, ImageFiles
+
+    model = args.gen_model
+    if model == "tiny":
+        from onlinemix.generator.components import tiny_components
+
+        model = os.path.join(run_dir, "tiny-generator")
+        if not os.path.isdir(model):
+            tiny_components(seed=args.seed).save(model)
+    spec = GeneratorSpec(
+        model=model, finetuned=args.gen_finetuned, strategy=STRATEGY_OF_AUG[args.aug],
+        strengths=tuple(args.strengths) if args.strengths else None, steps=args.gen_steps, guidance=args.guidance,
+        resolution=args.gen_resolution, image_size=args.ring_size or args.img_size, batch_size=args.gen_batch_size,
+        dtype=args.gen_dtype, clip_model=args.clip_filter, local_files_only=args.local_files_only,
+    )
+    return DiffMixProducer(spec, ImageFiles(splits.train.paths, splits.train.labels), splits.class_names,
+                           args.metaclass)
+
+
+# -- model and checkpoints ----------------------------------------------------------------
+
+
+def build_model(args, num_classes):
+    import timm
+
+    model = timm.create_model(args.model, num_classes=num_classes, pretrained=False)
+    if args.pretrained:
+        if not os.path.isfile(args.pretrained):
+            raise FileNotFoundError(f"--pretrained {args.pretrained!r} is not a file; pass local weights "
+                                    "(this trainer never downloads).")
+        if args.pretrained.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(args.pretrained)
+        else:
+            state = torch.load(args.pretrained, map_location="cpu", weights_only=True)
+        head = model.get_classifier()
+        skip = {k for k in state if any(k.endswith(f"{n}") for n, _ in head.named_parameters()) and
+                state[k].shape != model.state_dict().get(k, state[k]).shape}
+        missing, _ = model.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=False)
+        logger.info("loaded %s (%d tensors missing, e.g. the new classifier)", args.pretrained, len(missing))
+    return model
+
+
+def save_atomic(state: dict, path: str) -> None:
+    """Write a checkpoint to a temporary file, then rename: a crash never leaves half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+# -- loop -----------------------------------------------------------------------------------
+
+
+def evaluate(model, loader, device, num_classes, amp_dtype, train_counts=None) -> dict:
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from onlinemix.data import shot_groups
+
+    top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1).to(device)
+    top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes)).to(device)
+    per_class = MulticlassAccuracy(num_classes=num_classes, average="none").to(device)
+    model.eval()
+    with torch.no_grad():
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(x).float()
+            for metric in (top1, top5, per_class):
+                metric.update(logits, y)
+    result = {"top1": float(top1.compute()), "top5": float(top5.compute()),
+              "per_class": [round(float(v), 4) for v in per_class.compute()]}
+    if train_counts is not None:
+        accuracy = np.array(result["per_class"])
+        for group, classes in shot_groups(train_counts).items():
+            if len(classes):
+                result[group] = float(accuracy[classes].mean())
+    return result
+
+
+def save_grid(mix, path: str) -> None:
+    """The latest synthetic images with their top soft-label entries."""
+    from PIL import Image, ImageDraw
+
+    if mix.recent is None:
+        return
+    images, labels = mix.recent
+    tiles = []
+    for image, label in zip(images[:16], labels[:16]):
+        tile = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((96, 96))
+        canvas = Image.new("RGB", (96, 112), "white")
+        canvas.paste(tile, (0, 0))
+        top = torch.topk(label, 2)
+        text = " ".join(f"{int(c)}:{float(v):.2f}" for v, c in zip(top.values, top.indices) if v > 0)
+        ImageDraw.Draw(canvas).text((2, 98), text, fill="black")
+        tiles.append(canvas)
+    grid = Image.new("RGB", (96 * min(len(tiles), 8), 112 * math.ceil(len(tiles) / 8)), "white")
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % 8) * 96, (i // 8) * 112))
+    grid.save(path)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+    from tqdm import tqdm
+
+    seed_everything(args.seed)
+    device = torch.device(args.device)
+    run_dir = os.path.join(args.output, args.name or time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.yaml"), "w") as f:
+        yaml.safe_dump(vars(args), f, sort_keys=True)
+
+    splits = build_data(args)
+    num_classes = len(splits.class_names)
+    train_counts = np.bincount(splits.train.labels, minlength=num_classes)
+    train_loader, shuffle_generator, eval_loaders = loaders(args, splits)
+    mix, ring, pool = build_augmentation(args, splits, run_dir)
+
+    model = build_model(args, num_classes).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum)
+    warmup = args.warmup_epochs * args.epochs if args.warmup_epochs < 1 else args.warmup_epochs
+    steps_per_epoch = len(train_loader)
+    scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch,
+                                  warmup_t=int(warmup * steps_per_epoch), warmup_lr_init=args.lr * 0.01,
+                                  t_in_epochs=False)
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    forward = torch.compile(model) if args.compile else model
+    loss_fn = SoftTargetCrossEntropy()
+
+    start_epoch, best = 0, -1.0
+    if args.resume:
+        state = torch.load(args.resume, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best = state["epoch"] + 1, state["best"]
+        set_rng_state(state["rng"])
+        logger.info("resumed from %s at epoch %d", args.resume, start_epoch)
+
+    metrics_path, csv_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "metrics.csv")
+    steps_path = os.path.join(run_dir, "steps.csv")
+    result = {}
+    try:
+        if pool is not None:
+            pool.start()
+            wait_for_ring(ring, min(args.batch_size, args.ring_slots), args.gen_warmup)
+        for epoch in range(start_epoch, args.epochs):
+            model.train()
+            shuffle_generator.manual_seed(args.seed * 1000 + epoch)  # same order whether resumed or not
+            losses = []
+            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
+            for step, (x, y) in enumerate(bar):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = mix(x, y)
+                if args.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = loss_fn(forward(x).float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step_update(epoch * steps_per_epoch + step + 1)
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if step % args.log_interval == 0:
+                    new = not os.path.exists(steps_path)
+                    with open(steps_path, "a", newline="") as f:
+                        writer = csv.writer(f)
+                        if new:
+                            writer.writerow(["epoch", "step", "loss", "lr"])
+                        writer.writerow([epoch, step, f"{losses[-1]:.6f}", optimizer.param_groups[0]["lr"]])
+            result = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
+                      "augmentation": mix.stats()}
+            if ring is not None:
+                result["ring"] = ring.stats()
+                result["generator"] = pool.stats()
+            for name, loader in eval_loaders.items():
+                result[name] = evaluate(model, loader, device, num_classes, amp_dtype,
+                                        train_counts if args.imbalance_factor else None)
+            score = result.get("val", {}).get("top1", -epoch)
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                     "best": max(best, score), "rng": rng_state(), "args": vars(args)}
+            save_atomic(state, os.path.join(run_dir, "last.pth"))
+            if score > best:
+                best = score
+                save_atomic(state, os.path.join(run_dir, "best.pth"))
+            save_grid(mix, os.path.join(run_dir, f"synthetic-epoch{epoch + 1:03d}.png"))
+            write_metrics(result, metrics_path, csv_path)
+            logger.info("epoch %d: loss %.4f, val top1 %s, test top1 %s, synthetic %.3f", epoch + 1,
+                        result["train_loss"], result.get("val", {}).get("top1"), result.get("test", {}).get("top1"),
+                        result["augmentation"]["replaced_fraction"])
+    finally:
+        if pool is not None:
+            pool.stop()
+        if ring is not None:
+            ring.close()
+    return result
+
+
+def wait_for_ring(ring, count: int, seconds: float) -> None:
+    """Give the generator a head start; training starts anyway when the time is up."""
+    from tqdm import tqdm
+
+    end = time.monotonic() + seconds
+    with tqdm(total=count, desc="generator warm-up", leave=False) as bar:
+        while time.monotonic() < end:
+            filled = min(ring.stats()["filled"], count)
+            bar.update(filled - bar.n)
+            if filled >= count:
+                return
+            time.sleep(0.2)
+    logger.warning("the ring holds %d of %d samples after %.0f s; training starts, with real images where "
+                   "synthetic ones are missing", ring.stats()["filled"], count, seconds)
+
+
+def write_metrics(result: dict, jsonl: str, csv_path: str) -> None:
+    with open(jsonl, "a") as f:
+        f.write(json.dumps(result) + "\n")
+    row = {"epoch": result["epoch"], "train_loss": result["train_loss"], "lr": result["lr"],
+           "synthetic_fraction": result["augmentation"]["replaced_fraction"]}
+    for split in ("val", "test"):
+        if split in result:
+            row[f"{split}_top1"], row[f"{split}_top5"] = result[split]["top1"], result[split]["top5"]
+    new = not os.path.exists(csv_path)
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
