@@ -238,8 +238,14 @@ def generator_factory(args, splits, run_dir):
         model = os.path.join(run_dir, "tiny-generator")
         if not os.path.isdir(model):
             tiny_components(seed=args.seed).save(model)
+    weights = None
+    if args.imbalance_factor:  # the paper: tail classes are translated toward more often
+        from onlinemix.plan import long_tail_weights
+
+        counts = np.bincount(splits.train.labels, minlength=len(splits.class_names))
+        weights = tuple(long_tail_weights(counts).tolist())
     spec = GeneratorSpec(
-        model=model, finetuned=args.gen_finetuned, strategy=STRATEGY_OF_AUG[args.aug],
+        model=model, finetuned=args.gen_finetuned, strategy=STRATEGY_OF_AUG[args.aug], target_weights=weights,
         strengths=tuple(args.strengths) if args.strengths else None, steps=args.gen_steps, guidance=args.guidance,
         resolution=args.gen_resolution, image_size=args.ring_size or args.img_size, batch_size=args.gen_batch_size,
         dtype=args.gen_dtype, clip_model=args.clip_filter, local_files_only=args.local_files_only,

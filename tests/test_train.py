@@ -119,3 +119,38 @@ def test_bad_input_stops_before_any_work(data_dir, tmp_path):
         run(data_dir, tmp_path, "--aug", "realmix", "--gen-device", "cpu", "--gen-model", "tiny",
             "--gen-resolution", "32", "--ring-slots", str(10**9), "--ring-size", "256")
     assert not (tmp_path / "run" / "last.pth").exists(), "no failed run trained"
+
+
+@pytest.mark.parametrize("config", sorted(f for f in os.listdir("configs") if f.endswith(".yaml")))
+def test_every_config_parses(config, monkeypatch):
+    monkeypatch.setattr(train, "check_device", lambda device, flag: None)  # recipes name GPUs
+    args = train.parse_args(["--config", os.path.join("configs", config)])
+    assert args.aug in train.AUGS and 0 <= args.p <= 1
+
+
+def test_timm_style_loop_with_a_live_ring():
+    """The change to timm's own train.py: DiffMix(**mixup_args, source=ring) where it builds Mixup."""
+    import timm
+    from timm.loss import SoftTargetCrossEntropy
+
+    from onlinemix import DiffMix, GeneratorPool, SampleRing
+    from tests.producers import Counting
+    from tests.test_pool import wait_for
+
+    mixup_args = dict(mixup_alpha=0.0, cutmix_alpha=1.0, cutmix_minmax=None, prob=1.0, switch_prob=0.5,
+                      mode="batch", label_smoothing=0.1, num_classes=7)
+    model = timm.create_model("resnet18", num_classes=7)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = SoftTargetCrossEntropy()
+    with SampleRing.create(32, 8, producers=1, consumers=1) as ring, GeneratorPool(ring, Counting(size=8), "cpu"):
+        mixup_fn = DiffMix(**mixup_args, source=ring, p=0.5, gamma=0.5)
+        assert wait_for(lambda: ring.stats()["filled"] >= 16)
+        for _ in range(4):
+            x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 7, (8,))
+            x, y = mixup_fn(x, y)
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            assert torch.isfinite(loss)
+    assert mixup_fn.stats()["replaced"] > 0
