@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--log-interval", type=int, default=50)
     aug = p.add_argument_group("augmentation")
     aug.add_argument("--aug", choices=AUGS, default="diffmix")
-    aug.add_argument("--p", type=float, default=0.1, help="per-sample synthetic replacement probability")
+    # --replace-prob: torchrun's own parser mistakes a bare --p for an abbreviation of its --print-completion.
+    aug.add_argument("--p", "--replace-prob", dest="p", type=float, default=0.1,
+                     help="per-sample synthetic replacement probability (under torchrun, spell it --replace-prob)")
     aug.add_argument("--gamma", type=float, default=0.5)
     aug.add_argument("--strengths", type=float, nargs="+", help="SDEdit strengths (default: the strategy's)")
     aug.add_argument("--mixup-alpha", type=float, default=0.8)
@@ -148,6 +150,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class Dist:
+    """This process's place in a torchrun / ``accelerate launch`` job (one process: rank 0 of 1)."""
+
+    def __init__(self, rank=0, world=1, local_rank=0, local_world=1):
+        self.rank, self.world, self.local_rank, self.local_world = rank, world, local_rank, local_world
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def local_main(self) -> bool:
+        return self.local_rank == 0
+
+    def gather(self, value) -> list:
+        """``value`` of every rank, in rank order."""
+        if self.world == 1:
+            return [value]
+        values = [None] * self.world
+        torch.distributed.all_gather_object(values, value)
+        return values
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(args) -> Dist:
+    """Join the process group that torchrun or ``accelerate launch`` set up, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if torch.device(args.device).type == "cuda":
+        args.device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return Dist(rank, world, local_rank, local_world)
+
+
 # -- data -------------------------------------------------------------------------------
 
 
@@ -188,22 +231,25 @@ def transforms(img_size: int):
     return train, evaluate
 
 
-def loaders(args, splits):
+def loaders(args, splits, dist: Dist):
     train_tf, eval_tf = transforms(args.img_size)
     common = dict(num_workers=args.workers, persistent_workers=args.workers > 0)
-    generator = torch.Generator()
-    train = torch.utils.data.DataLoader(Files(splits.train, train_tf), batch_size=args.batch_size, shuffle=True,
-                                        drop_last=len(splits.train.paths) > args.batch_size, generator=generator,
-                                        **common)
+    train_set = Files(splits.train, train_tf)
+    # Seeded and reset per epoch with set_epoch: the same order whether a run was resumed or not.
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world, rank=dist.rank,
+                                                  shuffle=True, seed=args.seed)
+    per_rank = len(splits.train.paths) // dist.world
+    train = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
+                                        drop_last=per_rank > args.batch_size, **common)
     evaluate = {name: torch.utils.data.DataLoader(Files(split, eval_tf), batch_size=args.batch_size, **common)
                 for name, split in (("val", splits.val), ("test", splits.test)) if split is not None and split.paths}
-    return train, generator, evaluate
+    return train, sampler, evaluate
 
 
 # -- augmentation ------------------------------------------------------------------------
 
 
-def build_augmentation(args, splits, run_dir):
+def build_augmentation(args, splits, run_dir, dist: Dist):
     """The batch transform and, for generator strategies, the ring and generator pool."""
     from onlinemix import DiffMix, GeneratorPool, ReplaySource, SampleRing
 
@@ -218,13 +264,25 @@ def build_augmentation(args, splits, run_dir):
     if args.aug == "replay":
         source = ReplaySource(args.replay_dir, splits.class_names, size=args.img_size)
         return DiffMix(**mix, p=args.p, gamma=args.gamma, source=source), None, None
-    factory = generator_factory(args, splits, run_dir)
-    workers = len(args.gen_device) * args.gen_workers_per_device
-    # DiffMix runs in the training loop: the training process is the ring's only reader.
-    ring = SampleRing.create(args.ring_slots, args.ring_size or args.img_size, producers=workers,
-                             consumers=1, max_reuse=args.max_reuse)
-    pool = GeneratorPool(ring, factory, args.gen_device, workers_per_device=args.gen_workers_per_device,
-                         seed=args.seed)
+    ring = pool = error = None
+    if dist.local_main:  # one ring and one generator pool per node, read by every local rank
+        try:
+            factory = generator_factory(args, splits, run_dir)
+            workers = len(args.gen_device) * args.gen_workers_per_device
+            ring = SampleRing.create(args.ring_slots, args.ring_size or args.img_size, producers=workers,
+                                     consumers=dist.local_world, max_reuse=args.max_reuse)
+            pool = GeneratorPool(ring, factory, args.gen_device, workers_per_device=args.gen_workers_per_device,
+                                 seed=args.seed)
+        except (ValueError, FileNotFoundError) as failure:
+            error = failure
+    shared = dist.gather((ring.name if ring is not None else None, str(error) if error else None))
+    if error is not None:
+        raise error
+    name, failure = shared[(dist.rank // dist.local_world) * dist.local_world]
+    if failure:
+        raise ValueError(f"local rank 0 could not set up the generator: {failure}")
+    if ring is None:
+        ring = SampleRing.attach(name, "consumer")
     return DiffMix(**mix, p=args.p, gamma=args.gamma, source=ring), ring, pool
 
 
@@ -304,9 +362,11 @@ def evaluate(model, loader, device, num_classes, amp_dtype, train_counts=None) -
 
     from onlinemix.data import shot_groups
 
-    top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1).to(device)
-    top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes)).to(device)
-    per_class = MulticlassAccuracy(num_classes=num_classes, average="none").to(device)
+    # Rank 0 evaluates on the whole split alone: no cross-rank sync.
+    local = dict(num_classes=num_classes, sync_on_compute=False)
+    top1 = MulticlassAccuracy(top_k=1, **local).to(device)
+    top5 = MulticlassAccuracy(top_k=min(5, num_classes), **local).to(device)
+    per_class = MulticlassAccuracy(average="none", **local).to(device)
     model.eval()
     with torch.no_grad():
         for x, y in loader:
@@ -349,24 +409,36 @@ def save_grid(mix, path: str) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    dist = init_distributed(args)
+    logging.basicConfig(level=logging.INFO if dist.main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        return train(args, dist)
+    finally:
+        if dist.world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def train(args, dist: Dist) -> dict:
     from timm.loss import SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
     from tqdm import tqdm
 
-    seed_everything(args.seed)
+    seed_everything(args.seed + dist.rank)  # each rank draws its own augmentations
     device = torch.device(args.device)
     run_dir = os.path.join(args.output, args.name or time.strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.yaml"), "w") as f:
-        yaml.safe_dump(vars(args), f, sort_keys=True)
-
+    if dist.main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.yaml"), "w") as f:
+            yaml.safe_dump(vars(args), f, sort_keys=True)
+        build_data(args)  # writes the toy set once, before the other ranks read it
+    dist.barrier()
     splits = build_data(args)
     num_classes = len(splits.class_names)
     train_counts = np.bincount(splits.train.labels, minlength=num_classes)
-    train_loader, shuffle_generator, eval_loaders = loaders(args, splits)
-    mix, ring, pool = build_augmentation(args, splits, run_dir)
+    train_loader, sampler, eval_loaders = loaders(args, splits, dist)
+    mix, ring, pool = build_augmentation(args, splits, run_dir, dist)
 
     model = build_model(args, num_classes).to(device)
     if args.channels_last:
@@ -380,7 +452,6 @@ def main(argv=None) -> dict:
                                   t_in_epochs=False)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    forward = torch.compile(model) if args.compile else model
     loss_fn = SoftTargetCrossEntropy()
 
     start_epoch, best = 0, -1.0
@@ -391,8 +462,14 @@ def main(argv=None) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, best = state["epoch"] + 1, state["best"]
-        set_rng_state(state["rng"])
+        if len(state["rng"]) == dist.world:
+            set_rng_state(state["rng"][dist.rank])
         logger.info("resumed from %s at epoch %d", args.resume, start_epoch)
+    forward = model
+    if dist.world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        forward = torch.compile(forward)
 
     metrics_path, csv_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "metrics.csv")
     steps_path = os.path.join(run_dir, "steps.csv")
@@ -401,11 +478,13 @@ def main(argv=None) -> dict:
         if pool is not None:
             pool.start()
             wait_for_ring(ring, min(args.batch_size, args.ring_slots), args.gen_warmup)
+        dist.barrier()
         for epoch in range(start_epoch, args.epochs):
             model.train()
-            shuffle_generator.manual_seed(args.seed * 1000 + epoch)  # same order whether resumed or not
+            sampler.set_epoch(epoch)
             losses = []
-            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
+            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True,
+                       disable=not dist.main)
             for step, (x, y) in enumerate(bar):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 x, y = mix(x, y)
@@ -420,40 +499,60 @@ def main(argv=None) -> dict:
                 scheduler.step_update(epoch * steps_per_epoch + step + 1)
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                if step % args.log_interval == 0:
-                    new = not os.path.exists(steps_path)
-                    with open(steps_path, "a", newline="") as f:
-                        writer = csv.writer(f)
-                        if new:
-                            writer.writerow(["epoch", "step", "loss", "lr"])
-                        writer.writerow([epoch, step, f"{losses[-1]:.6f}", optimizer.param_groups[0]["lr"]])
-            result = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
-                      "augmentation": mix.stats()}
-            if ring is not None:
-                result["ring"] = ring.stats()
-                result["generator"] = pool.stats()
-            for name, loader in eval_loaders.items():
-                result[name] = evaluate(model, loader, device, num_classes, amp_dtype,
-                                        train_counts if args.imbalance_factor else None)
-            score = result.get("val", {}).get("top1", -epoch)
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "best": max(best, score), "rng": rng_state(), "args": vars(args)}
-            save_atomic(state, os.path.join(run_dir, "last.pth"))
-            if score > best:
-                best = score
-                save_atomic(state, os.path.join(run_dir, "best.pth"))
-            save_grid(mix, os.path.join(run_dir, f"synthetic-epoch{epoch + 1:03d}.png"))
-            write_metrics(result, metrics_path, csv_path)
-            logger.info("epoch %d: loss %.4f, val top1 %s, test top1 %s, synthetic %.3f", epoch + 1,
-                        result["train_loss"], result.get("val", {}).get("top1"), result.get("test", {}).get("top1"),
-                        result["augmentation"]["replaced_fraction"])
+                if dist.main and step % args.log_interval == 0:
+                    log_step(steps_path, epoch, step, losses[-1], optimizer.param_groups[0]["lr"])
+            augmentation = dist.gather(mix.stats())
+            if dist.main:
+                result = epoch_report(args, epoch, losses, optimizer, augmentation, ring, pool, eval_loaders, model,
+                                      device, num_classes, amp_dtype, train_counts)
+            # After evaluation, which draws from the RNG too: a resumed run starts where this one goes on.
+            rng = dist.gather(rng_state())
+            if dist.main:
+                score = result.get("val", {}).get("top1", -epoch)
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                         "best": max(best, score), "rng": rng, "args": vars(args)}
+                save_atomic(state, os.path.join(run_dir, "last.pth"))
+                if score > best:
+                    best = score
+                    save_atomic(state, os.path.join(run_dir, "best.pth"))
+                save_grid(mix, os.path.join(run_dir, f"synthetic-epoch{epoch + 1:03d}.png"))
+                write_metrics(result, metrics_path, csv_path)
+            dist.barrier()
     finally:
         if pool is not None:
             pool.stop()
         if ring is not None:
             ring.close()
     return result
+
+
+def epoch_report(args, epoch, losses, optimizer, augmentation, ring, pool, eval_loaders, model, device,
+                 num_classes, amp_dtype, train_counts) -> dict:
+    """Rank 0's summary of an epoch: losses, augmentation over all ranks, ring, generator, evaluation."""
+    totals = {k: sum(s[k] for s in augmentation) for k in ("samples", "requested", "replaced", "shortfall")}
+    totals["replaced_fraction"] = totals["replaced"] / totals["samples"] if totals["samples"] else 0.0
+    result = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
+              "augmentation": totals}
+    if ring is not None:
+        result["ring"] = ring.stats()
+    if pool is not None:
+        result["generator"] = pool.stats()
+    for name, loader in eval_loaders.items():
+        result[name] = evaluate(model, loader, device, num_classes, amp_dtype,
+                                train_counts if args.imbalance_factor else None)
+    logger.info("epoch %d: loss %.4f, val top1 %s, test top1 %s, synthetic %.3f", epoch + 1, result["train_loss"],
+                result.get("val", {}).get("top1"), result.get("test", {}).get("top1"), totals["replaced_fraction"])
+    return result
+
+
+def log_step(path: str, epoch: int, step: int, loss: float, lr: float) -> None:
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["epoch", "step", "loss", "lr"])
+        writer.writerow([epoch, step, f"{loss:.6f}", lr])
 
 
 def wait_for_ring(ring, count: int, seconds: float) -> None:

@@ -154,3 +154,23 @@ def test_timm_style_loop_with_a_live_ring():
             optimizer.step()
             assert torch.isfinite(loss)
     assert mixup_fn.stats()["replaced"] > 0
+
+
+def test_torchrun_two_ranks_share_one_ring(data_dir, tmp_path):
+    """torchrun on the CPU (gloo): one ring and generator per node, each rank a consumer."""
+    import subprocess
+    import sys
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", "train.py", "--data-dir", data_dir,
+               "--output", str(tmp_path), "--name", "run", "--model", "resnet18", "--img-size", "32",
+               "--batch-size", "4", "--epochs", "1", "--workers", "0", "--device", "cpu", "--aug", "realmix",
+               "--replace-prob", "0.5", "--gen-device", "cpu", "--gen-model", "tiny", "--gen-steps", "4",
+               "--gen-resolution", "32", "--gen-batch-size", "4", "--gen-dtype", "float32", "--ring-slots", "32"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = lines(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert result["augmentation"]["replaced"] > 0
+    assert result["ring"]["read"] == result["augmentation"]["replaced"], "every read sample went into a batch"
+    assert result["augmentation"]["samples"] == 2 * 4 * (36 // 2 // 4), "both ranks trained, each on half the data"
