@@ -432,9 +432,10 @@ def train(args, dist: Dist) -> dict:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "args.yaml"), "w") as f:
             yaml.safe_dump(vars(args), f, sort_keys=True)
-        build_data(args)  # writes the toy set once, before the other ranks read it
+        splits = build_data(args)  # writes the toy set once, before the other ranks read it
     dist.barrier()
-    splits = build_data(args)
+    if not dist.main:
+        splits = build_data(args)
     num_classes = len(splits.class_names)
     train_counts = np.bincount(splits.train.labels, minlength=num_classes)
     train_loader, sampler, eval_loaders = loaders(args, splits, dist)
