@@ -70,7 +70,7 @@ def _worker_main(ring_name: str, index: int, device: str, factory: ProducerFacto
             me[_WRITTEN] += written
     except BaseException:
         conn.send(traceback.format_exc())
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     finally:
         if ring is not None:
             ring.close()

@@ -4,7 +4,6 @@ import torch
 
 from onlinemix import GeneratorPool, SampleRing
 from onlinemix.generator.components import save_personalisation, tiny_components
-from onlinemix.generator.sampler import Sampler
 from onlinemix.generator.worker import DiffMixProducer, GeneratorSpec, ImageFiles, TensorImages, to_uint8
 from onlinemix.plan import Planner, get_strategy, placeholder_token
 

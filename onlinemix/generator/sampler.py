@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -164,7 +164,8 @@ class Sampler:
                 noise = noise_uncond + self.guidance * (noise_text - noise_uncond)
             for group, part in zip(active, noise.split([len(g.rows) for g in active])):
                 group.latents = group.scheduler.step(part, t, group.latents, return_dict=False)[0]
-        latents = torch.empty_like(torch.cat([g.latents for g in groups]))
+        first = groups[0].latents
+        latents = torch.empty((count, *first.shape[1:]), dtype=first.dtype, device=first.device)
         for group in groups:
             latents[group.rows] = group.latents
         images = c.vae.decode(latents / c.vae.config.scaling_factor, return_dict=False)[0]
