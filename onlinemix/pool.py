@@ -36,7 +36,8 @@ ProducerFactory = Callable[[str], Producer]
 
 # Columns of the shared state, one row per worker; row 0 column 0 of the extra
 # leading row is the stop flag.
-_HEARTBEAT, _WRITTEN, _STARTED = range(3)
+_HEARTBEAT, _WRITTEN, _STARTED, _DROPPED = range(4)
+_COLUMNS = 4
 _PUT_TIMEOUT_S = 0.2
 
 
@@ -44,7 +45,7 @@ def _worker_main(ring_name: str, index: int, device: str, factory: ProducerFacto
                  parent_pid: int, seed: int, recorder: Optional[SampleRecorder]) -> None:
     """A generator worker: build the producer, then write batches until stopped or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
-    row = np.frombuffer(state, dtype=np.float64).reshape(-1, 3)
+    row = np.frombuffer(state, dtype=np.float64).reshape(-1, _COLUMNS)
     stop, me = row[0], row[index + 1]
 
     def should_stop() -> bool:
@@ -68,6 +69,8 @@ def _worker_main(ring_name: str, index: int, device: str, factory: ProducerFacto
                 # Numbers unique across workers and restarts: the counter lives in the pool.
                 recorder.write(batch.select(slice(0, written)), first_number=index * 10**9 + int(me[_WRITTEN]))
             me[_WRITTEN] += written
+            # A producer may drop samples (non-finite, filtered) and count them in `dropped`.
+            me[_DROPPED] = getattr(producer, "dropped", 0)
     except BaseException:
         conn.send(traceback.format_exc())
         raise SystemExit(1) from None
@@ -148,8 +151,8 @@ class GeneratorPool:
         self.seed = seed
         self.recorder = SampleRecorder(record_dir, class_names) if record_dir is not None else None
         self._ctx = mp.get_context("spawn")
-        self._state = self._ctx.RawArray("d", 3 * (count + 1))
-        self._rows = np.frombuffer(self._state, dtype=np.float64).reshape(-1, 3)
+        self._state = self._ctx.RawArray("d", _COLUMNS * (count + 1))
+        self._rows = np.frombuffer(self._state, dtype=np.float64).reshape(-1, _COLUMNS)
         self._workers = [_Worker(i, devices[i // workers_per_device]) for i in range(count)]
         self._watcher: Optional[threading.Thread] = None
         self._stopping = threading.Event()
@@ -266,7 +269,8 @@ class GeneratorPool:
     # -- statistics ---------------------------------------------------------------
 
     def stats(self) -> dict:
-        """Per-worker images written, images/s since the worker started, restarts and state."""
+        """Per-worker images written, dropped by the producer (non-finite, filtered), images/s
+        since the worker started, restarts and state."""
         now = time.monotonic()
         workers = []
         for worker in self._workers:
@@ -279,12 +283,14 @@ class GeneratorPool:
                 "gone": worker.gone,
                 "restarts": worker.restarts,
                 "written": int(written),
+                "dropped": int(self._rows[worker.index + 1, _DROPPED]),
                 "images_per_s": written / (now - started) if started and alive else 0.0,
                 "errors": len(worker.errors),
             })
         return {
             "workers": workers,
             "written": sum(w["written"] for w in workers),
+            "dropped": sum(w["dropped"] for w in workers),
             "images_per_s": sum(w["images_per_s"] for w in workers),
             "restarts": sum(w["restarts"] for w in workers),
             "alive": sum(w["alive"] for w in workers),

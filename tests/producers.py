@@ -27,6 +27,23 @@ class Counting:
         return produce
 
 
+class Halving:
+    """Like Counting, but drops half of each batch and says so in ``dropped``."""
+
+    def __call__(self, device):
+        produce = Counting()(device)
+
+        class Producer:
+            dropped = 0
+
+            def __call__(self):
+                batch = produce()
+                Producer.dropped += 2
+                return batch.select(slice(0, 2))
+
+        return Producer()
+
+
 class Failing:
     def __call__(self, device):
         raise RuntimeError(f"no generator on {device} today")

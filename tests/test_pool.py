@@ -10,7 +10,7 @@ import torch
 
 from onlinemix import DiffMix, GeneratorPool, ReplayProducer, ReplaySource, SampleRing
 from onlinemix.ring import SHM_DIR
-from tests.producers import Counting, Failing, Hanging
+from tests.producers import Counting, Failing, Halving, Hanging
 from tests.test_sources import CLASSES, ROWS, write_offline_output
 
 
@@ -154,3 +154,12 @@ def test_ctrl_c_stops_everything_cleanly():
     assert "onlinemix generator worker" not in err
     assert not os.path.exists(os.path.join(SHM_DIR, name))
     assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10)
+
+
+def test_samples_a_producer_drops_are_reported():
+    with SampleRing.create(32, 8, producers=1, consumers=1) as ring:
+        with GeneratorPool(ring, Halving(), "cpu") as pool:
+            assert wait_for(lambda: pool.stats()["written"] >= 8)
+            stats = pool.stats()
+    assert stats["dropped"] >= stats["written"] - 2  # half of every batch of 4 is dropped
+    assert stats["workers"][0]["dropped"] == stats["dropped"]

@@ -129,5 +129,5 @@ def test_non_finite_images_are_dropped_and_counted(folders, caplog):
 
     producer.requests_to_images = one_nan
     batch = producer()
-    assert len(batch) == 3 and producer.non_finite == 1
+    assert len(batch) == 3 and producer.non_finite == 1 and producer.dropped == 1
     assert "dropped 1 non-finite" in caplog.text

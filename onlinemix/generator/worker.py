@@ -188,6 +188,7 @@ class _Produce:
         self.factory, self.sampler, self.planner, self.tokens, self.clip = factory, sampler, planner, tokens, clip
         self.strategy = get_strategy(factory.spec.strategy)
         self.non_finite = 0
+        self.dropped = 0  # non-finite and CLIP-filtered samples; GeneratorPool.stats() reports it
 
     def requests_to_images(self, requests) -> torch.Tensor:
         spec, f = self.factory.spec, self.factory
@@ -213,6 +214,7 @@ class _Produce:
         if self.clip is not None and keep.any():
             keep[keep.clone()] &= self.clip.keep(images[keep])
         rows = torch.nonzero(keep).flatten().tolist()
+        self.dropped += len(requests) - len(rows)
         return SampleBatch(
             to_uint8(images[keep], self.factory.spec.image_size),
             torch.tensor([requests[i].source for i in rows], dtype=torch.int64),
