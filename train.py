@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of defaults; flags given here override it")
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", help="ImageFolder root with train/ (val/, test/ optional)")
-    data.add_argument("--dataset", choices=["folder", "toy"], default="folder",
-                      help="'toy' writes a small generated data set into --data-dir first if it is missing")
+    data.add_argument("--dataset", choices=["folder", "hf", "toy"], default="folder",
+                      help="folder: train/<class>/ images; hf: a Hugging Face DatasetDict saved with save_to_disk; "
+                           "toy: writes a small generated data set into --data-dir first if it is missing")
     data.add_argument("--metaclass", default="object", help='what the classes are, for prompts ("bird" ...)')
     data.add_argument("--shots", type=int, help="keep K training images per class (seeded)")
     data.add_argument("--imbalance-factor", type=float, help="the paper's long-tail subset with this factor")
@@ -195,11 +196,13 @@ def init_distributed(args) -> Dist:
 
 
 def build_data(args):
-    from onlinemix.data import ImageFolderSplits, few_shot_indices, long_tail_indices, write_toy_dataset
+    from onlinemix.data import (DatasetDictSplits, ImageFolderSplits, few_shot_indices, long_tail_indices,
+                                write_toy_dataset)
 
     if args.dataset == "toy" and not os.path.isdir(os.path.join(args.data_dir, "train")):
         write_toy_dataset(args.data_dir, seed=args.seed)
-    splits = ImageFolderSplits(args.data_dir, val_fraction=args.val_fraction, seed=args.seed)
+    reader = DatasetDictSplits if args.dataset == "hf" else ImageFolderSplits
+    splits = reader(args.data_dir, val_fraction=args.val_fraction, seed=args.seed)
     if args.shots:
         splits.train = splits.train.subset(few_shot_indices(splits.train.labels, args.shots, seed=args.seed))
     if args.imbalance_factor:
@@ -207,18 +210,15 @@ def build_data(args):
     return splits
 
 
-class Files(torch.utils.data.Dataset):
+class Images(torch.utils.data.Dataset):
     def __init__(self, split, transform):
         self.split, self.transform = split, transform
 
     def __len__(self):
-        return len(self.split.paths)
+        return len(self.split)
 
     def __getitem__(self, i):
-        from PIL import Image
-
-        with Image.open(self.split.paths[i]) as image:
-            return self.transform(image.convert("RGB")), self.split.labels[i]
+        return self.transform(self.split.image(i)), self.split.labels[i]
 
 
 def transforms(img_size: int):
@@ -234,15 +234,15 @@ def transforms(img_size: int):
 def loaders(args, splits, dist: Dist):
     train_tf, eval_tf = transforms(args.img_size)
     common = dict(num_workers=args.workers, persistent_workers=args.workers > 0)
-    train_set = Files(splits.train, train_tf)
+    train_set = Images(splits.train, train_tf)
     # Seeded and reset per epoch with set_epoch: the same order whether a run was resumed or not.
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world, rank=dist.rank,
                                                   shuffle=True, seed=args.seed)
-    per_rank = len(splits.train.paths) // dist.world
+    per_rank = len(splits.train) // dist.world
     train = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
                                         drop_last=per_rank > args.batch_size, **common)
-    evaluate = {name: torch.utils.data.DataLoader(Files(split, eval_tf), batch_size=args.batch_size, **common)
-                for name, split in (("val", splits.val), ("test", splits.test)) if split is not None and split.paths}
+    evaluate = {name: torch.utils.data.DataLoader(Images(split, eval_tf), batch_size=args.batch_size, **common)
+                for name, split in (("val", splits.val), ("test", splits.test)) if split is not None and len(split)}
     return train, sampler, evaluate
 
 
@@ -287,7 +287,7 @@ def build_augmentation(args, splits, run_dir, dist: Dist):
 
 
 def generator_factory(args, splits, run_dir):
-    from onlinemix.generator.worker import DiffMixProducer, GeneratorSpec, ImageFiles
+    from onlinemix.generator.worker import DiffMixProducer, GeneratorSpec
 
     model = args.gen_model
     if model == "tiny":
@@ -308,8 +308,7 @@ def generator_factory(args, splits, run_dir):
         resolution=args.gen_resolution, image_size=args.ring_size or args.img_size, batch_size=args.gen_batch_size,
         dtype=args.gen_dtype, clip_model=args.clip_filter, local_files_only=args.local_files_only,
     )
-    return DiffMixProducer(spec, ImageFiles(splits.train.paths, splits.train.labels), splits.class_names,
-                           args.metaclass)
+    return DiffMixProducer(spec, splits.train, splits.class_names, args.metaclass)
 
 
 # -- model and checkpoints ----------------------------------------------------------------
@@ -472,6 +471,7 @@ def train(args, dist: Dist) -> dict:
     if args.compile:
         forward = torch.compile(forward)
 
+    board = tensorboard(run_dir) if dist.main else None
     metrics_path, csv_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "metrics.csv")
     steps_path = os.path.join(run_dir, "steps.csv")
     result = {}
@@ -519,13 +519,40 @@ def train(args, dist: Dist) -> dict:
                     save_atomic(state, os.path.join(run_dir, "best.pth"))
                 save_grid(mix, os.path.join(run_dir, f"synthetic-epoch{epoch + 1:03d}.png"))
                 write_metrics(result, metrics_path, csv_path)
+                if board is not None:
+                    for key, value in flat_scalars(result).items():
+                        board.add_scalar(key, value, epoch + 1)
+                    board.flush()
             dist.barrier()
     finally:
+        if board is not None:
+            board.close()
         if pool is not None:
             pool.stop()
         if ring is not None:
             ring.close()
     return result
+
+
+def tensorboard(run_dir: str):
+    """A TensorBoard writer in the run directory when the tensorboard package is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(run_dir)
+
+
+def flat_scalars(result: dict, prefix: str = "") -> dict:
+    """The numbers of a nested metrics dict, keyed like ``val/top1``."""
+    scalars = {}
+    for key, value in result.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            scalars.update(flat_scalars(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+            scalars[name] = value
+    return scalars
 
 
 def epoch_report(args, epoch, losses, optimizer, augmentation, ring, pool, eval_loaders, model, device,

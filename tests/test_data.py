@@ -73,3 +73,18 @@ def test_toy_dataset_is_deterministic(tmp_path):
     write_toy_dataset(str(tmp_path / "b"), classes=2, train_per_class=2, val_per_class=1, test_per_class=1)
     a = (tmp_path / "a" / "train" / "class_1" / "0001.png").read_bytes()
     assert a == (tmp_path / "b" / "train" / "class_1" / "0001.png").read_bytes()
+
+
+def test_dataset_dict_errors(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from onlinemix.data import DatasetDictSplits
+
+    with pytest.raises(FileNotFoundError, match="No saved Hugging Face"):
+        DatasetDictSplits(str(tmp_path / "missing"))
+    plain = datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]})
+    datasets.DatasetDict({"train": plain}).save_to_disk(tmp_path / "no-image")
+    with pytest.raises(ValueError, match="Image column and a ClassLabel column"):
+        DatasetDictSplits(str(tmp_path / "no-image"))
+    plain.save_to_disk(tmp_path / "not-a-dict")
+    with pytest.raises(ValueError, match="DatasetDict with a 'train' split"):
+        DatasetDictSplits(str(tmp_path / "not-a-dict"))

@@ -174,3 +174,34 @@ def test_torchrun_two_ranks_share_one_ring(data_dir, tmp_path):
     assert result["augmentation"]["replaced"] > 0
     assert result["ring"]["read"] == result["augmentation"]["replaced"], "every read sample went into a batch"
     assert result["augmentation"]["samples"] == 2 * 4 * (36 // 2 // 4), "both ranks trained, each on half the data"
+
+
+def test_hugging_face_dataset_folder_with_a_live_generator(data_dir, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from onlinemix.data import ImageFolderSplits
+
+    folder = ImageFolderSplits(data_dir)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y", "z"])})
+
+    def table(split):
+        return datasets.Dataset.from_dict({"image": split.paths, "label": split.labels}, features=features)
+
+    datasets.DatasetDict({"train": table(folder.train), "test": table(folder.test)}).save_to_disk(tmp_path / "hf")
+    result = run(str(tmp_path / "hf"), tmp_path, "--dataset", "hf", "--aug", "realmix", "--p", "0.5",
+                 "--gen-device", "cpu", "--gen-model", "tiny", "--gen-steps", "4", "--gen-resolution", "32",
+                 "--gen-batch-size", "4", "--gen-dtype", "float32", "--ring-slots", "16")
+    assert result["augmentation"]["replaced"] > 0, "spawned generator workers read the arrow-backed references"
+    assert len(result["val"]["per_class"]) == 3 and "test" in result
+    args = (tmp_path / "run" / "args.yaml").read_text()
+    assert "dataset: hf" in args
+
+
+def test_tensorboard_events_are_written(data_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(data_dir, tmp_path, "--aug", "cutmix")
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train_loss", "val/top1", "test/top5", "augmentation/replaced_fraction"} <= set(tags)

@@ -4,7 +4,8 @@ import torch
 
 from onlinemix import GeneratorPool, SampleRing
 from onlinemix.generator.components import save_personalisation, tiny_components
-from onlinemix.generator.worker import DiffMixProducer, GeneratorSpec, ImageFiles, TensorImages, to_uint8
+from onlinemix.data import FileSplit
+from onlinemix.generator.worker import DiffMixProducer, GeneratorSpec, TensorImages, to_uint8
 from onlinemix.plan import Planner, get_strategy, placeholder_token
 
 CLASSES = ["tern", "gull", "dove", "crow"]
@@ -75,7 +76,7 @@ def test_pool_worker_fills_a_ring_with_labelled_samples(folders, tmp_path):
     for i in range(8):
         paths.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(refs.images[i].permute(1, 2, 0).numpy()).save(paths[-1])
-    factory = DiffMixProducer(spec(base, tuned, strategy="diff-aug"), ImageFiles(paths, refs.labels), CLASSES, "bird")
+    factory = DiffMixProducer(spec(base, tuned, strategy="diff-aug"), FileSplit(paths, refs.labels), CLASSES, "bird")
     with SampleRing.create(16, 24, producers=1, consumers=1) as ring:
         with GeneratorPool(ring, factory, "cpu"):
             batch = ring.take(8, timeout=120)

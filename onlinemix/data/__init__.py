@@ -2,16 +2,17 @@
 
 Pure index arithmetic lives in free functions (``few_shot_indices``,
 ``long_tail_counts``, ``long_tail_indices``, ``shot_groups``); ``ImageFolderSplits``
-reads a ``train/ [val/] [test/]`` tree; ``write_toy_dataset`` writes a small
-generated data set for tests and for trying the trainer without a download.
+reads a ``train/ [val/] [test/]`` tree and ``DatasetDictSplits`` a Hugging Face
+``DatasetDict`` saved to disk; ``write_toy_dataset`` writes a small generated data
+set for tests and for trying the trainer without a download.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -56,15 +57,68 @@ def shot_groups(train_counts: Sequence[int], many: int = 20, few: int = 5) -> di
     }
 
 
-@dataclass
 class Split:
-    """File paths and labels of one split."""
+    """One split: ``labels`` plus images by index, as PIL (``image``) or uint8 ``[3, H, W]`` (``load``).
 
-    paths: list
+    ``load`` makes a split usable as the generator's reference images.
+    """
+
     labels: list
 
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def load(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.image(index)).copy()).permute(2, 0, 1)
+
     def subset(self, indices) -> "Split":
-        return Split([self.paths[i] for i in indices], [self.labels[i] for i in indices])
+        raise NotImplementedError
+
+
+class FileSplit(Split):
+    """Images as files on disk."""
+
+    def __init__(self, paths: list, labels: list):
+        self.paths, self.labels = list(paths), [int(y) for y in labels]
+
+    def image(self, index: int) -> Image.Image:
+        with Image.open(self.paths[index]) as image:
+            return image.convert("RGB")
+
+    def subset(self, indices) -> "FileSplit":
+        return FileSplit([self.paths[i] for i in indices], [self.labels[i] for i in indices])
+
+
+class DatasetSplit(Split):
+    """Rows of a Hugging Face ``datasets.Dataset`` with an image and a class-label column."""
+
+    def __init__(self, dataset, image_column: str, label_column: str, rows=None):
+        self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
+        self.rows = list(range(len(dataset))) if rows is None else [int(r) for r in rows]
+        labels = dataset[label_column]
+        self.labels = [int(labels[r]) for r in self.rows]
+
+    def image(self, index: int) -> Image.Image:
+        return self.dataset[self.rows[index]][self.image_column].convert("RGB")
+
+    def subset(self, indices) -> "DatasetSplit":
+        return DatasetSplit(self.dataset, self.image_column, self.label_column, [self.rows[i] for i in indices])
+
+
+def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """A seeded ``fraction`` of each training class becomes the validation split."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(train.labels)
+    val = []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        take = int(round(fraction * len(members))) if len(members) > 1 else 0
+        val.extend(members[:take].tolist())
+    keep = sorted(set(range(len(labels))) - set(val))
+    return train.subset(keep), train.subset(sorted(val))
 
 
 class ImageFolderSplits:
@@ -84,16 +138,16 @@ class ImageFolderSplits:
         if len(self.class_names) < 2:
             raise ValueError(f"{train_dir!r} holds {len(self.class_names)} class folders; a classifier needs >= 2.")
         self.train = self._read(train_dir)
-        if not self.train.paths:
+        if not len(self.train):
             raise ValueError(f"{train_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
         val_dir, test_dir = os.path.join(root, "val"), os.path.join(root, "test")
         if os.path.isdir(val_dir):
             self.val = self._read(val_dir)
         else:
-            self.train, self.val = self._carve(self.train, val_fraction, seed)
+            self.train, self.val = carve_validation(self.train, val_fraction, seed)
         self.test = self._read(test_dir) if os.path.isdir(test_dir) else None
 
-    def _read(self, folder: str) -> Split:
+    def _read(self, folder: str) -> FileSplit:
         paths, labels = [], []
         for label, name in enumerate(self.class_names):
             class_dir = os.path.join(folder, name)
@@ -103,19 +157,39 @@ class ImageFolderSplits:
                 if file.lower().endswith(IMAGE_EXTENSIONS):
                     paths.append(os.path.join(class_dir, file))
                     labels.append(label)
-        return Split(paths, labels)
+        return FileSplit(paths, labels)
 
-    @staticmethod
-    def _carve(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-        rng = np.random.default_rng(seed)
-        labels = np.asarray(train.labels)
-        val = []
-        for c in np.unique(labels):
-            members = rng.permutation(np.flatnonzero(labels == c))
-            take = int(round(fraction * len(members))) if len(members) > 1 else 0
-            val.extend(members[:take].tolist())
-        keep = sorted(set(range(len(labels))) - set(val))
-        return train.subset(keep), train.subset(sorted(val))
+
+class DatasetDictSplits:
+    """A Hugging Face ``DatasetDict`` saved with ``save_to_disk``: splits ``train`` and
+    optionally ``validation`` (or ``val``) and ``test``, an ``Image`` column and a
+    ``ClassLabel`` column, whose names become the class names. Needs ``datasets``."""
+
+    def __init__(self, root: str, *, val_fraction: float = 0.1, seed: int = 0):
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError("--dataset hf needs the datasets package: pip install datasets.") from None
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"No saved Hugging Face data set at {root!r}.")
+        loaded = datasets.load_from_disk(root)
+        if not isinstance(loaded, datasets.DatasetDict) or "train" not in loaded:
+            raise ValueError(f"{root!r} must be a DatasetDict with a 'train' split (save_to_disk of load_dataset(...)).")
+        features = loaded["train"].features
+        images = [n for n, f in features.items() if isinstance(f, datasets.Image)]
+        labels = [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)]
+        if not images or not labels:
+            raise ValueError(f"{root!r} needs an Image column and a ClassLabel column; it has {dict(features)}.")
+        self.class_names = list(features[labels[0]].names)
+
+        def split(name):
+            return DatasetSplit(loaded[name], images[0], labels[0]) if name in loaded else None
+
+        self.train = split("train")
+        self.val = split("validation") or split("val")
+        if self.val is None:
+            self.train, self.val = carve_validation(self.train, val_fraction, seed)
+        self.test = split("test")
 
 
 TOY_COLOURS = [(200, 40, 40), (40, 160, 60), (50, 80, 200), (220, 180, 30), (160, 60, 180), (30, 170, 170)]

@@ -16,7 +16,6 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ..plan import Planner, get_strategy
 from ..sources import SampleBatch
@@ -83,19 +82,6 @@ class TensorImages:
         return self.images[index]
 
 
-class ImageFiles:
-    """Reference images on disk, decoded when needed: file paths and their labels."""
-
-    def __init__(self, paths: Sequence[str], labels: Sequence[int]):
-        if len(paths) != len(labels):
-            raise ValueError(f"ImageFiles needs one label per path, got {len(paths)} paths and {len(labels)} labels.")
-        self.paths, self.labels = [os.fspath(p) for p in paths], [int(y) for y in labels]
-
-    def load(self, index: int) -> torch.Tensor:
-        with Image.open(self.paths[index]) as image:
-            return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
-
-
 def to_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     """float ``[B, 3, H, W]`` in ``[0, 1]`` -> uint8 ``[B, 3, size, size]`` (antialiased resize)."""
     if len(images) == 0:
@@ -110,8 +96,8 @@ class DiffMixProducer:
 
     Args:
         spec: The generator settings.
-        references: The training images (``TensorImages``, ``ImageFiles`` or anything
-            with ``labels`` and ``load(index) -> uint8 [3, H, W]``).
+        references: The training images (``TensorImages``, a split of ``onlinemix.data``
+            such as ``FileSplit``, or anything with ``labels`` and ``load(index) -> uint8 [3, H, W]``).
         class_names: Class names in label order.
         metaclass: What the classes are ("bird" ...), for prompts and the CLIP filter.
     """
