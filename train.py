@@ -328,10 +328,10 @@ def build_model(args, num_classes):
             state = load_file(args.pretrained)
         else:
             state = torch.load(args.pretrained, map_location="cpu", weights_only=True)
-        head = model.get_classifier()
-        skip = {k for k in state if any(k.endswith(f"{n}") for n, _ in head.named_parameters()) and
-                state[k].shape != model.state_dict().get(k, state[k]).shape}
-        missing, _ = model.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=False)
+        # Keep what fits this model: a checkpoint's classifier for another class count does not.
+        own = model.state_dict()
+        fitting = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+        missing, _ = model.load_state_dict(fitting, strict=False)
         logger.info("loaded %s (%d tensors missing, e.g. the new classifier)", args.pretrained, len(missing))
     return model
 

@@ -205,3 +205,19 @@ def test_tensorboard_events_are_written(data_dir, tmp_path):
     events.Reload()
     tags = events.Tags()["scalars"]
     assert {"train_loss", "val/top1", "test/top5", "augmentation/replaced_fraction"} <= set(tags)
+
+
+def test_pretrained_weights_load_without_their_classifier(data_dir, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    source = timm.create_model("resnet18", num_classes=1000)
+    save_file(source.state_dict(), str(tmp_path / "in1k.safetensors"))
+    args = train.parse_args(["--data-dir", data_dir, "--model", "resnet18", "--pretrained",
+                             str(tmp_path / "in1k.safetensors"), "--device", "cpu", "--aug", "none"])
+    model = train.build_model(args, 3)
+    torch.testing.assert_close(model.conv1.weight, source.conv1.weight)
+    assert model.fc.out_features == 3
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        train.build_model(train.parse_args(["--data-dir", data_dir, "--pretrained", str(tmp_path / "nope.pth"),
+                                            "--device", "cpu", "--aug", "none"]), 3)
