@@ -242,7 +242,7 @@ def loaders(args, splits, dist: Dist):
     train = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
                                         drop_last=per_rank > args.batch_size, **common)
     evaluate = {name: torch.utils.data.DataLoader(Images(split, eval_tf), batch_size=args.batch_size, **common)
-                for name, split in (("val", splits.val), ("test", splits.test)) if split is not None and len(split)}
+                for name, split in {"val": splits.val, **splits.tests}.items() if len(split)}
     return train, sampler, evaluate
 
 
@@ -357,6 +357,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def evaluate(model, loader, device, num_classes, amp_dtype, train_counts=None) -> dict:
+    """Top-1/top-5 and per-class accuracy; many/medium/few with ``train_counts``; per-group
+    and worst-group accuracy when the split defines groups."""
     from torchmetrics.classification import MulticlassAccuracy
 
     from onlinemix.data import shot_groups
@@ -366,6 +368,7 @@ def evaluate(model, loader, device, num_classes, amp_dtype, train_counts=None) -
     top1 = MulticlassAccuracy(top_k=1, **local).to(device)
     top5 = MulticlassAccuracy(top_k=min(5, num_classes), **local).to(device)
     per_class = MulticlassAccuracy(average="none", **local).to(device)
+    correct = []
     model.eval()
     with torch.no_grad():
         for x, y in loader:
@@ -374,6 +377,7 @@ def evaluate(model, loader, device, num_classes, amp_dtype, train_counts=None) -
                 logits = model(x).float()
             for metric in (top1, top5, per_class):
                 metric.update(logits, y)
+            correct.append((logits.argmax(1) == y).cpu())
     result = {"top1": float(top1.compute()), "top5": float(top5.compute()),
               "per_class": [round(float(v), 4) for v in per_class.compute()]}
     if train_counts is not None:
@@ -381,7 +385,17 @@ def evaluate(model, loader, device, num_classes, amp_dtype, train_counts=None) -
         for group, classes in shot_groups(train_counts).items():
             if len(classes):
                 result[group] = float(accuracy[classes].mean())
+    groups = loader.dataset.split.groups
+    if groups is not None:
+        result["groups"] = group_accuracy(torch.cat(correct).numpy(), groups)
+        result["worst_group"] = min(result["groups"].values())
     return result
+
+
+def group_accuracy(correct: np.ndarray, groups: list) -> dict:
+    """Accuracy within each group; ``correct`` and ``groups`` in the loader's (unshuffled) order."""
+    groups = np.asarray(groups)
+    return {str(g): float(correct[groups == g].mean()) for g in sorted(set(groups.tolist()))}
 
 
 def save_grid(mix, path: str) -> None:
@@ -477,8 +491,7 @@ def train(args, dist: Dist) -> dict:
     result = {}
     try:
         if pool is not None:
-            pool.start()
-            wait_for_ring(ring, min(args.batch_size, args.ring_slots), args.gen_warmup)
+            pool.start().warm_up(args.batch_size, timeout=args.gen_warmup)
         dist.barrier()
         for epoch in range(start_epoch, args.epochs):
             model.train()
@@ -569,8 +582,9 @@ def epoch_report(args, epoch, losses, optimizer, augmentation, ring, pool, eval_
     for name, loader in eval_loaders.items():
         result[name] = evaluate(model, loader, device, num_classes, amp_dtype,
                                 train_counts if args.imbalance_factor else None)
-    logger.info("epoch %d: loss %.4f, val top1 %s, test top1 %s, synthetic %.3f", epoch + 1, result["train_loss"],
-                result.get("val", {}).get("top1"), result.get("test", {}).get("top1"), totals["replaced_fraction"])
+    accuracy = ", ".join(f"{name} top1 {result[name]['top1']:.4f}" for name in eval_loaders)
+    logger.info("epoch %d: loss %.4f, %s, synthetic %.3f", epoch + 1, result["train_loss"], accuracy,
+                totals["replaced_fraction"])
     return result
 
 
@@ -583,30 +597,16 @@ def log_step(path: str, epoch: int, step: int, loss: float, lr: float) -> None:
         writer.writerow([epoch, step, f"{loss:.6f}", lr])
 
 
-def wait_for_ring(ring, count: int, seconds: float) -> None:
-    """Give the generator a head start; training starts anyway when the time is up."""
-    from tqdm import tqdm
-
-    end = time.monotonic() + seconds
-    with tqdm(total=count, desc="generator warm-up", leave=False) as bar:
-        while time.monotonic() < end:
-            filled = min(ring.stats()["filled"], count)
-            bar.update(filled - bar.n)
-            if filled >= count:
-                return
-            time.sleep(0.2)
-    logger.warning("the ring holds %d of %d samples after %.0f s; training starts, with real images where "
-                   "synthetic ones are missing", ring.stats()["filled"], count, seconds)
-
-
 def write_metrics(result: dict, jsonl: str, csv_path: str) -> None:
     with open(jsonl, "a") as f:
         f.write(json.dumps(result) + "\n")
     row = {"epoch": result["epoch"], "train_loss": result["train_loss"], "lr": result["lr"],
            "synthetic_fraction": result["augmentation"]["replaced_fraction"]}
-    for split in ("val", "test"):
-        if split in result:
-            row[f"{split}_top1"], row[f"{split}_top5"] = result[split]["top1"], result[split]["top5"]
+    for split, metrics in result.items():
+        if isinstance(metrics, dict) and "top1" in metrics:
+            row[f"{split}_top1"], row[f"{split}_top5"] = metrics["top1"], metrics["top5"]
+            if "worst_group" in metrics:
+                row[f"{split}_worst_group"] = metrics["worst_group"]
     new = not os.path.exists(csv_path)
     with open(csv_path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(row))

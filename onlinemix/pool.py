@@ -172,6 +172,31 @@ class GeneratorPool:
         self._watcher.start()
         return self
 
+    def warm_up(self, count: int, *, timeout: float, progress: bool = True) -> int:
+        """Wait until the ring holds ``count`` samples, ``timeout`` seconds pass, or every worker is gone.
+
+        A head start, so the first batches already find synthetic samples; training may
+        start anyway (``DiffMix`` keeps real images where none are ready). Returns the
+        number of samples in the ring and warns when it is short of ``count``.
+        """
+        from tqdm import tqdm
+
+        if self._watcher is None:
+            raise ValueError("Call GeneratorPool.start() before warm_up().")
+        count = min(count, self.ring.slots)
+        end = time.monotonic() + timeout
+        with tqdm(total=count, desc="generator warm-up", leave=False, disable=not progress) as bar:
+            while True:
+                filled = min(self.ring.stats()["filled"], count)
+                bar.update(filled - bar.n)
+                if filled >= count or time.monotonic() >= end or all(w.gone for w in self._workers):
+                    break
+                time.sleep(0.2)
+        if filled < count:
+            logger.warning("the ring holds %d of %d samples after the generator warm-up; training starts, with "
+                           "real images where synthetic ones are missing", filled, count)
+        return filled
+
     def _spawn(self, worker: _Worker) -> None:
         receive, send = self._ctx.Pipe(duplex=False)
         seed = self.seed + 1000 * worker.index + worker.restarts

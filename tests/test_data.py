@@ -46,7 +46,7 @@ def test_image_folder_splits_and_carved_validation(tmp_path):
     write_toy_dataset(str(tmp_path), classes=3, train_per_class=10, val_per_class=2, test_per_class=3)
     splits = ImageFolderSplits(str(tmp_path))
     assert splits.class_names == ["class_0", "class_1", "class_2"]
-    assert len(splits.train.paths) == 30 and len(splits.val.paths) == 6 and len(splits.test.paths) == 9
+    assert len(splits.train.paths) == 30 and len(splits.val.paths) == 6 and len(splits.tests["test"].paths) == 9
     for name in os.listdir(tmp_path / "val"):
         os.rename(tmp_path / "val" / name, tmp_path / f"moved_{name}")
     os.rmdir(tmp_path / "val")
@@ -54,6 +54,42 @@ def test_image_folder_splits_and_carved_validation(tmp_path):
     assert len(carved.val.paths) == 6 and len(carved.train.paths) == 24
     assert not set(carved.val.paths) & set(carved.train.paths)
     assert np.bincount(carved.val.labels).tolist() == [2, 2, 2]
+
+
+def write_groups(folder, group_of):
+    rows = ["file,group"]
+    for class_dir in sorted(os.listdir(folder)):
+        if os.path.isdir(os.path.join(folder, class_dir)):
+            files = sorted(os.listdir(os.path.join(folder, class_dir)))
+            rows += [f"{class_dir}/{f},{group_of(class_dir, f)}" for f in files]
+    with open(os.path.join(folder, "groups.csv"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+
+
+def test_extra_test_splits_and_groups_survive_subsets(tmp_path):
+    write_toy_dataset(str(tmp_path), classes=2, train_per_class=4, val_per_class=1, test_per_class=2)
+    os.rename(tmp_path / "test", tmp_path / "test_shifted")
+    write_toy_dataset(str(tmp_path / "again"), classes=2, train_per_class=1, val_per_class=1, test_per_class=3)
+    os.rename(tmp_path / "again" / "test", tmp_path / "test")
+    write_groups(tmp_path / "train", lambda c, f: f"{c}-{'odd' if int(f[:4]) % 2 else 'even'}")
+    splits = ImageFolderSplits(str(tmp_path))
+    assert list(splits.tests) == ["test", "test_shifted"]
+    assert len(splits.tests["test"]) == 6 and len(splits.tests["test_shifted"]) == 4
+    assert splits.tests["test"].groups is None
+    assert splits.train.groups[:4] == ["class_0-even", "class_0-odd", "class_0-even", "class_0-odd"]
+    subset = splits.train.subset([1, 4])
+    assert subset.groups == ["class_0-odd", "class_1-even"] and subset.labels == [0, 1]
+
+
+def test_groups_file_must_cover_every_image(tmp_path):
+    write_toy_dataset(str(tmp_path), classes=2, train_per_class=3, val_per_class=1, test_per_class=1)
+    write_groups(tmp_path / "val", lambda c, f: "g")
+    (tmp_path / "val" / "groups.csv").write_text("file,group\nclass_0/0000.png,g\n")
+    with pytest.raises(ValueError, match="no group for 1 image.*class_1/0000.png"):
+        ImageFolderSplits(str(tmp_path))
+    (tmp_path / "val" / "groups.csv").write_text("path,kind\nclass_0/0000.png,g\n")
+    with pytest.raises(ValueError, match="file,group"):
+        ImageFolderSplits(str(tmp_path))
 
 
 def test_image_folder_errors(tmp_path):

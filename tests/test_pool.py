@@ -163,3 +163,21 @@ def test_samples_a_producer_drops_are_reported():
             stats = pool.stats()
     assert stats["dropped"] >= stats["written"] - 2  # half of every batch of 4 is dropped
     assert stats["workers"][0]["dropped"] == stats["dropped"]
+
+
+@pytest.mark.filterwarnings("ignore:Every onlinemix generator worker has failed")
+def test_warm_up_waits_for_samples_and_gives_up_when_every_worker_is_gone(caplog):
+    with SampleRing.create(16, 8, producers=1, consumers=1) as ring:
+        pool = GeneratorPool(ring, Counting(size=8), "cpu")
+        with pytest.raises(ValueError, match="start"):
+            pool.warm_up(4, timeout=1)
+        with pool:
+            assert pool.warm_up(12, timeout=120, progress=False) == 12
+            assert ring.stats()["filled"] >= 12
+            assert pool.warm_up(100, timeout=120, progress=False) == 16, "never more than the ring holds"
+    with SampleRing.create(16, 8, producers=1, consumers=1) as ring:
+        with GeneratorPool(ring, Failing(), "cpu", max_restarts=0) as pool, caplog.at_level(logging.WARNING):
+            started = time.monotonic()
+            assert pool.warm_up(4, timeout=300, progress=False) == 0
+            assert time.monotonic() - started < 120, "stopped waiting once every worker was gone"
+    assert "training starts, with real images" in caplog.text

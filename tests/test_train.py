@@ -67,6 +67,27 @@ def test_long_tail_run_reports_shot_groups(data_dir, tmp_path):
     assert {"many", "medium", "few"} & set(result["val"])
 
 
+def test_groups_and_extra_test_splits_are_reported(data_dir, tmp_path):
+    import shutil
+
+    from tests.test_data import write_groups
+
+    root = tmp_path / "data"
+    shutil.copytree(data_dir, root)
+    shutil.copytree(root / "test", root / "test_shifted")
+    write_groups(root / "test_shifted", lambda c, f: f"{c}/{'a' if int(f[:4]) < 2 else 'b'}")
+    result = run(str(root), tmp_path, "--aug", "none")
+    shifted = result["test_shifted"]
+    assert sorted(shifted["groups"]) == [f"{c}/{g}" for c in CLASSES for g in "ab"]
+    assert shifted["worst_group"] == min(shifted["groups"].values())
+    # Two images per group: each group's accuracy is a multiple of 1/2, and they average to top-1.
+    assert all(v in (0.0, 0.5, 1.0) for v in shifted["groups"].values())
+    assert sum(shifted["groups"].values()) / 6 == pytest.approx(shifted["top1"])
+    assert "groups" not in result["test"]
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+    assert "test_shifted_top1" in header and "test_shifted_worst_group" in header
+
+
 def read_loss(path, epoch, step):
     with open(path) as f:
         for row in csv.DictReader(f):
@@ -186,12 +207,16 @@ def test_hugging_face_dataset_folder_with_a_live_generator(data_dir, tmp_path):
     def table(split):
         return datasets.Dataset.from_dict({"image": split.paths, "label": split.labels}, features=features)
 
-    datasets.DatasetDict({"train": table(folder.train), "test": table(folder.test)}).save_to_disk(tmp_path / "hf")
+    test = table(folder.tests["test"])
+    test = test.add_column("group", [f"g{label}" for label in folder.tests["test"].labels])
+    datasets.DatasetDict({"train": table(folder.train), "test": test}).save_to_disk(tmp_path / "hf")
     result = run(str(tmp_path / "hf"), tmp_path, "--dataset", "hf", "--aug", "realmix", "--p", "0.5",
                  "--gen-device", "cpu", "--gen-model", "tiny", "--gen-steps", "4", "--gen-resolution", "32",
                  "--gen-batch-size", "4", "--gen-dtype", "float32", "--ring-slots", "16")
     assert result["augmentation"]["replaced"] > 0, "spawned generator workers read the arrow-backed references"
     assert len(result["val"]["per_class"]) == 3 and "test" in result
+    groups = {f"g{c}": v for c, v in enumerate(result["test"]["per_class"])}
+    assert result["test"]["groups"] == pytest.approx(groups, abs=1e-4), "a group column gives per-group accuracy"
     args = (tmp_path / "run" / "args.yaml").read_text()
     assert "dataset: hf" in args
 

@@ -2,12 +2,17 @@
 
 Pure index arithmetic lives in free functions (``few_shot_indices``,
 ``long_tail_counts``, ``long_tail_indices``, ``shot_groups``); ``ImageFolderSplits``
-reads a ``train/ [val/] [test/]`` tree and ``DatasetDictSplits`` a Hugging Face
-``DatasetDict`` saved to disk; ``write_toy_dataset`` writes a small generated data
-set for tests and for trying the trainer without a download.
+reads a ``train/ [val/] [test/] [test_<name>/]`` tree and ``DatasetDictSplits`` a
+Hugging Face ``DatasetDict`` saved to disk; ``write_toy_dataset`` writes a small
+generated data set for tests and for trying the trainer without a download.
+
+A split may define groups (e.g. background × class family, as Waterbirds does) for
+per-group and worst-group accuracy: a ``groups.csv`` (``file,group``) in an
+ImageFolder split, or a ``group`` column in a Hugging Face split.
 """
 from __future__ import annotations
 
+import csv
 import os
 from typing import Sequence
 
@@ -60,10 +65,12 @@ def shot_groups(train_counts: Sequence[int], many: int = 20, few: int = 5) -> di
 class Split:
     """One split: ``labels`` plus images by index, as PIL (``image``) or uint8 ``[3, H, W]`` (``load``).
 
-    ``load`` makes a split usable as the generator's reference images.
+    ``load`` makes a split usable as the generator's reference images. ``groups`` holds
+    one group name per image where the data set defines groups, else None.
     """
 
     labels: list
+    groups: list | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -81,15 +88,17 @@ class Split:
 class FileSplit(Split):
     """Images as files on disk."""
 
-    def __init__(self, paths: list, labels: list):
+    def __init__(self, paths: list, labels: list, groups: list | None = None):
         self.paths, self.labels = list(paths), [int(y) for y in labels]
+        self.groups = None if groups is None else [str(g) for g in groups]
 
     def image(self, index: int) -> Image.Image:
         with Image.open(self.paths[index]) as image:
             return image.convert("RGB")
 
     def subset(self, indices) -> "FileSplit":
-        return FileSplit([self.paths[i] for i in indices], [self.labels[i] for i in indices])
+        groups = None if self.groups is None else [self.groups[i] for i in indices]
+        return FileSplit([self.paths[i] for i in indices], [self.labels[i] for i in indices], groups)
 
 
 class DatasetSplit(Split):
@@ -100,6 +109,10 @@ class DatasetSplit(Split):
         self.rows = list(range(len(dataset))) if rows is None else [int(r) for r in rows]
         labels = dataset[label_column]
         self.labels = [int(labels[r]) for r in self.rows]
+        if "group" in dataset.column_names:
+            names = dataset.features["group"].names if hasattr(dataset.features["group"], "names") else None
+            groups = dataset["group"]
+            self.groups = [str(names[groups[r]] if names else groups[r]) for r in self.rows]
 
     def image(self, index: int) -> Image.Image:
         return self.dataset[self.rows[index]][self.image_column].convert("RGB")
@@ -121,11 +134,31 @@ def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
     return train.subset(keep), train.subset(sorted(val))
 
 
+def read_groups(folder: str, paths: list) -> list | None:
+    """The group of each image from ``folder/groups.csv`` (``file,group``), or None without that file."""
+    table = os.path.join(folder, "groups.csv")
+    if not os.path.exists(table):
+        return None
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {"file", "group"} <= set(rows[0]):
+        raise ValueError(f"{table!r} needs the columns file,group; it has {','.join(rows[0])}.")
+    groups = {os.path.normpath(os.path.join(folder, row["file"])): row["group"] for row in rows}
+    missing = [p for p in paths if os.path.normpath(p) not in groups]
+    if missing:
+        raise ValueError(f"{table!r} has no group for {len(missing)} image(s), e.g. "
+                         f"{os.path.relpath(missing[0], folder)!r}: give every image of the split a row.")
+    return [groups[os.path.normpath(p)] for p in paths]
+
+
 class ImageFolderSplits:
-    """``root/train/<class>/*.png`` (+ ``val/``, ``test/``), classes sorted by folder name.
+    """``root/train/<class>/*.png`` (+ ``val/``, ``test/``, ``test_<name>/``), classes sorted by folder name.
 
     Without ``val/``, a seeded ``val_fraction`` of each training class becomes the
-    validation split, so model selection never looks at ``test/``.
+    validation split, so model selection never looks at a test split. ``tests`` maps
+    ``test`` and every ``test_<name>`` folder (e.g. a counterfactual test set) to its split.
+    A split folder may hold ``groups.csv`` with a ``file,group`` row per image, ``file``
+    relative to the split folder (``<class>/<image>``).
     """
 
     def __init__(self, root: str, *, val_fraction: float = 0.1, seed: int = 0):
@@ -140,12 +173,13 @@ class ImageFolderSplits:
         self.train = self._read(train_dir)
         if not len(self.train):
             raise ValueError(f"{train_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-        val_dir, test_dir = os.path.join(root, "val"), os.path.join(root, "test")
+        val_dir = os.path.join(root, "val")
         if os.path.isdir(val_dir):
             self.val = self._read(val_dir)
         else:
             self.train, self.val = carve_validation(self.train, val_fraction, seed)
-        self.test = self._read(test_dir) if os.path.isdir(test_dir) else None
+        self.tests = {name: self._read(os.path.join(root, name)) for name in sorted(os.listdir(root))
+                      if (name == "test" or name.startswith("test_")) and os.path.isdir(os.path.join(root, name))}
 
     def _read(self, folder: str) -> FileSplit:
         paths, labels = [], []
@@ -157,7 +191,7 @@ class ImageFolderSplits:
                 if file.lower().endswith(IMAGE_EXTENSIONS):
                     paths.append(os.path.join(class_dir, file))
                     labels.append(label)
-        return FileSplit(paths, labels)
+        return FileSplit(paths, labels, read_groups(folder, paths))
 
 
 class DatasetDictSplits:
@@ -189,7 +223,7 @@ class DatasetDictSplits:
         self.val = split("validation") or split("val")
         if self.val is None:
             self.train, self.val = carve_validation(self.train, val_fraction, seed)
-        self.test = split("test")
+        self.tests = {name: split(name) for name in sorted(loaded) if name == "test" or name.startswith("test_")}
 
 
 TOY_COLOURS = [(200, 40, 40), (40, 160, 60), (50, 80, 200), (220, 180, 30), (160, 60, 180), (30, 170, 170)]

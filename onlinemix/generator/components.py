@@ -48,8 +48,10 @@ class Components:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def to(self, device=None, dtype=None) -> "Components":
+        # Only name what changes: diffusers warns about fp32-kept modules whenever `dtype=` is passed, even None.
+        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for module in (self.text_encoder, self.unet, self.vae):
-            module.to(device=device, dtype=dtype)
+            module.to(**moves)
         return self
 
     def save(self, folder: Union[str, os.PathLike]) -> None:
