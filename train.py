@@ -27,6 +27,9 @@ import numpy as np
 import torch
 import yaml
 
+from onlinemix.cli import parse_with_config
+from onlinemix.data import add_data_arguments, check_data_arguments, load_splits
+
 AUGS = ("none", "mixup", "cutmix", "diffmix", "diffmix+cutmix", "diffaug", "diffgen", "realmix", "realaug",
         "realguidance", "realgen", "dafusion", "replay")
 STRATEGY_OF_AUG = {"diffmix": "diff-mix", "diffmix+cutmix": "diff-mix", "diffaug": "diff-aug", "diffgen": "diff-gen",
@@ -38,15 +41,7 @@ logger = logging.getLogger("onlinemix")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file of defaults; flags given here override it")
-    data = p.add_argument_group("data")
-    data.add_argument("--data-dir", help="ImageFolder root with train/ (val/, test/ optional)")
-    data.add_argument("--dataset", choices=["folder", "hf", "toy"], default="folder",
-                      help="folder: train/<class>/ images; hf: a Hugging Face DatasetDict saved with save_to_disk; "
-                           "toy: writes a small generated data set into --data-dir first if it is missing")
-    data.add_argument("--metaclass", default="object", help='what the classes are, for prompts ("bird" ...)')
-    data.add_argument("--shots", type=int, help="keep K training images per class (seeded)")
-    data.add_argument("--imbalance-factor", type=float, help="the paper's long-tail subset with this factor")
-    data.add_argument("--val-fraction", type=float, default=0.1, help="validation share carved when there is no val/")
+    add_data_arguments(p.add_argument_group("data"))
     model = p.add_argument_group("model and optimisation")
     model.add_argument("--model", default="resnet18", help="any timm model name")
     model.add_argument("--pretrained", help="local weights file (safetensors or .pth) to start from")
@@ -82,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = p.add_argument_group("generator")
     gen.add_argument("--gen-device", nargs="+", default=["cuda:1"], help="one or more devices, 'cpu' allowed")
     gen.add_argument("--gen-workers-per-device", type=int, default=1)
-    gen.add_argument("--gen-model", default="runwayml/stable-diffusion-v1-5",
+    gen.add_argument("--gen-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                      help="diffusers folder or hub id; 'tiny' builds an untrained tiny model (smoke runs only)")
     gen.add_argument("--gen-finetuned", help="personalised generator folder (onlinemix finetune)")
     gen.add_argument("--gen-steps", type=int, default=25)
@@ -101,26 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
-    if known.config:
-        with open(known.config) as f:
-            defaults = yaml.safe_load(f) or {}
-        unknown = sorted(set(defaults) - set(vars(known)))
-        if unknown:
-            parser.error(f"{known.config} sets unknown options {unknown}.")
-        parser.set_defaults(**defaults)
-    args = parser.parse_args(argv)
+    args = parse_with_config(build_parser(), argv)
     check_args(args)
     return args
 
 
 def check_args(args) -> None:
     """Stop before any work on settings that cannot run."""
+    check_data_arguments(args)
     if not 0 <= args.p <= 1:
         raise ValueError(f"--p must lie in [0, 1], got {args.p}.")
-    if args.data_dir is None:
-        raise ValueError("--data-dir is required (or --dataset toy --data-dir FOLDER to generate a toy set).")
     if args.aug == "replay" and not args.replay_dir:
         raise ValueError("--aug replay needs --replay-dir, the output folder of the offline Diff-Mix sampler.")
     if args.aug in STRATEGY_OF_AUG:
@@ -193,21 +178,6 @@ def init_distributed(args) -> Dist:
 
 
 # -- data -------------------------------------------------------------------------------
-
-
-def build_data(args):
-    from onlinemix.data import (DatasetDictSplits, ImageFolderSplits, few_shot_indices, long_tail_indices,
-                                write_toy_dataset)
-
-    if args.dataset == "toy" and not os.path.isdir(os.path.join(args.data_dir, "train")):
-        write_toy_dataset(args.data_dir, seed=args.seed)
-    reader = DatasetDictSplits if args.dataset == "hf" else ImageFolderSplits
-    splits = reader(args.data_dir, val_fraction=args.val_fraction, seed=args.seed)
-    if args.shots:
-        splits.train = splits.train.subset(few_shot_indices(splits.train.labels, args.shots, seed=args.seed))
-    if args.imbalance_factor:
-        splits.train = splits.train.subset(long_tail_indices(splits.train.labels, args.imbalance_factor, seed=args.seed))
-    return splits
 
 
 class Images(torch.utils.data.Dataset):
@@ -445,10 +415,10 @@ def train(args, dist: Dist) -> dict:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "args.yaml"), "w") as f:
             yaml.safe_dump(vars(args), f, sort_keys=True)
-        splits = build_data(args)  # writes the toy set once, before the other ranks read it
+        splits = load_splits(args)  # writes the toy set once, before the other ranks read it
     dist.barrier()
     if not dist.main:
-        splits = build_data(args)
+        splits = load_splits(args)
     num_classes = len(splits.class_names)
     train_counts = np.bincount(splits.train.labels, minlength=num_classes)
     train_loader, sampler, eval_loaders = loaders(args, splits, dist)

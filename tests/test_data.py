@@ -124,3 +124,24 @@ def test_dataset_dict_errors(tmp_path):
     plain.save_to_disk(tmp_path / "not-a-dict")
     with pytest.raises(ValueError, match="DatasetDict with a 'train' split"):
         DatasetDictSplits(str(tmp_path / "not-a-dict"))
+
+
+def test_class_names_file_replaces_folder_names(tmp_path):
+    import argparse
+
+    from onlinemix.data import add_data_arguments, load_splits
+
+    write_toy_dataset(str(tmp_path / "toy"), classes=2, train_per_class=3, val_per_class=1, test_per_class=1)
+    parser = argparse.ArgumentParser()
+    add_data_arguments(parser)
+    names = tmp_path / "names.txt"
+    names.write_text("Black footed Albatross\n\nLaysan Albatross\n")
+    args = parser.parse_args(["--data-dir", str(tmp_path / "toy"), "--class-names", str(names)])
+    args.seed = 0
+    assert load_splits(args).class_names == ["Black footed Albatross", "Laysan Albatross"]
+    names.write_text("only one\n")
+    with pytest.raises(ValueError, match="lists 1 names but the data set has 2 classes"):
+        load_splits(args)
+    args.class_names = str(tmp_path / "missing.txt")
+    with pytest.raises(FileNotFoundError, match="one class name per line"):
+        load_splits(args)

@@ -226,6 +226,63 @@ class DatasetDictSplits:
         self.tests = {name: split(name) for name in sorted(loaded) if name == "test" or name.startswith("test_")}
 
 
+def add_data_arguments(parser) -> None:
+    """The data set options ``train.py`` and ``onlinemix finetune`` share, on ``parser`` (or a group)."""
+    parser.add_argument("--data-dir", help="ImageFolder root with train/ (val/, test/, test_<name>/ optional)")
+    parser.add_argument("--dataset", choices=["folder", "hf", "toy"], default="folder",
+                        help="folder: train/<class>/ images; hf: a Hugging Face DatasetDict saved with save_to_disk; "
+                             "toy: writes a small generated data set into --data-dir first if it is missing")
+    parser.add_argument("--class-names", help="text file with one class name per line, in label order "
+                                              "(default: the folder or ClassLabel names)")
+    parser.add_argument("--metaclass", default="object", help='what the classes are, for prompts ("bird" ...)')
+    parser.add_argument("--shots", type=int, help="keep K training images per class (seeded)")
+    parser.add_argument("--imbalance-factor", type=float, help="the paper's long-tail subset with this factor")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="validation share carved when there is no val/")
+
+
+def check_data_arguments(args) -> None:
+    """Stop on data options that cannot work, before anything is read or written."""
+    if args.data_dir is None:
+        raise ValueError("--data-dir is required (or --dataset toy --data-dir FOLDER to generate a toy set).")
+    if args.dataset != "toy" and not os.path.isdir(args.data_dir):
+        raise FileNotFoundError(f"--data-dir {args.data_dir!r} is not a folder; give one that holds "
+                                "train/<class>/<images> (or a saved Hugging Face DatasetDict with --dataset hf).")
+    if args.class_names and not os.path.isfile(args.class_names):
+        raise FileNotFoundError(f"--class-names {args.class_names!r} is not a file; give one class name per line.")
+    if args.shots is not None and args.shots < 1:
+        raise ValueError(f"--shots must be >= 1, got {args.shots}.")
+    if args.imbalance_factor is not None and args.imbalance_factor < 1:
+        raise ValueError(f"--imbalance-factor must be >= 1, got {args.imbalance_factor}.")
+
+
+def load_splits(args):
+    """The splits named by the options of ``add_data_arguments`` (and ``args.seed``), with the
+    few-shot or long-tail training subset applied and ``--class-names`` read."""
+    check_data_arguments(args)
+    if args.dataset == "toy" and not os.path.isdir(os.path.join(args.data_dir, "train")):
+        write_toy_dataset(args.data_dir, seed=args.seed)
+    reader = DatasetDictSplits if args.dataset == "hf" else ImageFolderSplits
+    splits = reader(args.data_dir, val_fraction=args.val_fraction, seed=args.seed)
+    if args.class_names:
+        splits.class_names = read_class_names(args.class_names, len(splits.class_names))
+    if args.shots:
+        splits.train = splits.train.subset(few_shot_indices(splits.train.labels, args.shots, seed=args.seed))
+    if args.imbalance_factor:
+        picked = long_tail_indices(splits.train.labels, args.imbalance_factor, seed=args.seed)
+        splits.train = splits.train.subset(picked)
+    return splits
+
+
+def read_class_names(path: str, count: int) -> list:
+    """One class name per non-empty line; there must be ``count`` of them."""
+    with open(path) as f:
+        names = [line.strip() for line in f if line.strip()]
+    if len(names) != count:
+        raise ValueError(f"--class-names {path!r} lists {len(names)} names but the data set has {count} classes.")
+    return names
+
+
 TOY_COLOURS = [(200, 40, 40), (40, 160, 60), (50, 80, 200), (220, 180, 30), (160, 60, 180), (30, 170, 170)]
 
 

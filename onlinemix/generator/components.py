@@ -165,14 +165,17 @@ def _byte_characters() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def tiny_tokenizer():
-    """A CLIP tokenizer whose vocabulary is the 512 byte-level characters (no merges)."""
+def tiny_tokenizer(size: Optional[int] = None):
+    """A CLIP tokenizer whose vocabulary is the 512 byte-level characters (no merges), padded
+    with never-produced ``<|unused_k|>`` entries to ``size`` tokens when given (e.g. CLIP's 49 408)."""
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for char in _byte_characters():
         vocab[char] = len(vocab)
         vocab[char + "</w>"] = len(vocab)
+    while size is not None and len(vocab) < size:
+        vocab[f"<|unused_{len(vocab)}|>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
@@ -296,7 +299,7 @@ def add_tokens(components: Components, embeddings: dict) -> None:
     if clash:
         raise ValueError(f"Tokens {clash[:3]} already exist in the tokenizer; a generator can be personalised once.")
     tokenizer.add_tokens(list(embeddings))
-    encoder.resize_token_embeddings(len(tokenizer))
+    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # every new row is set below
     table = encoder.get_input_embeddings().weight
     with torch.no_grad():
         for token, row in embeddings.items():
@@ -312,7 +315,7 @@ def sd15_architecture(seed: int = 0) -> Components:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer(size=49408)  # CLIP's vocabulary size: the embedding table fine-tuning updates
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,

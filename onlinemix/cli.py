@@ -1,0 +1,48 @@
+"""The ``onlinemix`` command, and the YAML-plus-flags parsing every command line here shares.
+
+``onlinemix finetune ...`` personalises a generator (``onlinemix.finetune``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse ``argv``; a ``--config FILE.yaml`` sets defaults and flags given override them.
+
+    Keys of the YAML file are option names with ``_`` for ``-``; unknown keys are an error.
+    """
+    import yaml
+
+    known, _ = parser.parse_known_args(argv)
+    if getattr(known, "config", None):
+        with open(known.config) as f:
+            defaults = yaml.safe_load(f) or {}
+        unknown = sorted(set(defaults) - set(vars(known)))
+        if unknown:
+            parser.error(f"{known.config} sets unknown options {unknown}.")
+        parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+COMMANDS = {"finetune": "personalise a generator: textual inversion + LoRA (Diff-Mix's first stage)"}
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        usage = "\n".join(f"  {name:10s} {text}" for name, text in COMMANDS.items())
+        sys.exit(f"usage: onlinemix COMMAND [options]\n\ncommands:\n{usage}\n\n"
+                 "`onlinemix COMMAND --help` lists a command's options.")
+    try:
+        if argv[0] == "finetune":
+            from .finetune import main as finetune
+
+            finetune(argv[1:])
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

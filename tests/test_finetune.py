@@ -1,0 +1,224 @@
+import csv
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from onlinemix.finetune import Personaliser, StepBatches, main
+from onlinemix.generator.components import (EMBEDDINGS, LORA_WEIGHTS, add_tokens, attach_personalisation,
+                                            load_components, tiny_components)
+from onlinemix.generator.sampler import Sampler
+from onlinemix.generator.worker import TensorImages
+
+NAMES = ["red disc", "green square", "blue triangle"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base") / "tiny"
+    tiny_components(seed=0).save(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from onlinemix.data import write_toy_dataset
+
+    root = tmp_path_factory.mktemp("toy")
+    write_toy_dataset(str(root), classes=3, train_per_class=8, val_per_class=1, test_per_class=1)
+    return str(root)
+
+
+def finetune(base, data_dir, out, *extra):
+    argv = ["--model", base, "--data-dir", data_dir, "--out", str(out), "--resolution", "32", "--batch-size", "4",
+            "--workers", "0", "--lr", "1e-2", "--metaclass", "shape", "--preview-steps", "0", *extra]
+    return main(argv)
+
+
+def losses(out):
+    with open(os.path.join(out, "loss.csv")) as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+def images(count=6):
+    torch.manual_seed(0)
+    return torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8), [c % 3 for c in range(count)]
+
+
+def train_steps(personaliser, steps=3):
+    optimizer = torch.optim.AdamW(personaliser.parameters(), lr=1e-2, weight_decay=1e-2)
+    pixels, labels = images()
+    for step in range(steps):
+        loss = personaliser.loss(pixels.float() / 127.5 - 1, torch.tensor(labels), torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        personaliser.restore_frozen_rows()
+
+
+def test_loss_falls_and_the_folder_loads_into_the_generator(base, data_dir, tmp_path):
+    out = tmp_path / "tuned"
+    result = finetune(base, data_dir, out, "--steps", "120", "--preview-steps", "2")
+    curve = losses(out)
+    assert len(curve) == 120 and list(result["losses"]) == list(range(1, 121))
+    assert np.mean(curve[-30:]) < np.mean(curve[:30]) - 0.1, "the seeded run learns"
+    info = result["info"]
+    assert info["method"] == "ti_db" and info["class_names"] == [f"class_{c}" for c in range(3)]
+    assert info["tokens"] == ["<class_0>", "<class_1>", "<class_2>"] and info["metaclass"] == "shape"
+    assert info["captions"][1] == "a photo of a <class_1> shape" and info["steps"] == 120 and info["rank"] == 10
+    for name in (LORA_WEIGHTS, EMBEDDINGS, "onlinemix.json", "preview.png"):
+        assert (out / name).exists(), name
+
+    prompt, seed = ["a photo of a <class_1> shape"], [3]
+    plain = load_components(base)
+    add_tokens(plain, {f"<class_{c}>": torch.zeros(32) for c in range(3)})
+    tuned = load_components(base)
+    assert attach_personalisation(tuned, str(out))["tokens"] == info["tokens"]
+    before = Sampler(plain, steps=4).generate(prompt, seed, height=32, width=32)
+    after = Sampler(tuned, steps=4).generate(prompt, seed, height=32, width=32)
+    assert (before - after).abs().max() > 1e-3, "LoRA and tokens change the images"
+
+    from onlinemix.generator.worker import DiffMixProducer, GeneratorSpec
+
+    spec = GeneratorSpec(model=base, finetuned=str(out), strategy="diff-mix", steps=4, resolution=32, image_size=32,
+                         batch_size=3)
+    batch = DiffMixProducer(spec, TensorImages(*images()), [f"class_{c}" for c in range(3)], "shape")("cpu")()
+    assert batch.images.shape == (3, 3, 32, 32) and batch.images.dtype == torch.uint8
+
+
+def test_only_the_new_token_rows_change():
+    components = tiny_components(seed=1)
+    table = components.text_encoder.get_input_embeddings().weight
+    old = table.detach().clone()
+    personaliser = Personaliser(components, NAMES, "shape", method="ti_db", rank=4)
+    unet = {k: v.clone() for k, v in components.unet.state_dict().items() if "lora" in k}
+    train_steps(personaliser)
+    table = components.text_encoder.get_input_embeddings().weight
+    assert torch.equal(table[: len(old)], old), "every existing row is bit-for-bit unchanged"
+    start = personaliser.initial_embedding("ktn")
+    assert all(not torch.allclose(table[i], start) for i in personaliser.token_ids), "every new token learned"
+    after = components.unet.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in unet.items()), "LoRA learned"
+
+
+def test_ti_leaves_the_unet_unchanged_and_db_adds_no_tokens():
+    components = tiny_components(seed=1)
+    unet = {k: v.clone() for k, v in components.unet.state_dict().items()}
+    personaliser = Personaliser(components, NAMES, "shape", method="ti")
+    assert len(personaliser.parameters()) == 1, "only the embedding table trains"
+    train_steps(personaliser)
+    after = components.unet.state_dict()
+    assert set(after) == set(unet) and all(torch.equal(after[k], v) for k, v in unet.items())
+
+    components = tiny_components(seed=1)
+    vocabulary = len(components.tokenizer)
+    personaliser = Personaliser(components, NAMES, "shape", method="db")
+    assert len(components.tokenizer) == vocabulary and personaliser.embeddings() == {}
+    assert personaliser.captions == [f"a photo of a {n} shape" for n in NAMES]
+    table = components.text_encoder.get_input_embeddings().weight.detach().clone()
+    train_steps(personaliser)
+    assert torch.equal(components.text_encoder.get_input_embeddings().weight, table), "the text encoder is frozen"
+
+
+def test_db_output_prompts_with_class_names(base, data_dir, tmp_path):
+    result = finetune(base, data_dir, tmp_path / "db", "--steps", "2", "--method", "db")
+    assert result["info"]["tokens"] == [] and not (tmp_path / "db" / EMBEDDINGS).exists()
+    assert (tmp_path / "db" / LORA_WEIGHTS).exists()
+    result = finetune(base, data_dir, tmp_path / "ti", "--steps", "2", "--method", "ti")
+    assert result["info"]["rank"] == 0 and not (tmp_path / "ti" / LORA_WEIGHTS).exists()
+
+
+def test_resume_continues_at_the_same_step_with_the_same_loss(base, data_dir, tmp_path):
+    finetune(base, data_dir, tmp_path / "whole", "--steps", "8", "--checkpoint-every", "4")
+    finetune(base, data_dir, tmp_path / "cut", "--steps", "4", "--checkpoint-every", "4")
+    result = finetune(base, data_dir, tmp_path / "cut", "--steps", "8", "--checkpoint-every", "4", "--resume")
+    assert list(result["losses"]) == [5, 6, 7, 8], "continued at step 5"
+    assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5, abs=1e-6)
+    kept = os.listdir(tmp_path / "cut" / "checkpoints")
+    assert sorted(kept) == ["latest", "step-00000008"], "older checkpoints are removed once a newer one is complete"
+
+
+def test_class_balanced_batches_for_long_tail_data():
+    pixels = torch.zeros(40, 3, 8, 8, dtype=torch.uint8)
+    split = TensorImages(pixels, [0] * 30 + [1] * 8 + [2] * 2)
+    balanced = StepBatches(split, resolution=8, batch_size=16, seed=0, balanced=True)
+    counts = np.bincount(np.concatenate([balanced[s][1].numpy() for s in range(100)]), minlength=3)
+    assert np.all(np.abs(counts / counts.sum() - 1 / 3) < 0.03)
+    x, _ = balanced[7]
+    assert x.shape == (16, 3, 8, 8) and torch.equal(x, balanced[7][0]), "a step's batch can be rebuilt"
+    assert float(x.min()) == -1.0
+    plain = StepBatches(split, resolution=8, batch_size=16, seed=0)
+    counts = np.bincount(np.concatenate([plain[s][1].numpy() for s in range(100)]), minlength=3)
+    assert counts[0] / counts.sum() > 0.7
+
+
+def test_bad_input_stops_before_any_work(base, data_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(FileNotFoundError, match=r"lacks \['vae'\]"):
+        finetune(str(broken), data_dir, tmp_path / "a", "--steps", "1")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        finetune(base, data_dir, tmp_path / "b", "--steps", "1", "--resolution", "36")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty.*--overwrite"):
+        finetune(base, data_dir, tmp_path / "busy", "--steps", "1")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        finetune(base, data_dir, tmp_path / "busy", "--steps", "1", "--resume")
+    assert os.listdir(tmp_path / "busy") == ["notes.txt"]
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        Personaliser(tiny_components(), ["only"], "shape")
+    personalised = tiny_components()
+    add_tokens(personalised, {"<class_0>": torch.zeros(32)})
+    with pytest.raises(ValueError, match=r"already holds \['<class_0>'\].*base model"):
+        Personaliser(personalised, NAMES, "shape")
+
+
+def test_command_line_usage(capsys):
+    from onlinemix.cli import main as onlinemix
+
+    with pytest.raises(SystemExit, match="usage: onlinemix COMMAND"):
+        onlinemix([])
+    with pytest.raises(SystemExit) as exit:
+        onlinemix(["finetune", "--help"])
+    assert exit.value.code == 0 and "--method {ti_db,ti,db}" in capsys.readouterr().out
+
+
+def test_two_processes_train_one_model(base, data_dir, tmp_path):
+    """torchrun on the CPU (gloo): one data-parallel run, not two independent copies."""
+    import subprocess
+    import sys
+
+    bin_dir = os.path.dirname(sys.executable)
+    command = [os.path.join(bin_dir, "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "onlinemix.cli",
+               "finetune", "--model", base, "--data-dir", data_dir, "--out", str(tmp_path / "ddp"), "--steps", "3",
+               "--batch-size", "2", "--resolution", "32", "--workers", "0", "--preview-steps", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(tmp_path / "ddp" / "loss.csv") as f:
+        assert [row["step"] for row in csv.DictReader(f)] == ["1", "2", "3"], "rank 0 alone logs each step once"
+
+
+@pytest.mark.parametrize("config", sorted(os.listdir(os.path.join("configs", "finetune"))))
+def test_every_finetune_config_parses_and_matches_its_training_config(config):
+    import yaml
+
+    from onlinemix.cli import parse_with_config
+    from onlinemix.finetune import build_parser
+
+    args = parse_with_config(build_parser(), ["--config", os.path.join("configs", "finetune", config)])
+    assert args.method == "ti_db" and args.rank == 10 and args.lr == 5e-5 and args.resolution == 512
+    users = []
+    for name in os.listdir("configs"):
+        if name.endswith(".yaml"):
+            with open(os.path.join("configs", name)) as f:
+                recipe = yaml.safe_load(f)
+            if recipe.get("gen_finetuned") == args.out:
+                users.append(recipe)
+    assert users, f"no training config uses {args.out}"
+    for recipe in users:  # the generator must learn the very training subset the classifier sees
+        for key in ("data_dir", "metaclass", "shots", "imbalance_factor"):
+            assert recipe.get(key) == getattr(args, key), key
