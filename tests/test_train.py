@@ -247,3 +247,11 @@ def test_pretrained_weights_load_without_their_classifier(data_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="never downloads"):
         train.build_model(train.parse_args(["--data-dir", data_dir, "--pretrained", str(tmp_path / "nope.pth"),
                                             "--device", "cpu", "--aug", "none"]), 3)
+
+
+def test_demo_world_run_reports_counterfactual_groups(tmp_path):
+    result = run(str(tmp_path / "world"), tmp_path, "--dataset", "demo", "--aug", "cutmix", "--metaclass", "bird")
+    assert (tmp_path / "world" / "world.json").exists(), "--dataset demo wrote the world"
+    shifted = result["test_counterfactual"]
+    assert len(shifted["per_class"]) == 12 and len(shifted["groups"]) == 6
+    assert shifted["worst_group"] == min(shifted["groups"].values())

@@ -208,7 +208,8 @@ class DatasetDictSplits:
             raise FileNotFoundError(f"No saved Hugging Face data set at {root!r}.")
         loaded = datasets.load_from_disk(root)
         if not isinstance(loaded, datasets.DatasetDict) or "train" not in loaded:
-            raise ValueError(f"{root!r} must be a DatasetDict with a 'train' split (save_to_disk of load_dataset(...)).")
+            raise ValueError(f"{root!r} must be a DatasetDict with a 'train' split "
+                             "(save_to_disk of load_dataset(...)).")
         features = loaded["train"].features
         images = [n for n, f in features.items() if isinstance(f, datasets.Image)]
         labels = [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)]
@@ -229,9 +230,10 @@ class DatasetDictSplits:
 def add_data_arguments(parser) -> None:
     """The data set options ``train.py`` and ``onlinemix finetune`` share, on ``parser`` (or a group)."""
     parser.add_argument("--data-dir", help="ImageFolder root with train/ (val/, test/, test_<name>/ optional)")
-    parser.add_argument("--dataset", choices=["folder", "hf", "toy"], default="folder",
+    parser.add_argument("--dataset", choices=["folder", "hf", "toy", "demo"], default="folder",
                         help="folder: train/<class>/ images; hf: a Hugging Face DatasetDict saved with save_to_disk; "
-                             "toy: writes a small generated data set into --data-dir first if it is missing")
+                             "toy / demo: write the toy shapes / the demo world of birds (onlinemix.data.demo_world) "
+                             "into --data-dir first if it is missing, then read it as a folder")
     parser.add_argument("--class-names", help="text file with one class name per line, in label order "
                                               "(default: the folder or ClassLabel names)")
     parser.add_argument("--metaclass", default="object", help='what the classes are, for prompts ("bird" ...)')
@@ -245,7 +247,7 @@ def check_data_arguments(args) -> None:
     """Stop on data options that cannot work, before anything is read or written."""
     if args.data_dir is None:
         raise ValueError("--data-dir is required (or --dataset toy --data-dir FOLDER to generate a toy set).")
-    if args.dataset != "toy" and not os.path.isdir(args.data_dir):
+    if args.dataset not in ("toy", "demo") and not os.path.isdir(args.data_dir):
         raise FileNotFoundError(f"--data-dir {args.data_dir!r} is not a folder; give one that holds "
                                 "train/<class>/<images> (or a saved Hugging Face DatasetDict with --dataset hf).")
     if args.class_names and not os.path.isfile(args.class_names):
@@ -260,8 +262,13 @@ def load_splits(args):
     """The splits named by the options of ``add_data_arguments`` (and ``args.seed``), with the
     few-shot or long-tail training subset applied and ``--class-names`` read."""
     check_data_arguments(args)
-    if args.dataset == "toy" and not os.path.isdir(os.path.join(args.data_dir, "train")):
-        write_toy_dataset(args.data_dir, seed=args.seed)
+    if not os.path.isdir(os.path.join(args.data_dir, "train")):
+        if args.dataset == "toy":
+            write_toy_dataset(args.data_dir, seed=args.seed)
+        elif args.dataset == "demo":
+            from .demo_world import write_demo_world
+
+            write_demo_world(args.data_dir)  # one world for every seed: seeds vary the training, not the data
     reader = DatasetDictSplits if args.dataset == "hf" else ImageFolderSplits
     splits = reader(args.data_dir, val_fraction=args.val_fraction, seed=args.seed)
     if args.class_names:
