@@ -76,3 +76,20 @@ def test_environments_for_is_exact():
     chosen = environments_for(10, "land", 0.9, rng)
     assert chosen.count("land") == 9 and chosen.count("water") == 1
     assert environments_for(4, "water", 0.0, rng) == ["land"] * 4
+
+
+def test_generic_corpus_describes_birds_without_naming_species():
+    from onlinemix.data.demo_world import caption, generic_corpus
+
+    corpus = list(generic_corpus(60, seed=1))
+    again = list(generic_corpus(3, seed=1))
+    assert all(np.array_equal(np.asarray(a[0]), np.asarray(b[0])) and a[1] == b[1] for a, b in zip(corpus, again))
+    captions = [c for _, c in corpus]
+    # Names may share a colour word with captions (as CUB's do), but never appear whole, nor does a family name.
+    assert not any(s.name in c or s.family in c for c in captions for s in SPECIES), "no species identity"
+    assert {"on water", "on land"} == {c[c.rindex(" on "):].strip() for c in captions}
+    assert any("striped" in c for c in captions) and any("spotted" in c for c in captions)
+    assert caption(SPECIES[2], "land") == ("a round brown bird with orange wings, a black head and a brown tail, "
+                                           "on land")
+    assert "an orange head" in caption(SPECIES[2].__class__(**{**SPECIES[2].__dict__, "head": (240, 140, 20)}),
+                                       "water")

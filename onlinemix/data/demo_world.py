@@ -12,6 +12,10 @@ a species at home with probability ``home_fraction`` (0.9). The counterfactual t
 puts every bird in the other environment. Groups are family × environment.
 
 ``render(species, environment, rng)`` draws one image and its bird mask;
+``generic_corpus(count, seed)`` yields images of *random* birds with captions that
+describe colours, shape and background in words and never name a species (what the
+tiny generator is pretrained on, so that, like Stable Diffusion on CUB, it knows the
+domain loosely and needs personalisation);
 ``write_demo_world(root)`` writes the ImageFolder tree ``train/ val/ test/
 test_counterfactual/`` (each with ``groups.csv``), the bird masks under ``masks/`` and
 ``world.json`` with the species' attributes.
@@ -183,6 +187,41 @@ def render(species: Species, environment: str, rng: np.random.Generator, size: i
     image = image.resize((size, size), Image.Resampling.LANCZOS)
     mask = np.asarray(mask.resize((size, size), Image.Resampling.BILINEAR)) >= 128
     return image, mask
+
+
+def colour_name(colour: tuple) -> str:
+    return next(name for name, value in COLOURS.items() if value == colour)
+
+
+def random_species(rng: np.random.Generator) -> Species:
+    """A bird of a random family with random colours and pattern: the generic corpus's subjects."""
+    names = list(COLOURS)
+    pick = [names[int(i)] for i in rng.integers(0, len(names), 4)]
+    family = list(FAMILIES)[int(rng.integers(len(FAMILIES)))]
+    pattern = ("plain", "striped", "spotted")[int(rng.integers(3))]
+    return _species("bird", family, *pick, pattern, ENVIRONMENTS[int(rng.integers(2))])
+
+
+def caption(species: Species, environment: str) -> str:
+    """Words for what is visible — shape, colours, pattern, background — never the species' name."""
+    shape = {"finch": "a round", "wader": "a long-billed", "swift": "a slender fork-tailed"}[species.family]
+    pattern = "" if species.pattern == "plain" else f" {species.pattern}"
+    head, tail = colour_name(species.head), colour_name(species.tail)
+    return (f"{shape} {colour_name(species.body)} bird with{pattern} {colour_name(species.wing)} wings, "
+            f"{_article(head)} {head} head and {_article(tail)} {tail} tail, on {environment}")
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def generic_corpus(count: int, seed: int = 0, size: int = 64):
+    """``count`` (image, caption) pairs of random birds in random environments, seeded."""
+    rng = np.random.default_rng([seed, 7919])
+    for _ in range(count):
+        species = random_species(rng)
+        environment = ENVIRONMENTS[int(rng.integers(2))]
+        yield render(species, environment, rng, size)[0], caption(species, environment)
 
 
 def environments_for(count: int, home: str, home_fraction: float, rng: np.random.Generator) -> list:
