@@ -204,7 +204,7 @@ class StepBatches(torch.utils.data.Dataset):
         return 2**62
 
     def __getitem__(self, step: int):
-        rng = np.random.default_rng([self.seed, self.rank, step])
+        rng = np.random.default_rng([self.seed, self.rank, step, 0])  # tag 0: the training loop's noise uses 1
         picked = rng.choice(len(self.weights), self.batch_size, p=self.weights)
         flips = rng.random(self.batch_size) < 0.5
         images = []
@@ -255,6 +255,8 @@ def check_args(args) -> None:
         raise ValueError("--steps, --batch-size and --checkpoint-every must be >= 1.")
     if args.lr <= 0:
         raise ValueError(f"--lr must be positive, got {args.lr}.")
+    if args.workers < 0 or args.preview_steps < 0:
+        raise ValueError("--workers and --preview-steps must be >= 0 (--preview-steps 0: no preview grid).")
     busy = os.path.isdir(args.out) and os.listdir(args.out)
     if args.resume:
         if latest_checkpoint(args.out) is None:
@@ -353,8 +355,9 @@ def finetune(args) -> dict:
     personaliser.unet.train()
     bar = tqdm(total=args.steps, initial=start, desc="fine-tuning", disable=not main_process)
     for step, (images, labels) in zip(range(start, args.steps), loader):
-        generator = torch.Generator().manual_seed(int(np.random.default_rng([args.seed, accelerator.process_index,
-                                                                              step]).integers(2**62)))
+        # A stream of its own (tag 1): StepBatches draws the images from (seed, rank, step).
+        stream = np.random.default_rng([args.seed, accelerator.process_index, step, 1])
+        generator = torch.Generator().manual_seed(int(stream.integers(2**62)))
         with accelerator.autocast():
             loss = personaliser.loss(images.to(accelerator.device), labels, generator)
         optimizer.zero_grad(set_to_none=True)
@@ -363,6 +366,9 @@ def finetune(args) -> dict:
         optimizer.step()
         personaliser.restore_frozen_rows()
         value = accelerator.reduce(loss.detach(), reduction="mean").item()
+        if not math.isfinite(value):  # before any checkpoint: the last good one stays the latest
+            raise ValueError(f"The loss became {value} at step {step + 1}; lower --lr or use bf16 instead of fp16, "
+                             "then --resume from the last checkpoint.")
         losses[step + 1] = value
         bar.update(1)
         bar.set_postfix(loss=f"{value:.4f}")
@@ -370,8 +376,6 @@ def finetune(args) -> dict:
             append_loss(log_path, step + 1, value)
             if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
                 save_checkpoint(args.out, step + 1, personaliser, optimizer, scaler)
-        if not math.isfinite(value):
-            raise ValueError(f"The loss became {value} at step {step + 1}; lower --lr or use bf16 instead of fp16.")
     bar.close()
     accelerator.wait_for_everyone()
     info = {}

@@ -162,6 +162,8 @@ def test_bad_input_stops_before_any_work(base, data_dir, tmp_path):
         finetune(str(broken), data_dir, tmp_path / "a", "--steps", "1")
     with pytest.raises(ValueError, match="multiple of 8"):
         finetune(base, data_dir, tmp_path / "b", "--steps", "1", "--resolution", "36")
+    with pytest.raises(ValueError, match="--preview-steps must be >= 0"):
+        finetune(base, data_dir, tmp_path / "b", "--steps", "1", "--preview-steps", "-1")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty.*--overwrite"):

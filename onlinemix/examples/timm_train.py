@@ -114,25 +114,25 @@ def main(argv=None) -> dict:
                       num_classes=num_classes)
     work_dir = tempfile.TemporaryDirectory(prefix="onlinemix-example-")  # for --gen-model tiny
     ring, pool = start_generator(args, dataset_train, work_dir.name)  # onlinemix
-    diffmix_args = dict(source=ring, p=args.diffmix_p, gamma=args.diffmix_gamma)  # onlinemix
-    collate_fn = mixup_fn = None
-    if args.prefetcher:
-        collate_fn = DiffMixCollate(**mixup_args, **diffmix_args)  # onlinemix: was FastCollateMixup(**mixup_args)
-    else:
-        mixup_fn = DiffMix(**mixup_args, **diffmix_args)  # onlinemix: was Mixup(**mixup_args)
+    try:  # from here on, stop the generator however the run ends
+        diffmix_args = dict(source=ring, p=args.diffmix_p, gamma=args.diffmix_gamma)  # onlinemix
+        collate_fn = mixup_fn = None
+        if args.prefetcher:
+            collate_fn = DiffMixCollate(**mixup_args, **diffmix_args)  # onlinemix: was FastCollateMixup(**mixup_args)
+        else:
+            mixup_fn = DiffMix(**mixup_args, **diffmix_args)  # onlinemix: was Mixup(**mixup_args)
 
-    loader_train = create_loader(dataset_train, input_size=(3, args.img_size, args.img_size),
-                                 batch_size=args.batch_size, is_training=True, use_prefetcher=args.prefetcher,
-                                 collate_fn=collate_fn, num_workers=args.workers, device=device,
-                                 persistent_workers=args.workers > 0)
-    model = create_model(args.model, num_classes=num_classes).to(device)
-    optimizer = create_optimizer_v2(model, opt="sgd", lr=args.lr, weight_decay=1e-4, momentum=0.9)
-    lr_scheduler, num_epochs = create_scheduler_v2(optimizer, sched="cosine", num_epochs=args.epochs,
-                                                   warmup_epochs=0)
-    train_loss_fn = SoftTargetCrossEntropy()  # as timm uses whenever mixup is active
+        loader_train = create_loader(dataset_train, input_size=(3, args.img_size, args.img_size),
+                                     batch_size=args.batch_size, is_training=True, use_prefetcher=args.prefetcher,
+                                     collate_fn=collate_fn, num_workers=args.workers, device=device,
+                                     persistent_workers=args.workers > 0)
+        model = create_model(args.model, num_classes=num_classes).to(device)
+        optimizer = create_optimizer_v2(model, opt="sgd", lr=args.lr, weight_decay=1e-4, momentum=0.9)
+        lr_scheduler, num_epochs = create_scheduler_v2(optimizer, sched="cosine", num_epochs=args.epochs,
+                                                       warmup_epochs=0)
+        train_loss_fn = SoftTargetCrossEntropy()  # as timm uses whenever mixup is active
 
-    losses = []
-    try:
+        losses = []
         for epoch in range(num_epochs):
             model.train()
             for input, target in tqdm(loader_train, desc=f"epoch {epoch + 1}/{num_epochs}"):
