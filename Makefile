@@ -1,5 +1,5 @@
 # `make demo` / `make test`: create .venv, install onlinemix with its dev extra, then run
-# the main job on the toy data set / the tests.
+# the main job on the demo world / the tests.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,9 +8,9 @@ BIN := $(VENV)/bin
 test: $(VENV)/installed
 	$(BIN)/python -m pytest -q
 
-# The main job on the built-in toy set: CPU only, no download, about a minute.
+# The main job on the built-in demo world (configs/demo.yaml): CPU only, no download.
 demo: $(VENV)/installed
-	$(BIN)/python train.py --config configs/toy.yaml
+	$(BIN)/python train.py
 
 $(VENV)/installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

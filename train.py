@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Train a timm classifier with online Diff-Mix (or a sibling strategy) as augmentation.
 
+    python train.py                                  # no arguments: the demo (configs/demo.yaml)
     python train.py --config configs/toy.yaml
     python train.py --data-dir data/cub --metaclass bird --aug diffmix --gen-device cuda:1 \\
         --gen-model /models/stable-diffusion-v1-5 --gen-finetuned runs/cub-ti-db
@@ -78,8 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gen-device", nargs="+", default=["cuda:1"], help="one or more devices, 'cpu' allowed")
     gen.add_argument("--gen-workers-per-device", type=int, default=1)
     gen.add_argument("--gen-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                     help="diffusers folder or hub id; 'tiny' builds an untrained tiny model (smoke runs only)")
+                     help="diffusers folder or hub id; 'demo': the shipped demo generator; "
+                          "'tiny': an untrained tiny model (smoke runs only)")
     gen.add_argument("--gen-finetuned", help="personalised generator folder (onlinemix finetune)")
+    gen.add_argument("--gen-finetune-config",
+                     help="finetune YAML: if --gen-finetuned holds no personalised generator yet, make it first "
+                          "(onlinemix finetune --config FILE --out GEN_FINETUNED); later runs reuse it")
     gen.add_argument("--gen-steps", type=int, default=25)
     gen.add_argument("--guidance", type=float, default=7.5)
     gen.add_argument("--gen-resolution", type=int, default=512)
@@ -95,7 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # the quick start: `python train.py` runs the demo
+        print(f"No arguments: running the demo ({os.path.relpath(DEMO_CONFIG)}); `python train.py --help` lists "
+              "the options.", flush=True)
+        argv = ["--config", DEMO_CONFIG]
     args = parse_with_config(build_parser(), argv)
     check_args(args)
     return args
@@ -114,6 +127,11 @@ def check_args(args) -> None:
         if any(torch.device(d) == torch.device(args.device) for d in args.gen_device) and args.device != "cpu":
             warnings.warn("The generator shares the training device: expect training to slow down.", stacklevel=2)
     check_device(args.device, "--device")
+    if args.gen_finetune_config:
+        if not args.gen_finetuned:
+            raise ValueError("--gen-finetune-config needs --gen-finetuned, the folder to personalise into.")
+        if not os.path.isfile(args.gen_finetune_config):
+            raise FileNotFoundError(f"--gen-finetune-config {args.gen_finetune_config!r} is not a file.")
     if args.epochs < 1 or args.batch_size < 1:
         raise ValueError("--epochs and --batch-size must be >= 1.")
 
@@ -254,6 +272,27 @@ def build_augmentation(args, splits, run_dir, dist: Dist):
     if ring is None:
         ring = SampleRing.attach(name, "consumer")
     return DiffMix(**mix, p=args.p, gamma=args.gamma, source=ring), ring, pool
+
+
+def personalise_first(args, dist: Dist) -> None:
+    """Make ``--gen-finetuned`` with ``onlinemix finetune`` unless it already holds a personalised
+    generator; an interrupted run is resumed from its last checkpoint."""
+    from onlinemix.finetune import latest_checkpoint
+    from onlinemix.finetune import main as finetune
+    from onlinemix.generator.components import PERSONALISATION_JSON
+
+    if os.path.isfile(os.path.join(args.gen_finetuned, PERSONALISATION_JSON)):
+        logger.info("using the personalised generator in %s", args.gen_finetuned)
+        return
+    if dist.world > 1:
+        raise FileNotFoundError(
+            f"{args.gen_finetuned!r} holds no personalised generator; make it before a multi-process run: "
+            f"onlinemix finetune --config {args.gen_finetune_config} --out {args.gen_finetuned}")
+    argv = ["--config", args.gen_finetune_config, "--out", args.gen_finetuned]
+    if latest_checkpoint(args.gen_finetuned) is not None:
+        argv.append("--resume")
+    logger.info("personalising the generator first: onlinemix finetune %s", " ".join(argv))
+    finetune(argv)
 
 
 def generator_factory(args, splits, run_dir):
@@ -422,6 +461,8 @@ def train(args, dist: Dist) -> dict:
     num_classes = len(splits.class_names)
     train_counts = np.bincount(splits.train.labels, minlength=num_classes)
     train_loader, sampler, eval_loaders = loaders(args, splits, dist)
+    if args.aug in STRATEGY_OF_AUG and args.gen_finetune_config:
+        personalise_first(args, dist)
     mix, ring, pool = build_augmentation(args, splits, run_dir, dist)
 
     model = build_model(args, num_classes).to(device)

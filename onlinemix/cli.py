@@ -1,6 +1,7 @@
 """The ``onlinemix`` command, and the YAML-plus-flags parsing every command line here shares.
 
-``onlinemix finetune ...`` personalises a generator (``onlinemix.finetune``).
+``onlinemix finetune ...`` personalises a generator (``onlinemix.finetune``);
+``onlinemix pretrain-demo ...`` rebuilds the demo generator (``onlinemix.generator.demo_model``).
 """
 from __future__ import annotations
 
@@ -26,13 +27,16 @@ def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Na
     return parser.parse_args(argv)
 
 
-COMMANDS = {"finetune": "personalise a generator: textual inversion + LoRA (Diff-Mix's first stage)"}
+COMMANDS = {
+    "finetune": "personalise a generator: textual inversion + LoRA (Diff-Mix's first stage)",
+    "pretrain-demo": "pretrain the tiny demo generator on the demo world's generic corpus",
+}
 
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
-        usage = "\n".join(f"  {name:10s} {text}" for name, text in COMMANDS.items())
+        usage = "\n".join(f"  {name:14s} {text}" for name, text in COMMANDS.items())
         sys.exit(f"usage: onlinemix COMMAND [options]\n\ncommands:\n{usage}\n\n"
                  "`onlinemix COMMAND --help` lists a command's options.")
     try:
@@ -40,7 +44,11 @@ def main(argv=None) -> None:
             from .finetune import main as finetune
 
             finetune(argv[1:])
-    except (ValueError, FileNotFoundError) as error:
+        else:
+            from .generator.demo_model import main as pretrain_demo
+
+            pretrain_demo(argv[1:])
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         sys.exit(f"error: {error}")
 
 

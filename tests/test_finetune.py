@@ -212,7 +212,9 @@ def test_every_finetune_config_parses_and_matches_its_training_config(config):
     from onlinemix.finetune import build_parser
 
     args = parse_with_config(build_parser(), ["--config", os.path.join("configs", "finetune", config)])
-    assert args.method == "ti_db" and args.rank == 10 and args.lr == 5e-5 and args.resolution == 512
+    assert args.method == "ti_db" and args.rank == 10
+    if args.model != "demo":  # the paper's settings; the demo's tiny model trains at 64 px with a larger lr
+        assert args.lr == 5e-5 and args.resolution == 512
     users = []
     for name in os.listdir("configs"):
         if name.endswith(".yaml"):
@@ -224,3 +226,4 @@ def test_every_finetune_config_parses_and_matches_its_training_config(config):
     for recipe in users:  # the generator must learn the very training subset the classifier sees
         for key in ("data_dir", "metaclass", "shots", "imbalance_factor"):
             assert recipe.get(key) == getattr(args, key), key
+        assert recipe.get("dataset", "folder") == args.dataset

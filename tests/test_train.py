@@ -255,3 +255,29 @@ def test_demo_world_run_reports_counterfactual_groups(tmp_path):
     shifted = result["test_counterfactual"]
     assert len(shifted["per_class"]) == 12 and len(shifted["groups"]) == 6
     assert shifted["worst_group"] == min(shifted["groups"].values())
+
+
+def test_no_arguments_run_the_demo_config(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    args = train.parse_args()
+    assert "running the demo" in capsys.readouterr().out
+    assert (args.dataset, args.aug, args.gen_model, args.gen_device) == ("demo", "diffmix", "demo", ["cpu"])
+    assert args.gen_finetuned and os.path.isfile(args.gen_finetune_config)
+
+
+def test_generator_is_personalised_first_then_reused(data_dir, tmp_path):
+    config = tmp_path / "finetune.yaml"
+    config.write_text(f"model: demo\ndata_dir: {data_dir}\nmetaclass: shape\nsteps: 2\nbatch_size: 2\n"
+                      "resolution: 32\nworkers: 0\npreview_steps: 0\ninitializer: bird\n")
+    tuned = tmp_path / "tuned"
+    generator = ("--aug", "diffmix", "--p", "0.5", "--gen-device", "cpu", "--gen-model", "demo", "--gen-steps", "2",
+                 "--gen-resolution", "32", "--gen-batch-size", "4", "--gen-dtype", "float32", "--ring-slots", "16",
+                 "--gen-finetuned", str(tuned), "--gen-finetune-config", str(config))
+    result = run(data_dir, tmp_path, *generator)
+    with open(tuned / "onlinemix.json") as f:
+        assert json.load(f)["steps"] == 2 and result["augmentation"]["replaced"] > 0
+    stamp = os.path.getmtime(tuned / "onlinemix.json")
+    run(data_dir, tmp_path / "again", *generator)
+    assert os.path.getmtime(tuned / "onlinemix.json") == stamp, "the personalised generator is reused"
+    with pytest.raises(ValueError, match="--gen-finetune-config needs --gen-finetuned"):
+        run(data_dir, tmp_path, "--aug", "diffmix", "--gen-device", "cpu", "--gen-finetune-config", str(config))

@@ -163,10 +163,10 @@ def _draw_bird(draw: ImageDraw.ImageDraw, species: Species, cx: float, cy: float
             for k in (-1, 0, 1):
                 x = wx + k * ww * 0.22
                 draw.line([x, wy - wh * 0.38, x - facing * ww * 0.08, wy + wh * 0.38], fill=mark,
-                          width=max(1, int(scale / 22)))
+                          width=max(2, int(scale / 12)))
         elif species.pattern == "spotted":
-            r = max(1.0, scale / 30)
-            for dx, dy in ((-0.22, -0.12), (0.0, 0.15), (0.2, -0.1), (-0.05, -0.25), (0.12, 0.28)):
+            r = max(2.0, scale / 18)
+            for dx, dy in ((-0.25, -0.1), (0.0, 0.2), (0.22, -0.12), (-0.02, -0.28)):
                 x, y = wx + dx * ww, wy + dy * wh
                 draw.ellipse([x - r, y - r, x + r, y + r], fill=mark)
 
@@ -202,13 +202,29 @@ def random_species(rng: np.random.Generator) -> Species:
     return _species("bird", family, *pick, pattern, ENVIRONMENTS[int(rng.integers(2))])
 
 
-def caption(species: Species, environment: str) -> str:
-    """Words for what is visible — shape, colours, pattern, background — never the species' name."""
-    shape = {"finch": "a round", "wader": "a long-billed", "swift": "a slender fork-tailed"}[species.family]
-    pattern = "" if species.pattern == "plain" else f" {species.pattern}"
+def caption(species: Species, environment: str, rng: np.random.Generator | None = None) -> str:
+    """Words for what is visible — shape, colours, pattern, background — never the species' name.
+
+    With ``rng``, a varied caption: each attribute is named with probability 0.8 and half
+    the captions start "a photo of", so that the model also learns to draw from sparse
+    prompts such as the personalisation prompt "a photo of a <class_i> bird".
+    """
+    keep = (lambda: True) if rng is None else (lambda: rng.random() < 0.8)
+    shape = {"finch": "round", "wader": "long-billed", "swift": "slender fork-tailed"}[species.family]
     head, tail = colour_name(species.head), colour_name(species.tail)
-    return (f"{shape} {colour_name(species.body)} bird with{pattern} {colour_name(species.wing)} wings, "
-            f"{_article(head)} {head} head and {_article(tail)} {tail} tail, on {environment}")
+    pattern = "" if species.pattern == "plain" else f"{species.pattern} "
+    words = [w for w, k in ((shape, keep()), (colour_name(species.body), keep())) if k]
+    parts = [p for p, k in ((f"{pattern}{colour_name(species.wing)} wings", keep()),
+                            (f"{_article(head)} {head} head", keep()), (f"{_article(tail)} {tail} tail", keep())) if k]
+    text = " ".join(words + ["bird"])
+    text = f"{_article(text)} {text}"
+    if parts:
+        text += " with " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0])
+    if keep():
+        text += f", on {environment}"
+    if rng is not None and rng.random() < 0.5:
+        text = "a photo of " + text
+    return text
 
 
 def _article(word: str) -> str:
@@ -216,12 +232,13 @@ def _article(word: str) -> str:
 
 
 def generic_corpus(count: int, seed: int = 0, size: int = 64):
-    """``count`` (image, caption) pairs of random birds in random environments, seeded."""
+    """``count`` (image, varied caption) pairs of random birds in random environments, seeded."""
     rng = np.random.default_rng([seed, 7919])
     for _ in range(count):
         species = random_species(rng)
         environment = ENVIRONMENTS[int(rng.integers(2))]
-        yield render(species, environment, rng, size)[0], caption(species, environment)
+        image = render(species, environment, rng, size)[0]
+        yield image, caption(species, environment, rng)
 
 
 def environments_for(count: int, home: str, home_fraction: float, rng: np.random.Generator) -> list:

@@ -88,7 +88,8 @@ def load_components(
 
     Args:
         model: A diffusers folder (``model_index.json`` with ``tokenizer/``,
-            ``text_encoder/``, ``unet/``, ``vae/``, ``scheduler/``) or a hub id.
+            ``text_encoder/``, ``unet/``, ``vae/``, ``scheduler/``), a hub id, or
+            ``"demo"``: the tiny generator shipped with the package (``demo_model.py``).
         dtype: Weights' dtype (``torch.float16``/``bfloat16`` on GPUs).
         device: Where the modules go.
         local_files_only: Never reach a hub.
@@ -101,6 +102,10 @@ def load_components(
     if attention not in ("sdpa", "xformers"):
         raise ValueError(f"attention must be 'sdpa' or 'xformers', got {attention!r}.")
     model = os.fspath(model)
+    if model == "demo":
+        from .demo_model import demo_model_path
+
+        model = demo_model_path()
     looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") != 1
     if not os.path.isdir(model) and looks_like_path:
         raise FileNotFoundError(f"No model folder at {model!r}; pass a diffusers folder or a hub id (org/name).")
