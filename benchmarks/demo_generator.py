@@ -135,9 +135,9 @@ def main(argv=None) -> dict:
                                                      [prompts[t] for t in targets.tolist()], probe, "personalised")
         runs += personal
         labels = torch.arange(len(SPECIES)).repeat_interleave(args.references)
-        generated = torch.cat([sampler.generate([prompts[c] for c in labels[k:k + 16].tolist()],
-                                                list(range(k, k + len(labels[k:k + 16]))), height=64, width=64)
-                               for k in range(0, len(labels), 16)])
+        generated = torch.cat([sampler.generate([prompts[c] for c in labels[part].tolist()], seeds,
+                                                height=64, width=64)
+                               for part, seeds in batches(len(labels))])
         extra["text_to_image_probe_accuracy"] = float((predict(probe, generated) == labels).float().mean())
         print("personalised text-to-image, probe accuracy:", extra["text_to_image_probe_accuracy"])
         save_grid(refs, personal_images, targets, environments, os.path.splitext(args.out)[0] + "_personalised.png",
@@ -150,14 +150,20 @@ def main(argv=None) -> dict:
                         seconds=round(time.perf_counter() - start, 1), grid=os.path.basename(grid_path))
 
 
+def batches(count: int, size: int = 16):
+    """Slices of ``count`` samples, ``size`` at a time, with the samples' seeds (their indices)."""
+    for start in range(0, count, size):
+        seeds = list(range(start, min(start + size, count)))
+        yield slice(start, start + size), seeds
+
+
 def translation_runs(sampler, refs, masks, sources, targets, prompts, probe, kind: str):
     """SDEdit every reference toward its prompt at each strength; change inside / outside the bird
     mask and what the probe calls the result."""
     runs, translations = [], {}
     for strength in STRENGTHS:
-        out = torch.cat([sampler.translate(refs[k:k + 16], prompts[k:k + 16], [strength] * len(refs[k:k + 16]),
-                                           list(range(k, k + len(refs[k:k + 16]))))
-                         for k in range(0, len(refs), 16)])
+        out = torch.cat([sampler.translate(refs[part], prompts[part], [strength] * len(seeds), seeds)
+                         for part, seeds in batches(len(refs))])
         translations[strength] = out
         change = (out - refs).abs().mean(1)  # [N, H, W], per pixel over channels
         inside = (change * masks).sum((1, 2)) / masks.sum((1, 2))

@@ -214,6 +214,8 @@ def pretrain(out: str, *, seed: int = 0, corpus: int = 20000, vae_steps: int = 2
     Returns:
         What was done and measured: settings, losses, minutes per stage.
     """
+    from diffusers.utils import logging as diffusers_logging
+
     start = time.perf_counter()
     images, captions = render_corpus(corpus, seed)
     components = demo_architecture(corpus_tokenizer(captions), seed)
@@ -227,8 +229,6 @@ def pretrain(out: str, *, seed: int = 0, corpus: int = 20000, vae_steps: int = 2
     unet_losses = train_denoiser(components, means, stds, captions, steps=unet_steps, batch_size=batch_size,
                                  lr=1e-3, seed=seed, progress=progress)
     done = time.perf_counter()
-    from diffusers.utils import logging as diffusers_logging
-
     # Half precision keeps the package small; diffusers warns on any dtype cast, needlessly here.
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
