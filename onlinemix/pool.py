@@ -42,9 +42,13 @@ _PUT_TIMEOUT_S = 0.2
 
 
 def _worker_main(ring_name: str, index: int, device: str, factory: ProducerFactory, state, conn,
-                 parent_pid: int, seed: int, recorder: Optional[SampleRecorder]) -> None:
+                 parent_pid: int, seed: int, recorder: Optional[SampleRecorder], cpu_threads: Optional[int]) -> None:
     """A generator worker: build the producer, then write batches until stopped or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
+    if cpu_threads is not None and device.split(":")[0] == "cpu":
+        import torch
+
+        torch.set_num_threads(cpu_threads)
     row = np.frombuffer(state, dtype=np.float64).reshape(-1, _COLUMNS)
     stop, me = row[0], row[index + 1]
 
@@ -111,6 +115,8 @@ class GeneratorPool:
             the original Diff-Mix layout (``meta.csv`` + PNGs), readable by
             ``ReplaySource``; needs ``class_names``.
         class_names: Class names in label order, for recording.
+        cpu_threads: Torch threads of each worker on a ``"cpu"`` device; None: torch's
+            default (every core, which oversubscribes the cores a CPU trainer also uses).
     """
 
     def __init__(
@@ -126,6 +132,7 @@ class GeneratorPool:
         seed: int = 0,
         record_dir: Optional[str] = None,
         class_names: Optional[Sequence[str]] = None,
+        cpu_threads: Optional[int] = None,
     ):
         devices = [devices] if isinstance(devices, str) else list(devices)
         if not devices:
@@ -141,6 +148,8 @@ class GeneratorPool:
                 f"{count} workers need a ring with at least {count} producers, but ring {ring.name!r} has "
                 f"{ring.producers}; create it with producers={count}."
             )
+        if cpu_threads is not None and cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1 or None, got {cpu_threads}.")
         if record_dir is not None and not class_names:
             raise ValueError("record_dir needs class_names to name the recorded folders.")
         self.ring = ring
@@ -149,6 +158,7 @@ class GeneratorPool:
         self.hang_timeout = hang_timeout
         self.backoff = backoff
         self.seed = seed
+        self.cpu_threads = cpu_threads
         self.recorder = SampleRecorder(record_dir, class_names) if record_dir is not None else None
         self._ctx = mp.get_context("spawn")
         self._state = self._ctx.RawArray("d", _COLUMNS * (count + 1))
@@ -203,7 +213,7 @@ class GeneratorPool:
         worker.process = self._ctx.Process(
             target=_worker_main,
             args=(self.ring.name, worker.index, worker.device, self.factory, self._state, send,
-                  os.getpid(), seed, self.recorder),
+                  os.getpid(), seed, self.recorder, self.cpu_threads),
             name=f"onlinemix-generator-{worker.index}",
             daemon=True,
         )

@@ -55,3 +55,14 @@ class Hanging:
             time.sleep(3600)
 
         return produce
+
+
+class ThreadCount:
+    """Batches of 4 whose ``source`` is the worker's torch thread count."""
+
+    def __call__(self, device):
+        def produce():
+            return SampleBatch(torch.ones(4, 3, 8, 8, dtype=torch.uint8), torch.full((4,), torch.get_num_threads()),
+                               torch.zeros(4, dtype=torch.long), torch.full((4,), 0.5))
+
+        return produce

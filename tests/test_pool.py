@@ -10,7 +10,7 @@ import torch
 
 from onlinemix import DiffMix, GeneratorPool, ReplayProducer, ReplaySource, SampleRing
 from onlinemix.ring import SHM_DIR
-from tests.producers import Counting, Failing, Halving, Hanging
+from tests.producers import Counting, Failing, Halving, Hanging, ThreadCount
 from tests.test_sources import CLASSES, ROWS, write_offline_output
 
 
@@ -130,6 +130,15 @@ def test_pool_errors():
             GeneratorPool(ring, Counting(), [])
         with pytest.raises(ValueError, match="class_names"):
             GeneratorPool(ring, Counting(), "cpu", record_dir="/tmp/x")
+        with pytest.raises(ValueError, match="cpu_threads"):
+            GeneratorPool(ring, Counting(), "cpu", cpu_threads=0)
+
+
+def test_cpu_workers_take_their_thread_share():
+    share = torch.get_num_threads() + 1  # unlike the default, so the test sees it arrive
+    with SampleRing.create(8, 8, producers=1, consumers=1) as ring:
+        with GeneratorPool(ring, ThreadCount(), "cpu", cpu_threads=share):
+            assert ring.take(4, timeout=60).source.tolist() == [share] * 4
 
 
 def test_ctrl_c_stops_everything_cleanly():
