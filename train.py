@@ -240,6 +240,7 @@ def loaders(args, splits, dist: Dist):
 def build_augmentation(args, splits, run_dir, dist: Dist):
     """The batch transform and, for generator strategies, the ring and generator pool."""
     from onlinemix import DiffMix, GeneratorPool, ReplaySource, SampleRing
+    from onlinemix.pool import share_cpu_threads
 
     classes = len(splits.class_names)
     mix = dict(num_classes=classes, label_smoothing=args.smoothing)
@@ -260,7 +261,7 @@ def build_augmentation(args, splits, run_dir, dist: Dist):
             ring = SampleRing.create(args.ring_slots, args.ring_size or args.img_size, producers=workers,
                                      consumers=dist.local_world, max_reuse=args.max_reuse)
             pool = GeneratorPool(ring, factory, args.gen_device, workers_per_device=args.gen_workers_per_device,
-                                 seed=args.seed, cpu_threads=share_cpu_threads(args))
+                                 seed=args.seed, cpu_threads=share_cpu_threads(args.gen_device, args.gen_workers_per_device))
         except (ValueError, FileNotFoundError) as failure:
             error = failure
     shared = dist.gather((ring.name if ring is not None else None, str(error) if error else None))
@@ -272,24 +273,6 @@ def build_augmentation(args, splits, run_dir, dist: Dist):
     if ring is None:
         ring = SampleRing.attach(name, "consumer")
     return DiffMix(**mix, p=args.p, gamma=args.gamma, source=ring), ring, pool
-
-
-def share_cpu_threads(args) -> int | None:
-    """Split torch's threads between this process and CPU generator workers; returns each worker's share.
-
-    By default every process takes one thread per core, so a CPU generator and a CPU
-    trainer oversubscribe the cores (on 2 cores, 12 demo epochs took 1.7x longer that way).
-    None (torch's default everywhere) without CPU workers or when OMP_NUM_THREADS is set.
-    """
-    cpu_workers = sum(torch.device(d).type == "cpu" for d in args.gen_device) * args.gen_workers_per_device
-    if cpu_workers == 0 or "OMP_NUM_THREADS" in os.environ:
-        return None
-    cores = torch.get_num_threads()
-    per_worker = max(1, cores // (cpu_workers + 1))
-    torch.set_num_threads(max(1, cores - per_worker * cpu_workers))
-    logger.info("CPU generator: %d torch thread(s) per generator worker, %d for training (OMP_NUM_THREADS overrides)",
-                per_worker, torch.get_num_threads())
-    return per_worker
 
 
 def personalise_first(args, dist: Dist) -> None:

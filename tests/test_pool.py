@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from onlinemix import DiffMix, GeneratorPool, ReplayProducer, ReplaySource, SampleRing
+from onlinemix.pool import share_cpu_threads
 from onlinemix.ring import SHM_DIR
 from tests.producers import Counting, Failing, Halving, Hanging, ThreadCount
 from tests.test_sources import CLASSES, ROWS, write_offline_output
@@ -190,3 +191,18 @@ def test_warm_up_waits_for_samples_and_gives_up_when_every_worker_is_gone(caplog
             assert pool.warm_up(4, timeout=300, progress=False) == 0
             assert time.monotonic() - started < 120, "stopped waiting once every worker was gone"
     assert "training starts, with real images" in caplog.text
+
+
+@pytest.mark.parametrize("devices, per_device, expected", [(["cpu"], 1, (2, 2)), (["cpu"], 2, (1, 2)),
+                                                           (["cuda:1"], 1, (None, 4)), (["cpu", "cuda:1"], 1, (2, 2))])
+def test_cpu_generator_workers_and_the_trainer_share_the_cores(devices, per_device, expected, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        assert (share_cpu_threads(devices, per_device), torch.get_num_threads()) == expected
+        torch.set_num_threads(4)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert (share_cpu_threads(devices, per_device), torch.get_num_threads()) == (None, 4), "the user's setting wins"
+    finally:
+        torch.set_num_threads(before)

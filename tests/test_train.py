@@ -1,4 +1,3 @@
-import argparse
 import csv
 import json
 import os
@@ -282,19 +281,3 @@ def test_generator_is_personalised_first_then_reused(data_dir, tmp_path):
     assert os.path.getmtime(tuned / "onlinemix.json") == stamp, "the personalised generator is reused"
     with pytest.raises(ValueError, match="--gen-finetune-config needs --gen-finetuned"):
         run(data_dir, tmp_path, "--aug", "diffmix", "--gen-device", "cpu", "--gen-finetune-config", str(config))
-
-
-@pytest.mark.parametrize("devices, per_device, expected", [(["cpu"], 1, (2, 2)), (["cpu"], 2, (1, 2)),
-                                                           (["cuda:1"], 1, (None, 4)), (["cpu", "cuda:1"], 1, (2, 2))])
-def test_cpu_generator_workers_and_the_trainer_share_the_cores(devices, per_device, expected, monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(4)
-    try:
-        args = argparse.Namespace(gen_device=devices, gen_workers_per_device=per_device)
-        assert (train.share_cpu_threads(args), torch.get_num_threads()) == expected
-        torch.set_num_threads(4)
-        monkeypatch.setenv("OMP_NUM_THREADS", "3")
-        assert (train.share_cpu_threads(args), torch.get_num_threads()) == (None, 4), "the user's setting wins"
-    finally:
-        torch.set_num_threads(before)
