@@ -13,7 +13,9 @@ Three ways to make ``--batch`` translations at each strength, timed in turn:
     python benchmarks/bench_generator.py --device cuda --model sd15 --sizes 512 256 --dtype float16 [--compile]
 
 ``--model sd15`` is Stable Diffusion 1.5's architecture with random weights (same
-FLOPs). Writes ``benchmarks/results/generator_<device>_<model>.json``.
+FLOPs); ``--model demo`` the demo generator shipped with the package. Writes
+``benchmarks/results/generator_<device>_<model>_<dtype>.json`` and a plot of images/s
+against strength (like the paper's Fig. 11) next to it.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 from report import RESULTS, machine, write_report
 
-from onlinemix.generator.components import sd15_architecture, tiny_components
+from onlinemix.generator.components import load_components, sd15_architecture, tiny_components
 from onlinemix.generator.sampler import Sampler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -85,10 +87,53 @@ def run(size: int, strengths: list, args, components, device) -> dict:
     return result
 
 
+def plot(runs: list, path: str, title: str) -> None:
+    """Images/s against strength per method and size (lines), mixed strengths as a cross at 0.7."""
+    from PIL import Image, ImageDraw
+
+    width, height, left, bottom, top = 560, 380, 60, 50, 40
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    fixed = [r for r in runs if not isinstance(r["strength"], str)]
+    peak = max(r[m]["images_per_s"] for r in runs for m in ("onlinemix", "diffusers_batched", "diffusers_batch1")
+               if m in r) * 1.1
+
+    def xy(strength, rate):
+        return (left + (strength - 0.4) / 0.6 * (width - left - 150),
+                height - bottom - rate / peak * (height - bottom - top))
+
+    for tick in (0.5, 0.7, 0.9):
+        x, _ = xy(tick, 0)
+        draw.line([x, top, x, height - bottom], fill=(230, 230, 230))
+        draw.text((x - 8, height - bottom + 6), f"{tick}", fill="black")
+    for value in [peak * k / 5 for k in range(6)]:
+        _, y = xy(0.4, value)
+        draw.text((8, y - 6), f"{value:.3g}", fill="black")
+    colours = {"onlinemix": (70, 110, 190), "diffusers_batched": (60, 160, 90), "diffusers_batch1": (220, 120, 40)}
+    shades = {size: 1 - 0.45 * i for i, size in enumerate(sorted({r["size"] for r in runs}))}
+    legend_y = top
+    for size, shade in shades.items():
+        for method, colour in colours.items():
+            colour = tuple(int(255 - (255 - c) * shade) for c in colour)
+            points = [xy(r["strength"], r[method]["images_per_s"]) for r in fixed if r["size"] == size and method in r]
+            if len(points) > 1:
+                draw.line(points, fill=colour, width=2)
+            for r in runs:
+                if r["size"] == size and isinstance(r["strength"], str) and method in r:
+                    x, y = xy(0.7, r[method]["images_per_s"])
+                    draw.line([x - 5, y - 5, x + 5, y + 5], fill=colour, width=2)
+                    draw.line([x - 5, y + 5, x + 5, y - 5], fill=colour, width=2)
+            draw.text((width - 140, legend_y), f"{method} {size}px", fill=colour)
+            legend_y += 14
+    draw.text((left, 10), f"images/s against strength ({title}); x: mixed strengths", fill="black")
+    draw.text((left + 150, height - 22), "strength s", fill="black")
+    image.save(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--model", choices=["tiny", "demo", "sd15"], default="tiny")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--batch", type=int, default=8)
@@ -99,7 +144,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
-    components = (tiny_components(0) if args.model == "tiny" else sd15_architecture(0))
+    builders = {"tiny": lambda: tiny_components(0), "demo": lambda: load_components("demo"), "sd15": sd15_architecture}
+    components = builders[args.model]()
     components.to(device=device, dtype=DTYPES[args.dtype])
     if args.compile:
         components.unet = torch.compile(components.unet)
@@ -107,13 +153,18 @@ def main() -> None:
     runs = [run(size, strengths, args, components, device)
             for size in args.sizes for strengths in ([0.5] * args.batch, [0.7] * args.batch, [0.9] * args.batch, mixed)]
     suffix = "_compiled" if args.compile else ""
+    out = args.out or os.path.join(RESULTS, f"generator_{device.type}_{args.model}_{args.dtype}{suffix}.json")
+    plot_path = os.path.splitext(out)[0] + ".png"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    plot(runs, plot_path, f"{args.model}, {args.dtype}, {device.type}, batch {args.batch}, {args.steps} steps")
     report = write_report(
         "bench_generator",
-        args.out or os.path.join(RESULTS, f"generator_{device.type}_{args.model}_{args.dtype}{suffix}.json"),
+        out,
         {k: v for k, v in vars(args).items() if k != "out"},
         runs,
         machine=machine(device),
         paper_images_per_gpu_hour=PAPER_IMAGES_PER_GPU_HOUR,
+        plot=os.path.basename(plot_path),
     )
     for r in report["runs"]:
         line = ", ".join(f"{name} {r[name]['images_per_s']:.2f}/s" for name in
