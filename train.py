@@ -260,8 +260,9 @@ def build_augmentation(args, splits, run_dir, dist: Dist):
             workers = len(args.gen_device) * args.gen_workers_per_device
             ring = SampleRing.create(args.ring_slots, args.ring_size or args.img_size, producers=workers,
                                      consumers=dist.local_world, max_reuse=args.max_reuse)
+            cpu_threads = share_cpu_threads(args.gen_device, args.gen_workers_per_device)
             pool = GeneratorPool(ring, factory, args.gen_device, workers_per_device=args.gen_workers_per_device,
-                                 seed=args.seed, cpu_threads=share_cpu_threads(args.gen_device, args.gen_workers_per_device))
+                                 seed=args.seed, cpu_threads=cpu_threads)
         except (ValueError, FileNotFoundError) as failure:
             error = failure
     shared = dist.gather((ring.name if ring is not None else None, str(error) if error else None))

@@ -19,17 +19,12 @@ import statistics
 import time
 
 import torch
-from report import RESULTS, machine, write_report
+from report import RESULTS, machine, sync, write_report
 
 from onlinemix.finetune import Personaliser, cast_frozen
 from onlinemix.generator.components import sd15_architecture, tiny_components
 
 AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(args, precision: str, device: torch.device) -> dict:

@@ -26,18 +26,13 @@ import time
 
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
-from report import RESULTS, machine, write_report
+from report import RESULTS, machine, sync, write_report
 
 from onlinemix.generator.components import load_components, sd15_architecture, tiny_components
 from onlinemix.generator.sampler import Sampler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PAPER_IMAGES_PER_GPU_HOUR = 4179  # Table 11, RTX 3090, 512 px, 25 steps
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device) -> float:

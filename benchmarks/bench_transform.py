@@ -24,15 +24,10 @@ import time
 import numpy as np
 import timm
 import torch
-from report import RESULTS, machine, write_report
+from report import RESULTS, machine, sync, write_report
 from timm.data import Mixup
 
 from onlinemix import DiffMix, TensorSource
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_call(fn, x, y, device) -> float:

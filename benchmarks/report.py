@@ -34,6 +34,12 @@ def machine(device: Optional[torch.device] = None) -> dict:
     return info
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def write_report(name: str, path: str, settings: dict, runs: list, **extra) -> dict:
     """Write ``{benchmark, date, machine, settings, runs}`` as JSON to ``path``."""
     report = {

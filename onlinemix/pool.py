@@ -41,11 +41,15 @@ _COLUMNS = 4
 _PUT_TIMEOUT_S = 0.2
 
 
+def _on_cpu(device: str) -> bool:
+    return device.split(":")[0] == "cpu"
+
+
 def _worker_main(ring_name: str, index: int, device: str, factory: ProducerFactory, state, conn,
                  parent_pid: int, seed: int, recorder: Optional[SampleRecorder], cpu_threads: Optional[int]) -> None:
     """A generator worker: build the producer, then write batches until stopped or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
-    if cpu_threads is not None and device.split(":")[0] == "cpu":
+    if cpu_threads is not None and _on_cpu(device):
         import torch
 
         torch.set_num_threads(cpu_threads)
@@ -95,7 +99,7 @@ def share_cpu_threads(devices: Sequence[str], workers_per_device: int = 1) -> Op
     """
     import torch
 
-    cpu_workers = sum(d.split(":")[0] == "cpu" for d in devices) * workers_per_device
+    cpu_workers = sum(map(_on_cpu, devices)) * workers_per_device
     if cpu_workers == 0 or "OMP_NUM_THREADS" in os.environ:
         return None
     cores = torch.get_num_threads()
