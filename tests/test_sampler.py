@@ -3,7 +3,7 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from onlinemix.generator.components import tiny_components
-from onlinemix.generator.sampler import Sampler
+from onlinemix.generator.sampler import Sampler, check_steps
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +92,56 @@ def test_sampler_errors(components):
         sampler.translate(references(1), PROMPTS[:1], [0.0], SEEDS[:1])
     with pytest.raises(ValueError, match="multiples of 8"):
         sampler.generate(PROMPTS[:1], SEEDS[:1], height=60, width=64)
+
+
+GRID_STRENGTHS = [round(0.01 * i, 2) for i in range(1, 101)]
+
+
+def diffusers_img2img_start(pipe, steps, strength):
+    """Where diffusers' img2img starts: (first timestep, denoising steps run)."""
+    pipe.scheduler.set_timesteps(steps)
+    timesteps, run = pipe.get_timesteps(steps, strength, "cpu")
+    return (float(timesteps[0]) if len(timesteps) else None), run
+
+
+def test_sdedit_schedule_equals_diffusers_over_the_grid(components):
+    """Every (steps 1-50, strength 0.01-1.00) starts where StableDiffusionImg2ImgPipeline starts; check_steps
+    refuses exactly the pairs that would run no step. Translating all strengths of one step count in one
+    mixed batch, the U-Net sees at each timestep exactly the samples diffusers would have started by then."""
+    pipe = components.pipeline(StableDiffusionImg2ImgPipeline)
+    calls = []
+    hook = components.unet.register_forward_hook(
+        lambda module, args, out: calls.append((float(args[1]), args[0].shape[0])))
+    try:
+        for steps in range(1, 51):
+            expected = {s: diffusers_img2img_start(pipe, steps, s) for s in GRID_STRENGTHS}
+            runnable = [s for s in GRID_STRENGTHS if expected[s][1] >= 1]
+            for s in GRID_STRENGTHS:
+                if expected[s][1] < 1:
+                    with pytest.raises(ValueError, match="no denoising step"):
+                        check_steps(steps, [s])
+                else:
+                    check_steps(steps, [s])
+            pipe.scheduler.set_timesteps(steps)
+            schedule = [float(t) for t in pipe.scheduler.timesteps]
+            calls.clear()
+            sampler = Sampler(components, steps=steps, guidance=2.0)
+            n = len(runnable)
+            sampler.translate(torch.rand(n, 3, 16, 16), ["a bird"] * n, runnable, list(range(n)))
+            want = [(t, 2 * sum(schedule.index(expected[s][0]) <= i for s in runnable))
+                    for i, t in enumerate(schedule)]
+            want = [(t, b) for t, b in want if b]
+            assert calls == want, f"{steps} steps: the samples' first timesteps differ from diffusers' img2img"
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("steps, strength", [(10, 0.7), (25, 0.52), (50, 0.9), (25, 0.04)])
+def test_translate_equals_diffusers_where_float32_rounding_used_to_start_late(components, steps, strength):
+    pipe = components.pipeline(StableDiffusionImg2ImgPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    images = references(2)
+    expected = pipe(prompt=PROMPTS[:2], image=images, strength=strength, num_inference_steps=steps,
+                    guidance_scale=7.5, generator=generators(SEEDS[:2]), output_type="pt").images
+    ours = Sampler(components, steps=steps, guidance=7.5).translate(images, PROMPTS[:2], [strength] * 2, SEEDS[:2])
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
