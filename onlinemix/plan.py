@@ -99,10 +99,14 @@ class Request:
 class Planner:
     """A seeded, reproducible stream of generation requests.
 
-    By default (the paper) the target class is uniform over classes, the source
-    class is drawn independently and uniformly for inter-class strategies (equal to
-    the target otherwise), the reference image is uniform within the source class,
-    and the strength is uniform over the strategy's set.
+    By default (the paper) the target class is uniform over classes and the
+    strength uniform over the strategy's set. Inter-class strategies draw the
+    reference image uniformly over the training images, independently of the
+    target, as the official code does for long-tail data: the reference's class is
+    the source, so on a long-tail set head classes lend most backgrounds (drawing
+    a source class first would let the few images of tail classes supply most of
+    them). On a balanced set the two agree. Intra-class strategies draw the
+    reference uniformly within the target class.
 
     Args:
         labels: Class of every training image, in data-set order.
@@ -111,7 +115,8 @@ class Planner:
         strengths: Strength set to draw from uniformly, or one fixed strength;
             default the strategy's own.
         referable_classes: If set, each target class may only take references from
-            this many source classes, chosen once at random (the paper's Fig. 7b).
+            this many source classes, chosen once at random (the paper's Fig. 7b);
+            the reference stays uniform over those classes' images.
         target_weights: Relative weight of each target class (e.g.
             ``long_tail_weights(counts)``); default uniform.
         seed: Seed of the whole stream.
@@ -140,6 +145,11 @@ class Planner:
         self._by_class = [np.flatnonzero(labels == c) for c in range(self.num_classes)]
         self._target_p = self._check_weights(target_weights)
         self._sources = self._referable(referable_classes)
+        self._labels = labels
+        if self._sources is not None:  # each target's candidate references: every image of its source classes
+            pools = {}
+            self._references = [pools.setdefault(tuple(s.tolist()), np.flatnonzero(np.isin(labels, s)))
+                                for s in self._sources]
 
     def _check_strengths(self, strengths) -> np.ndarray:
         if self.strategy.text_to_image:
@@ -188,8 +198,10 @@ class Planner:
         seed = int(rng.integers(0, 2**31 - 1))
         if self.strategy.text_to_image:
             return Request(-1, target, target, 1.0, seed)
-        source = int(rng.choice(self._sources[target])) if self.strategy.inter_class else target
-        return Request(int(rng.choice(self._by_class[source])), source, target, strength, seed)
+        if self.strategy.inter_class:
+            reference = int(rng.choice(self._references[target]))
+            return Request(reference, int(self._labels[reference]), target, strength, seed)
+        return Request(int(rng.choice(self._by_class[target])), target, target, strength, seed)
 
     def __iter__(self) -> Iterator[Request]:
         while True:

@@ -30,21 +30,38 @@ def labels(per_class=(5, 5, 5, 5)):
     return np.repeat(np.arange(len(per_class)), per_class)
 
 
-def test_diff_mix_pairs_are_independent_and_uniform():
+def test_diff_mix_targets_are_uniform_and_references_uniform_over_images():
     y = labels((3, 4, 5, 6, 7))
-    requests = Planner(y, "diff-mix", seed=1).take(20000)
+    requests = Planner(y, "diff-mix", seed=1).take(25000)
     pairs = np.zeros((5, 5))
     for r in requests:
         assert y[r.reference] == r.source
         assert r.strength in (0.5, 0.7, 0.9)
         pairs[r.source, r.target] += 1
-    expected = 20000 / 25
-    assert np.abs(pairs - expected).max() < 5 * np.sqrt(expected)  # independent, uniform
-    same = sum(r.source == r.target for r in requests) / len(requests)
-    assert abs(same - 1 / 5) < 0.02
-    # reference uniform within its class
-    refs = np.bincount([r.reference for r in requests if r.source == 4], minlength=len(y))[y == 4]
-    assert refs.min() > 0.8 * refs.mean()
+    expected = 25000 * np.outer(np.bincount(y) / len(y), np.full(5, 1 / 5))  # source ∝ images, target uniform
+    assert np.abs(pairs - expected).max() < 5 * np.sqrt(expected.max())  # and independent
+    refs = np.bincount([r.reference for r in requests], minlength=len(y))
+    assert refs.min() > 0.8 * refs.mean(), "every image is a reference equally often"
+
+
+def cub_lt_counts(rho=100):
+    """CUB-LT's class sizes (the official construction on CUB's 5 994 training images)."""
+    k = np.arange(200)
+    return np.maximum((5994 / 200 * (1 / rho) ** (k / 198)).astype(int), 1)
+
+
+def test_long_tail_references_follow_the_images_not_the_classes():
+    counts = cub_lt_counts()
+    y = labels(counts)
+    assert len(y) == 1242
+    tail = counts < 5  # CUB-LT's few-shot classes: 123 of 200 classes, 195 of 1242 images
+    requests = Planner(y, "diff-mix", target_weights=long_tail_weights(counts), seed=0).take(20000)
+    share = np.mean([tail[r.source] for r in requests])
+    expected = counts[tail].sum() / counts.sum()
+    assert abs(share - expected) < 0.01, f"tail classes supply {share:.3f} of references, their images {expected:.3f}"
+    targets = np.bincount([r.target for r in requests], minlength=200) / len(requests)
+    weights = long_tail_weights(counts)
+    np.testing.assert_allclose(targets[tail].sum(), weights[tail].sum() / weights.sum(), atol=0.015)
 
 
 @pytest.mark.parametrize("name", ["diff-aug", "real-aug", "real-guidance", "da-fusion"])
@@ -68,6 +85,16 @@ def test_referable_class_limit():
         sources = {r.source for r in requests if r.target == target}
         assert len(sources) == 3
         assert sources == set(planner._sources[target].tolist())
+    # the reference stays uniform over the referable classes' images
+    y = labels((2, 8, 2, 8))
+    requests = Planner(y, "diff-mix", referable_classes=2, seed=4).take(8000)
+    by_target = {t: [r for r in requests if r.target == t] for t in range(4)}
+    planner = Planner(y, "diff-mix", referable_classes=2, seed=4)
+    for target, rs in by_target.items():
+        allowed = planner._sources[target]
+        share = np.bincount([r.source for r in rs], minlength=4)[allowed] / len(rs)
+        sizes = np.bincount(y)[allowed]
+        np.testing.assert_allclose(share, sizes / sizes.sum(), atol=0.06)
 
 
 def test_weighted_targets_follow_long_tail_weights():
