@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--name", help="run folder name (default: derived from the time)")
     model.add_argument("--resume", help="checkpoint to continue from")
     model.add_argument("--log-interval", type=int, default=50)
+    model.add_argument("--shot-thresholds", type=int, nargs=2, default=[20, 5], metavar=("MANY", "FEW"),
+                       help="long-tail accuracy groups: many-shot classes have more than MANY training images, "
+                            "few-shot fewer than FEW (CUB-LT 20 5, Flower-LT 30 10)")
     aug = p.add_argument_group("augmentation")
     aug.add_argument("--aug", choices=AUGS, default="diffmix")
     # --replace-prob: torchrun's own parser mistakes a bare --p for an abbreviation of its --print-completion.
@@ -134,6 +137,9 @@ def check_args(args) -> None:
             raise FileNotFoundError(f"--gen-finetune-config {args.gen_finetune_config!r} is not a file.")
     if args.epochs < 1 or args.batch_size < 1:
         raise ValueError("--epochs and --batch-size must be >= 1.")
+    many, few = args.shot_thresholds
+    if not 0 < few <= many:
+        raise ValueError(f"--shot-thresholds MANY FEW needs 0 < FEW <= MANY, got {many} {few}.")
 
 
 def check_device(device: str, flag: str) -> None:
@@ -367,19 +373,20 @@ def set_rng_state(state: dict) -> None:
 # -- loop -----------------------------------------------------------------------------------
 
 
-def evaluate(model, loader, device, num_classes, amp_dtype, train_counts=None) -> dict:
-    """Top-1/top-5 and per-class accuracy; many/medium/few with ``train_counts``; per-group
-    and worst-group accuracy when the split defines groups."""
+def evaluate(model, loader, device, num_classes, amp_dtype, train_counts=None, shot_thresholds=(20, 5)) -> dict:
+    """Top-1 and top-5 over all images (micro, what papers and timm report), class-balanced top-1
+    (``balanced_top1``, the mean of per-class accuracies) and per-class accuracy; many/medium/few
+    with ``train_counts``; per-group and worst-group accuracy when the split defines groups."""
     from torchmetrics.classification import MulticlassAccuracy
 
     from onlinemix.data import shot_groups
 
     # Rank 0 evaluates on the whole split alone: no cross-rank sync.
     local = dict(num_classes=num_classes, sync_on_compute=False)
-    top1 = MulticlassAccuracy(top_k=1, **local).to(device)
-    top5 = MulticlassAccuracy(top_k=min(5, num_classes), **local).to(device)
+    top1 = MulticlassAccuracy(top_k=1, average="micro", **local).to(device)
+    top5 = MulticlassAccuracy(top_k=min(5, num_classes), average="micro", **local).to(device)
     per_class = MulticlassAccuracy(average="none", **local).to(device)
-    correct = []
+    correct, seen = [], torch.zeros(num_classes, dtype=torch.bool)
     model.eval()
     with torch.no_grad():
         for x, y in loader:
@@ -389,12 +396,15 @@ def evaluate(model, loader, device, num_classes, amp_dtype, train_counts=None) -
             for metric in (top1, top5, per_class):
                 metric.update(logits, y)
             correct.append((logits.argmax(1) == y).cpu())
+            seen[y.cpu()] = True
+    accuracy = per_class.compute().cpu()
     result = {"top1": float(top1.compute()), "top5": float(top5.compute()),
-              "per_class": [round(float(v), 4) for v in per_class.compute()]}
+              "balanced_top1": float(accuracy[seen].mean()), "per_class": [round(float(v), 4) for v in accuracy]}
     if train_counts is not None:
-        accuracy = np.array(result["per_class"])
-        for group, classes in shot_groups(train_counts).items():
-            if len(classes):
+        many, few = shot_thresholds
+        for group, classes in shot_groups(train_counts, many=many, few=few).items():
+            classes = [c for c in classes if seen[c]]
+            if classes:
                 result[group] = float(accuracy[classes].mean())
     groups = loader.dataset.split.groups
     if groups is not None:
@@ -594,7 +604,7 @@ def epoch_report(args, epoch, losses, optimizer, augmentation, ring, pool, eval_
         result["generator"] = pool.stats()
     for name, loader in eval_loaders.items():
         result[name] = evaluate(model, loader, device, num_classes, amp_dtype,
-                                train_counts if args.imbalance_factor else None)
+                                train_counts if args.imbalance_factor else None, args.shot_thresholds)
     accuracy = ", ".join(f"{name} top1 {result[name]['top1']:.4f}" for name in eval_loaders)
     logger.info("epoch %d: loss %.4f, %s, synthetic %.3f", epoch + 1, result["train_loss"], accuracy,
                 totals["replaced_fraction"])
@@ -618,6 +628,7 @@ def write_metrics(result: dict, jsonl: str, csv_path: str) -> None:
     for split, metrics in result.items():
         if isinstance(metrics, dict) and "top1" in metrics:
             row[f"{split}_top1"], row[f"{split}_top5"] = metrics["top1"], metrics["top5"]
+            row[f"{split}_balanced_top1"] = metrics["balanced_top1"]
             if "worst_group" in metrics:
                 row[f"{split}_worst_group"] = metrics["worst_group"]
     new = not os.path.exists(csv_path)

@@ -281,3 +281,34 @@ def test_generator_is_personalised_first_then_reused(data_dir, tmp_path):
     assert os.path.getmtime(tuned / "onlinemix.json") == stamp, "the personalised generator is reused"
     with pytest.raises(ValueError, match="--gen-finetune-config needs --gen-finetuned"):
         run(data_dir, tmp_path, "--aug", "diffmix", "--gen-device", "cpu", "--gen-finetune-config", str(config))
+
+
+class _Predicts(torch.nn.Module):
+    """A classifier that always answers ``label``."""
+
+    def __init__(self, label, num_classes):
+        super().__init__()
+        self.label, self.num_classes = label, num_classes
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(torch.full((len(x),), self.label), self.num_classes).float()
+
+
+def test_top1_counts_images_and_balanced_top1_counts_classes():
+    from onlinemix.data import FileSplit
+
+    labels = [0] * 8 + [1] * 2 + [2] * 2
+    split = FileSplit([""] * len(labels), labels)
+    split.image = lambda index: None
+    dataset = train.Images(split, lambda image: torch.zeros(3, 4, 4))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5)
+    result = train.evaluate(_Predicts(0, 3), loader, torch.device("cpu"), 3, None)
+    assert result["top1"] == pytest.approx(8 / 12), "top-1 over images, as papers and timm report it"
+    assert result["balanced_top1"] == pytest.approx(1 / 3), "the mean of per-class accuracies"
+    assert result["per_class"] == [1.0, 0.0, 0.0] and result["top5"] == pytest.approx(1.0)
+    counts = [40, 15, 3]
+    groups = train.evaluate(_Predicts(0, 3), loader, torch.device("cpu"), 3, None, counts, (30, 10))
+    assert (groups["many"], groups["medium"], groups["few"]) == (1.0, 0.0, 0.0)
+    assert train.evaluate(_Predicts(0, 3), loader, torch.device("cpu"), 3, None, counts)["many"] == 1.0
+    with pytest.raises(ValueError, match="--shot-thresholds"):
+        train.parse_args(["--data-dir", ".", "--aug", "none", "--device", "cpu", "--shot-thresholds", "5", "20"])
