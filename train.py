@@ -32,10 +32,15 @@ from onlinemix.cli import parse_with_config
 from onlinemix.data import add_data_arguments, check_data_arguments, load_splits
 
 AUGS = ("none", "mixup", "cutmix", "diffmix", "diffmix+cutmix", "diffaug", "diffgen", "realmix", "realaug",
-        "realguidance", "realgen", "dafusion", "replay")
+        "realguidance", "realgen", "realfilter", "dafusion", "replay")
 STRATEGY_OF_AUG = {"diffmix": "diff-mix", "diffmix+cutmix": "diff-mix", "diffaug": "diff-aug", "diffgen": "diff-gen",
                    "realmix": "real-mix", "realaug": "real-aug", "realguidance": "real-guidance",
-                   "realgen": "real-gen", "dafusion": "da-fusion"}
+                   "realgen": "real-gen", "realfilter": "real-filtering", "dafusion": "da-fusion"}
+# The paper's baselines, as its code runs them: CutMix per sample with probability 0.1, Mixup per batch with
+# probability 0.3 (both with alpha 1). --mixup-prob and --mixup-mode override them.
+PAPER_MIXING = {"mixup": dict(prob=0.3, mode="batch"), "cutmix": dict(prob=0.1, mode="elem")}
+# RandomResizedCrop's area range for real training images; synthetic images get the same crop.
+TRAIN_CROP_SCALE = (0.35, 1.0)
 logger = logging.getLogger("onlinemix")
 
 
@@ -44,8 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of defaults; flags given here override it")
     add_data_arguments(p.add_argument_group("data"))
     model = p.add_argument_group("model and optimisation")
-    model.add_argument("--model", default="resnet18", help="any timm model name")
-    model.add_argument("--pretrained", help="local weights file (safetensors or .pth) to start from")
+    model.add_argument("--model", default="resnet18",
+                       help="any timm model name, with a pretrained tag where it matters (resnet50.tv_in1k)")
+    model.add_argument("--pretrained", action="store_true",
+                       help="start from timm's pretrained weights of --model (downloaded from the hub once, then "
+                            "cached; offline, use --initial-checkpoint)")
+    model.add_argument("--initial-checkpoint", help="local weights file (safetensors or .pth) to start from; "
+                                                    "tensors whose shape does not fit (a classifier) are skipped")
     model.add_argument("--img-size", type=int, default=224)
     model.add_argument("--batch-size", type=int, default=64)
     model.add_argument("--epochs", type=int, default=128)
@@ -75,8 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="per-sample synthetic replacement probability (under torchrun, spell it --replace-prob)")
     aug.add_argument("--gamma", type=float, default=0.5)
     aug.add_argument("--strengths", type=float, nargs="+", help="SDEdit strengths (default: the strategy's)")
-    aug.add_argument("--mixup-alpha", type=float, default=0.8)
+    aug.add_argument("--mixup-alpha", type=float, default=1.0)
     aug.add_argument("--cutmix-alpha", type=float, default=1.0)
+    aug.add_argument("--mixup-prob", type=float,
+                     help="probability of applying Mixup/CutMix, per batch or per sample by --mixup-mode "
+                          "(default: the paper's, 0.3 for mixup and 0.1 for cutmix)")
+    aug.add_argument("--mixup-mode", choices=["batch", "pair", "elem"],
+                     help="timm's mixing mode (default: the paper's, batch for mixup and elem -- per sample -- "
+                          "for cutmix)")
+    aug.add_argument("--referable-classes", type=int,
+                     help="inter-class strategies: each target class takes references from only this many "
+                          "source classes, chosen at random (the paper's Fig. 7b)")
     aug.add_argument("--replay-dir", help="output folder of the offline Diff-Mix sampler (--aug replay)")
     gen = p.add_argument_group("generator")
     gen.add_argument("--gen-device", nargs="+", default=["cuda:1"], help="one or more devices, 'cpu' allowed")
@@ -93,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gen-resolution", type=int, default=512)
     gen.add_argument("--gen-batch-size", type=int, default=8)
     gen.add_argument("--gen-dtype", choices=["float32", "float16", "bfloat16"], default="float16")
-    gen.add_argument("--clip-filter", help="CLIP folder or hub id: drop the 10%% least confident samples")
+    gen.add_argument("--clip-filter",
+                     help="CLIP folder or hub id (the paper's openai/clip-vit-base-patch32): drop the 10%% of "
+                          "samples least confidently showing a --metaclass; needed by --aug realfilter")
     gen.add_argument("--ring-slots", type=int, default=512)
     gen.add_argument("--ring-size", type=int, help="image size in the ring (default --img-size)")
     gen.add_argument("--max-reuse", type=int, default=4)
@@ -122,6 +143,13 @@ def check_args(args) -> None:
     check_data_arguments(args)
     if not 0 <= args.p <= 1:
         raise ValueError(f"--p must lie in [0, 1], got {args.p}.")
+    if args.mixup_prob is not None and not 0 <= args.mixup_prob <= 1:
+        raise ValueError(f"--mixup-prob must lie in [0, 1], got {args.mixup_prob}.")
+    if args.pretrained and args.initial_checkpoint:
+        raise ValueError("--pretrained (timm's weights) and --initial-checkpoint FILE both choose the starting "
+                         "weights; pass one.")
+    if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
+        raise FileNotFoundError(f"--initial-checkpoint {args.initial_checkpoint!r} is not a file.")
     if args.aug == "replay" and not args.replay_dir:
         raise ValueError("--aug replay needs --replay-dir, the output folder of the offline Diff-Mix sampler.")
     if args.aug in STRATEGY_OF_AUG:
@@ -215,18 +243,25 @@ class Images(torch.utils.data.Dataset):
         return self.transform(self.split.image(i)), self.split.labels[i]
 
 
-def transforms(img_size: int):
+def normalisation(model) -> tuple:
+    """The mean and std the model's pretrained weights expect (timm's pretrained config; ImageNet's by default)."""
     from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    config = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(config.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(config.get("std", IMAGENET_DEFAULT_STD))
+
+
+def transforms(img_size: int, mean, std):
     from torchvision import transforms as T
 
-    normalise = [T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
-    train = T.Compose([T.RandomResizedCrop(img_size, scale=(0.35, 1.0)), T.RandomHorizontalFlip()] + normalise)
+    normalise = [T.ToTensor(), T.Normalize(mean, std)]
+    train = T.Compose([T.RandomResizedCrop(img_size, scale=TRAIN_CROP_SCALE), T.RandomHorizontalFlip()] + normalise)
     evaluate = T.Compose([T.Resize(int(math.floor(img_size / 0.875))), T.CenterCrop(img_size)] + normalise)
     return train, evaluate
 
 
-def loaders(args, splits, dist: Dist):
-    train_tf, eval_tf = transforms(args.img_size)
+def loaders(args, splits, dist: Dist, mean, std):
+    train_tf, eval_tf = transforms(args.img_size, mean, std)
     common = dict(num_workers=args.workers, persistent_workers=args.workers > 0)
     train_set = Images(splits.train, train_tf)
     # Seeded and reset per epoch with set_epoch: the same order whether a run was resumed or not.
@@ -243,17 +278,19 @@ def loaders(args, splits, dist: Dist):
 # -- augmentation ------------------------------------------------------------------------
 
 
-def build_augmentation(args, splits, run_dir, dist: Dist):
+def build_augmentation(args, splits, run_dir, dist: Dist, mean, std):
     """The batch transform and, for generator strategies, the ring and generator pool."""
-    from onlinemix import DiffMix, GeneratorPool, ReplaySource, SampleRing
+    from onlinemix import DiffMix, GeneratorPool, RandomResizedCropFlip, ReplaySource, SampleRing
     from onlinemix.pool import share_cpu_threads
 
     classes = len(splits.class_names)
-    mix = dict(num_classes=classes, label_smoothing=args.smoothing)
-    if args.aug in ("mixup",):
-        mix["mixup_alpha"] = args.mixup_alpha
-    if args.aug in ("cutmix", "diffmix+cutmix"):
-        mix["cutmix_alpha"] = args.cutmix_alpha
+    mix = dict(num_classes=classes, label_smoothing=args.smoothing, mean=mean, std=std,
+               synthetic_transform=RandomResizedCropFlip(scale=TRAIN_CROP_SCALE))
+    kind = "mixup" if args.aug == "mixup" else "cutmix" if args.aug in ("cutmix", "diffmix+cutmix") else None
+    if kind is not None:
+        mix[f"{kind}_alpha"] = getattr(args, f"{kind}_alpha")
+        mix["prob"] = PAPER_MIXING[kind]["prob"] if args.mixup_prob is None else args.mixup_prob
+        mix["mode"] = args.mixup_mode or PAPER_MIXING[kind]["mode"]
     if args.aug in ("none", "mixup", "cutmix"):
         return DiffMix(**mix, p=0.0), None, None
     if args.aug == "replay":
@@ -321,6 +358,7 @@ def generator_factory(args, splits, run_dir):
         weights = tuple(long_tail_weights(counts).tolist())
     spec = GeneratorSpec(
         model=model, finetuned=args.gen_finetuned, strategy=STRATEGY_OF_AUG[args.aug], target_weights=weights,
+        referable_classes=args.referable_classes,
         strengths=tuple(args.strengths) if args.strengths else None, steps=args.gen_steps, guidance=args.guidance,
         resolution=args.gen_resolution, image_size=args.ring_size or args.img_size, batch_size=args.gen_batch_size,
         dtype=args.gen_dtype, clip_model=args.clip_filter, local_files_only=args.local_files_only,
@@ -332,24 +370,28 @@ def generator_factory(args, splits, run_dir):
 
 
 def build_model(args, num_classes):
+    """The timm model: timm's pretrained weights with ``--pretrained``, a local file with ``--initial-checkpoint``."""
     import timm
 
-    model = timm.create_model(args.model, num_classes=num_classes, pretrained=False)
-    if args.pretrained:
-        if not os.path.isfile(args.pretrained):
-            raise FileNotFoundError(f"--pretrained {args.pretrained!r} is not a file; pass local weights "
-                                    "(this trainer never downloads).")
-        if args.pretrained.endswith(".safetensors"):
+    try:
+        model = timm.create_model(args.model, num_classes=num_classes, pretrained=args.pretrained)
+    except OSError as error:  # no network, no cached weights
+        raise FileNotFoundError(
+            f"--pretrained: timm could not fetch the pretrained weights of {args.model!r} "
+            f"({str(error).splitlines()[0]}). Without network access, download them elsewhere and pass the file "
+            "with --initial-checkpoint.") from None
+    if args.initial_checkpoint:
+        if args.initial_checkpoint.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            state = load_file(args.pretrained)
+            state = load_file(args.initial_checkpoint)
         else:
-            state = torch.load(args.pretrained, map_location="cpu", weights_only=True)
+            state = torch.load(args.initial_checkpoint, map_location="cpu", weights_only=True)
         # Keep what fits this model: a checkpoint's classifier for another class count does not.
         own = model.state_dict()
         fitting = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
         missing, _ = model.load_state_dict(fitting, strict=False)
-        logger.info("loaded %s (%d tensors missing, e.g. the new classifier)", args.pretrained, len(missing))
+        logger.info("loaded %s (%d tensors missing, e.g. the new classifier)", args.initial_checkpoint, len(missing))
     return model
 
 
@@ -472,12 +514,13 @@ def train(args, dist: Dist) -> dict:
         splits = load_splits(args)
     num_classes = len(splits.class_names)
     train_counts = np.bincount(splits.train.labels, minlength=num_classes)
-    train_loader, sampler, eval_loaders = loaders(args, splits, dist)
+    model = build_model(args, num_classes).to(device)
+    mean, std = normalisation(model)
+    train_loader, sampler, eval_loaders = loaders(args, splits, dist, mean, std)
     if args.aug in STRATEGY_OF_AUG and args.gen_finetune_config:
         personalise_first(args, dist)
-    mix, ring, pool = build_augmentation(args, splits, run_dir, dist)
+    mix, ring, pool = build_augmentation(args, splits, run_dir, dist, mean, std)
 
-    model = build_model(args, num_classes).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,

@@ -3,12 +3,13 @@ from .labels import mix_labels, one_hot, smooth_labels, translation_label
 from .pool import GeneratorPool
 from .ring import SampleRing
 from .sources import ReplayProducer, ReplaySource, SampleBatch, SampleRecorder, SampleSource, TensorSource
-from .transform import DiffMix, DiffMixCollate, random_horizontal_flip
+from .transform import DiffMix, DiffMixCollate, RandomResizedCropFlip
 
 __all__ = [
     "DiffMix",
     "DiffMixCollate",
     "GeneratorPool",
+    "RandomResizedCropFlip",
     "ReplayProducer",
     "ReplaySource",
     "SampleBatch",
@@ -18,7 +19,6 @@ __all__ = [
     "TensorSource",
     "mix_labels",
     "one_hot",
-    "random_horizontal_flip",
     "smooth_labels",
     "translation_label",
 ]

@@ -146,6 +146,14 @@ class Personaliser:
             target = noise
         return F.mse_loss(prediction.float(), target.float())
 
+    def drop_frozen_gradients(self) -> None:
+        """Zero the embedding table's gradient outside the new tokens' rows. The caption's other words
+        ("a photo of a", the metaclass, padding) get gradients too; clipping must measure only what learns."""
+        if self.token_ids:
+            grad = self.components.text_encoder.get_input_embeddings().weight.grad
+            if grad is not None:
+                grad[self.keep] = 0
+
     def restore_frozen_rows(self) -> None:
         """Put back every embedding row but the new tokens' (weight decay and Adam touch them all)."""
         if self.token_ids:
@@ -362,6 +370,7 @@ def finetune(args) -> dict:
             loss = personaliser.loss(images.to(accelerator.device), labels, generator)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
+        personaliser.drop_frozen_gradients()  # clip LoRA and the new token rows only
         accelerator.clip_grad_norm_(personaliser.parameters(), 1.0)
         optimizer.step()
         personaliser.restore_frozen_rows()
@@ -380,7 +389,7 @@ def finetune(args) -> dict:
     accelerator.wait_for_everyone()
     info = {}
     if main_process:
-        info = save_personalised(args, personaliser)
+        info = save_personalised(args, personaliser, splits.train)
         if args.preview_steps:
             save_preview(personaliser, splits.train, os.path.join(args.out, "preview.png"), steps=args.preview_steps,
                          resolution=args.resolution, seed=args.seed)
@@ -396,13 +405,18 @@ def append_loss(path: str, step: int, loss: float) -> None:
         writer.writerow([step, f"{loss:.6f}"])
 
 
-def save_personalised(args, personaliser: Personaliser) -> dict:
+def save_personalised(args, personaliser: Personaliser, train) -> dict:
+    """The output folder; ``onlinemix.json`` records the training images (``train.fingerprint()``) and the
+    data options that chose them, so a classifier run on other images is refused."""
     from .generator.components import PERSONALISATION_JSON, save_personalisation
 
     info = {"base_model": args.model, "method": args.method, "class_names": personaliser.class_names,
             "metaclass": personaliser.metaclass, "steps": args.steps, "rank": args.rank if args.method != "ti" else 0,
             "lr": args.lr, "batch_size": args.batch_size, "resolution": args.resolution, "seed": args.seed,
-            "captions": personaliser.captions[:3]}
+            "captions": personaliser.captions[:3], "training_images": train.fingerprint(),
+            "data": {"data_dir": args.data_dir, "dataset": args.dataset, "shots": args.shots,
+                     "imbalance_factor": args.imbalance_factor, "val_fraction": args.val_fraction,
+                     "data_seed": args.data_seed}}
     save_personalisation(args.out, personaliser.components.unet, personaliser.embeddings(), info)
     with open(os.path.join(args.out, PERSONALISATION_JSON)) as f:
         return json.load(f)

@@ -15,6 +15,9 @@ import numpy as np
 PAPER_STRENGTHS = (0.5, 0.7, 0.9)
 
 
+PERSONALISATIONS = ("ti_db", "ti", "db")  # onlinemix finetune --method
+
+
 @dataclass(frozen=True)
 class Strategy:
     """How one augmentation strategy pairs classes and prompts the generator.
@@ -26,16 +29,24 @@ class Strategy:
         text_to_image: No reference image: text-to-image generation, strength 1.
         prompt: Template with ``{token}`` (learned placeholder), ``{name}`` (class
             name) and ``{metaclass}`` fields.
-        personalised: Needs a fine-tuned generator (learned tokens, LoRA).
+        methods: The personalisations (``onlinemix finetune --method``) the strategy
+            runs on; empty: the un-tuned base model, whatever personalised folder is at hand.
         strengths: Default SDEdit strengths, drawn uniformly.
+        filtered: The strategy includes the CLIP filter (Real-Filtering).
     """
 
     name: str
     inter_class: bool
     text_to_image: bool
     prompt: str
-    personalised: bool
+    methods: tuple[str, ...]
     strengths: tuple[float, ...]
+    filtered: bool = False
+
+    @property
+    def personalised(self) -> bool:
+        """Runs on a personalised generator (learned tokens and/or LoRA) rather than the base model."""
+        return bool(self.methods)
 
     def prompt_for(self, target: int, class_names: Sequence[str], metaclass: str,
                    tokens: Optional[Sequence[str]] = None) -> str:
@@ -53,14 +64,15 @@ def placeholder_token(class_index: int) -> str:
 STRATEGIES = {
     s.name: s
     for s in (
-        Strategy("diff-mix", True, False, "a photo of a {token} {metaclass}", True, PAPER_STRENGTHS),
-        Strategy("diff-aug", False, False, "a photo of a {token} {metaclass}", True, PAPER_STRENGTHS),
-        Strategy("diff-gen", False, True, "a photo of a {token} {metaclass}", True, (1.0,)),
-        Strategy("real-mix", True, False, "a photo of a {name}", False, PAPER_STRENGTHS),
-        Strategy("real-aug", False, False, "a photo of a {name}", False, PAPER_STRENGTHS),
-        Strategy("real-gen", False, True, "a photo of a {name}", False, (1.0,)),
-        Strategy("real-guidance", False, False, "a photo of a {name}", False, (0.1,)),
-        Strategy("da-fusion", False, False, "a photo of a {token}", True, (0.25, 0.5, 0.75, 1.0)),
+        Strategy("diff-mix", True, False, "a photo of a {token} {metaclass}", PERSONALISATIONS, PAPER_STRENGTHS),
+        Strategy("diff-aug", False, False, "a photo of a {token} {metaclass}", PERSONALISATIONS, PAPER_STRENGTHS),
+        Strategy("diff-gen", False, True, "a photo of a {token} {metaclass}", PERSONALISATIONS, (1.0,)),
+        Strategy("real-mix", True, False, "a photo of a {name}", (), PAPER_STRENGTHS),
+        Strategy("real-aug", False, False, "a photo of a {name}", (), PAPER_STRENGTHS),
+        Strategy("real-gen", False, True, "a photo of a {name}", (), (1.0,)),
+        Strategy("real-filtering", False, True, "a photo of a {name}", (), (1.0,), filtered=True),
+        Strategy("real-guidance", False, False, "a photo of a {name}", (), (0.1,)),
+        Strategy("da-fusion", False, False, "a photo of a {token}", ("ti",), (0.25, 0.5, 0.75, 1.0)),
     )
 }
 

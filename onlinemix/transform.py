@@ -13,6 +13,7 @@ for ``timm.data.FastCollateMixup`` (timm's prefetcher path). Per call:
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -29,13 +30,71 @@ from .sources import SampleBatch, SampleSource
 SyntheticTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
-def random_horizontal_flip(images: torch.Tensor) -> torch.Tensor:
-    """Flip each image of ``[K, C, H, W]`` left-right with probability 0.5.
+def crop_box(height: int, width: int, scale: Sequence[float], ratio: Sequence[float]) -> tuple[int, int, int, int]:
+    """A random ``(top, left, h, w)`` box as torchvision's ``RandomResizedCrop`` draws it.
 
-    Draws from NumPy's global generator, like timm's Mixup.
+    Area a fraction ``U(scale)`` of the image, aspect ratio log-uniform in ``ratio``,
+    up to 10 tries; then the largest centred box within ``ratio``. Draws from NumPy's
+    global generator, like timm's Mixup.
     """
-    flip = torch.from_numpy(np.random.rand(images.shape[0]) < 0.5).to(images.device)
-    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * np.random.uniform(scale[0], scale[1])
+        aspect = math.exp(np.random.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return np.random.randint(0, height - h + 1), np.random.randint(0, width - w + 1), h, w
+    aspect = width / height
+    if aspect < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif aspect > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class RandomResizedCropFlip:
+    """The training crop and flip real images get, for a batch of synthetic uint8 images.
+
+    Each image of ``[K, 3, H, W]`` gets its own box (``crop_box``: torchvision's
+    ``RandomResizedCrop``), resized back to ``H×W`` (bilinear, antialiased) on the
+    images' device, then a horizontal flip with probability ``flip``. The defaults are
+    timm's training transform (``scale=(0.08, 1)``, ``ratio=(3/4, 4/3)``, flip 0.5);
+    pass the ones your real images get, so synthetic and real images show objects at
+    the same scales.
+
+    Args:
+        scale: Range of the box's area as a fraction of the image.
+        ratio: Range of the box's aspect ratio (width / height).
+        flip: Probability of a horizontal flip.
+    """
+
+    def __init__(self, *, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 flip: float = 0.5):
+        if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+            raise ValueError(f"scale must be two fractions 0 < min <= max <= 1 of the image area, got {scale}.")
+        if not (len(ratio) == 2 and 0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"ratio must be two aspect ratios 0 < min <= max, got {ratio}.")
+        if not 0 <= flip <= 1:
+            raise ValueError(f"flip is a probability and must lie in [0, 1], got {flip}.")
+        self.scale, self.ratio, self.flip = tuple(scale), tuple(ratio), float(flip)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        out = torch.empty_like(images)
+        for k in range(images.shape[0]):
+            top, left, h, w = crop_box(height, width, self.scale, self.ratio)
+            crop = images[k:k + 1, :, top:top + h, left:left + w]
+            if (h, w) != (height, width):
+                crop = resize_images(crop, (height, width))
+            out[k] = crop[0].flip(-1) if np.random.rand() < self.flip else crop[0]
+        return out
+
+    def __repr__(self) -> str:
+        return f"RandomResizedCropFlip(scale={self.scale}, ratio={self.ratio}, flip={self.flip})"
 
 
 def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -84,7 +143,9 @@ class DiffMix(Mixup):
         std: Per-channel standard deviation, likewise.
         synthetic_transform: Applied to the synthetic uint8 images ``[K, 3, h, w]``
             on the batch's device before they are resized to the batch's ``H×W``;
-            must return uint8 ``[K, 3, h', w']``. ``None`` applies none.
+            must return uint8 ``[K, 3, h', w']``. Default: timm's training crop and
+            flip (``RandomResizedCropFlip()``); give it the crop your real images get.
+            ``None`` applies none.
 
     Call:
         ``x``: floating-point ``[B, 3, H, W]`` normalised with ``mean``/``std``, or
@@ -112,7 +173,7 @@ class DiffMix(Mixup):
         source: Optional[SampleSource] = None,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
-        synthetic_transform: Optional[SyntheticTransform] = random_horizontal_flip,
+        synthetic_transform: Optional[SyntheticTransform] = RandomResizedCropFlip(),
     ):
         self.check_inputs(
             mixup_alpha, cutmix_alpha, cutmix_minmax, prob, switch_prob, mode, label_smoothing,

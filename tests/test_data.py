@@ -3,11 +3,16 @@ import os
 import numpy as np
 import pytest
 
+import random
+from collections import defaultdict
+
 from onlinemix.data import (
+    FileSplit,
     ImageFolderSplits,
     few_shot_indices,
     long_tail_counts,
     long_tail_indices,
+    select_training_images,
     shot_groups,
     write_toy_dataset,
 )
@@ -23,16 +28,61 @@ def test_few_shot_counts_and_seed():
         few_shot_indices(labels, 0)
 
 
-def test_long_tail_follows_the_formula():
-    counts = long_tail_counts(30, 10, 10)
-    expected = [max(int(30 * (1 / 10) ** (k / 9)), 1) for k in range(10)]
-    assert counts.tolist() == expected and counts[0] == 30 and counts[-1] == 3
-    assert long_tail_counts(30, 10, 100)[-1] == 1  # never below one image
-    labels = np.repeat(np.arange(10), 30)
-    picked = long_tail_indices(labels, 10, seed=0)
-    assert np.bincount(labels[picked]).tolist() == expected
+def official_long_tail_sizes(labels, imbalance_factor):
+    """The official Diff-Mix construction, restated: mean class size, classes by size (largest first,
+    a stable sort over classes in order of first appearance), exponent k / (N - 2), random.sample."""
+    by_class = defaultdict(list)
+    for i, label in enumerate(labels):
+        by_class[label].append(i)
+    mean = len(labels) / len(by_class)
+    kept = {}
+    for k, (label, members) in enumerate(sorted(by_class.items(), key=lambda item: len(item[1]), reverse=True)):
+        kept[label] = len(random.sample(members, max(int(mean * (1 / imbalance_factor) ** (k / (len(by_class) - 2.0))), 1)))
+    return [kept[c] for c in sorted(kept)]
+
+
+CUB_TRAIN_SIZES = [30] * 194 + [29] * 6  # CUB-200-2011's 5 994 training images
+
+
+@pytest.mark.parametrize("rho, cub, flowers", [(100, 1242, 847), (50, 1427, 976), (10, 2238, 1532)])
+def test_long_tail_sizes_follow_the_official_construction(rho, cub, flowers):
+    assert long_tail_counts(CUB_TRAIN_SIZES, rho).sum() == cub  # Table 10: 1242 / 1798 / 2238
+    assert long_tail_counts([40] * 92 + [39] * 10, rho).sum() == flowers  # 4 070 images; Table 10: 847 / 1238 / 1532
+    rng = np.random.default_rng(rho)
+    for _ in range(5):
+        labels = np.repeat(np.arange(12), rng.integers(20, 60, 12))
+        expected = official_long_tail_sizes(labels.tolist(), rho)
+        assert long_tail_counts(np.bincount(labels), rho).tolist() == expected
+        picked = long_tail_indices(labels, rho, seed=3)
+        assert np.bincount(labels[picked], minlength=12).tolist() == expected
+
+
+def test_long_tail_counts_order_by_size_and_never_exceed_a_class():
+    # mean 31.25; by size: class 1, class 3 (a tie: by index), class 2, class 0; exponent k / (4 - 2)
+    assert long_tail_counts([5, 50, 20, 50], 10).tolist() == [1, 31, 3, 9]
+    assert long_tail_counts([3, 40, 40], 2).tolist() == [3, 27, 13], "never more images than a class has"
+    assert long_tail_counts([30] * 10, 100)[-1] == 1, "never below one image"
     with pytest.raises(ValueError, match="imbalance"):
-        long_tail_counts(30, 10, 0.5)
+        long_tail_counts([30, 30], 0.5)
+
+
+def test_validation_comes_from_the_images_a_subset_leaves_out():
+    labels = np.repeat(np.arange(200), CUB_TRAIN_SIZES)
+    train = FileSplit([f"/data/train/c{y}/{i:05d}.jpg" for i, y in enumerate(labels)], labels)
+    subset, val = select_training_images(train, None, imbalance_factor=100, val_fraction=0.1, seed=0)
+    assert len(subset) == 1242, "the long-tail subset keeps its sizes"
+    assert np.bincount(subset.labels, minlength=200).tolist() == long_tail_counts(CUB_TRAIN_SIZES, 100).tolist()
+    assert not set(subset.paths) & set(val.paths)
+    per_class = np.bincount(val.labels, minlength=200)
+    assert per_class.max() == 3 and per_class[-1] == 3, "tail classes lend validation images they do not train on"
+    few, val5 = select_training_images(train, None, shots=5, val_fraction=0.1, seed=0)
+    assert np.bincount(few.labels).tolist() == [5] * 200 and np.bincount(val5.labels).tolist() == [3] * 200
+    plain, carved = select_training_images(train, None, val_fraction=0.1, seed=0)
+    assert len(plain) + len(carved) == len(train) and np.bincount(carved.labels).tolist() == [3] * 200
+    own_val = train.subset([0, 1])
+    assert select_training_images(train, own_val, shots=5, seed=0)[1] is own_val
+    with pytest.raises(ValueError, match="pass one of them"):
+        select_training_images(train, None, shots=5, imbalance_factor=10)
 
 
 def test_shot_groups_use_cub_thresholds():
@@ -50,7 +100,9 @@ def test_image_folder_splits_and_carved_validation(tmp_path):
     for name in os.listdir(tmp_path / "val"):
         os.rename(tmp_path / "val" / name, tmp_path / f"moved_{name}")
     os.rmdir(tmp_path / "val")
-    carved = ImageFolderSplits(str(tmp_path), val_fraction=0.2, seed=0)
+    carved = ImageFolderSplits(str(tmp_path))
+    assert carved.val is None
+    carved.train, carved.val = select_training_images(carved.train, carved.val, val_fraction=0.2, seed=0)
     assert len(carved.val.paths) == 6 and len(carved.train.paths) == 24
     assert not set(carved.val.paths) & set(carved.train.paths)
     assert np.bincount(carved.val.labels).tolist() == [2, 2, 2]
@@ -137,7 +189,6 @@ def test_class_names_file_replaces_folder_names(tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("Black footed Albatross\n\nLaysan Albatross\n")
     args = parser.parse_args(["--data-dir", str(tmp_path / "toy"), "--class-names", str(names)])
-    args.seed = 0
     assert load_splits(args).class_names == ["Black footed Albatross", "Laysan Albatross"]
     names.write_text("only one\n")
     with pytest.raises(ValueError, match="lists 1 names but the data set has 2 classes"):
@@ -145,3 +196,34 @@ def test_class_names_file_replaces_folder_names(tmp_path):
     args.class_names = str(tmp_path / "missing.txt")
     with pytest.raises(FileNotFoundError, match="one class name per line"):
         load_splits(args)
+
+
+def test_subsets_and_carves_follow_the_data_seed_not_the_training_seed(tmp_path):
+    import argparse
+
+    from onlinemix.data import add_data_arguments, load_splits
+
+    write_toy_dataset(str(tmp_path / "toy"), classes=3, train_per_class=12, val_per_class=1, test_per_class=1)
+    os.rename(tmp_path / "toy" / "val", tmp_path / "val-moved")
+    parser = argparse.ArgumentParser()
+    add_data_arguments(parser)
+
+    def training_images(*flags, seed):
+        args = parser.parse_args(["--data-dir", str(tmp_path / "toy"), "--shots", "4", *flags])
+        args.seed = seed  # the training seed, e.g. train.py --seed
+        splits = load_splits(args)
+        return sorted(splits.train.paths), sorted(splits.val.paths), splits.train.fingerprint()
+
+    first, second = training_images(seed=1), training_images(seed=2)
+    assert first == second, "the generator (seed 1) and the classifier (seed 2) see the same images"
+    other = training_images("--data-seed", "5", seed=1)
+    assert other[0] != first[0] and other[2] != first[2]
+    assert first[2]["count"] == 12 and len(first[1]) == 3 * 1
+
+
+def test_fingerprint_names_images_not_their_order_or_location(tmp_path):
+    a = FileSplit(["/x/train/c0/1.png", "/x/train/c1/2.png"], [0, 1])
+    moved = FileSplit(["/elsewhere/train/c1/2.png", "/elsewhere/train/c0/1.png"], [1, 0])
+    assert a.fingerprint() == moved.fingerprint() and a.fingerprint()["count"] == 2
+    assert FileSplit(["/x/train/c0/1.png"], [0]).fingerprint() != a.fingerprint()
+    assert FileSplit(["/x/train/c0/1.png", "/x/train/c1/2.png"], [0, 0]).fingerprint() != a.fingerprint()

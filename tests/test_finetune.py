@@ -68,6 +68,7 @@ def test_loss_falls_and_the_folder_loads_into_the_generator(base, data_dir, tmp_
     assert info["method"] == "ti_db" and info["class_names"] == [f"class_{c}" for c in range(3)]
     assert info["tokens"] == ["<class_0>", "<class_1>", "<class_2>"] and info["metaclass"] == "shape"
     assert info["captions"][1] == "a photo of a <class_1> shape" and info["steps"] == 120 and info["rank"] == 10
+    assert info["training_images"]["count"] == 24 and info["data"]["data_seed"] == 0, "what it was tuned on"
     for name in (LORA_WEIGHTS, EMBEDDINGS, "onlinemix.json", "preview.png"):
         assert (out / name).exists(), name
 
@@ -227,3 +228,20 @@ def test_every_finetune_config_parses_and_matches_its_training_config(config):
         for key in ("data_dir", "metaclass", "shots", "imbalance_factor"):
             assert recipe.get(key) == getattr(args, key), key
         assert recipe.get("dataset", "folder") == args.dataset
+        assert recipe.get("data_seed", 0) == args.data_seed and recipe.get("val_fraction", 0.1) == args.val_fraction
+
+
+def test_gradient_clipping_measures_only_what_learns():
+    components = tiny_components(seed=0)
+    personaliser = Personaliser(components, NAMES, "shape", method="ti_db", rank=4)
+    pixels, labels = images()
+    personaliser.loss(pixels.float() / 127.5 - 1, torch.tensor(labels), torch.Generator().manual_seed(0)).backward()
+    table = components.text_encoder.get_input_embeddings().weight
+    words = components.tokenizer("a photo of a shape", add_special_tokens=False).input_ids
+    assert table.grad[words].abs().sum() > 0, "the caption's own words get gradients"
+    learned = torch.cat([table.grad[personaliser.token_ids].flatten()] +
+                        [p.grad.flatten() for n, p in components.unet.named_parameters() if "lora" in n])
+    personaliser.drop_frozen_gradients()
+    assert table.grad[personaliser.keep].abs().sum() == 0
+    norm = torch.nn.utils.clip_grad_norm_(personaliser.parameters(), 1.0)
+    torch.testing.assert_close(norm, learned.norm())

@@ -15,6 +15,7 @@ def test_every_strategy_prompts_as_in_the_paper():
         "real-mix": "a photo of a Rhinoceros Auklet",
         "real-aug": "a photo of a Rhinoceros Auklet",
         "real-gen": "a photo of a Rhinoceros Auklet",
+        "real-filtering": "a photo of a Rhinoceros Auklet",
         "real-guidance": "a photo of a Rhinoceros Auklet",
         "da-fusion": "a photo of a <class_2>",
     }
@@ -23,6 +24,8 @@ def test_every_strategy_prompts_as_in_the_paper():
     assert get_strategy("diff-mix").strengths == (0.5, 0.7, 0.9)
     assert [n for n, s in STRATEGIES.items() if s.inter_class] == ["diff-mix", "real-mix"]
     assert {n for n, s in STRATEGIES.items() if s.personalised} == {"diff-mix", "diff-aug", "diff-gen", "da-fusion"}
+    assert get_strategy("da-fusion").methods == ("ti",), "tokens only"
+    assert [n for n, s in STRATEGIES.items() if s.filtered] == ["real-filtering"]
     assert placeholder_token(11) == "<class_11>"
 
 
@@ -71,7 +74,7 @@ def test_intra_class_strategies_keep_the_class(name):
     assert {r.strength for r in requests} == set(get_strategy(name).strengths)
 
 
-@pytest.mark.parametrize("name", ["diff-gen", "real-gen"])
+@pytest.mark.parametrize("name", ["diff-gen", "real-gen", "real-filtering"])
 def test_text_to_image_has_no_reference(name):
     requests = Planner(labels(), name, seed=0).take(100)
     assert all(r.reference == -1 and r.source == r.target and r.strength == 1.0 for r in requests)

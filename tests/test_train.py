@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train
-from onlinemix.data import write_toy_dataset
+from onlinemix.data import load_splits, write_toy_dataset
 from tests.test_sources import write_offline_output
 
 CLASSES = [f"class_{c}" for c in range(3)]
@@ -132,7 +132,7 @@ def test_bad_input_stops_before_any_work(data_dir, tmp_path):
         run(str(tmp_path / "nothing"), tmp_path, "--aug", "none")
     finetuned = tmp_path / "tuned"
     os.makedirs(finetuned)
-    (finetuned / "onlinemix.json").write_text(json.dumps({"class_names": ["a", "b"], "tokens": []}))
+    (finetuned / "onlinemix.json").write_text(json.dumps({"method": "ti_db", "class_names": ["a", "b"], "tokens": []}))
     with pytest.raises(ValueError, match="knows 2 classes but the data set has 3"):
         run(data_dir, tmp_path, "--aug", "diffmix", "--gen-device", "cpu", "--gen-model", "tiny",
             "--gen-finetuned", str(finetuned), "--gen-resolution", "32")
@@ -148,6 +148,13 @@ def test_every_config_parses(config, monkeypatch):
     monkeypatch.setattr(train, "check_data_arguments", lambda args: None)  # and data sets not here
     args = train.parse_args(["--config", os.path.join("configs", config)])
     assert args.aug in train.AUGS and 0 <= args.p <= 1
+    if args.gen_model.startswith("stable-diffusion"):  # the paper's recipes
+        import timm
+
+        assert args.pretrained and args.model in timm.list_pretrained(), "from ImageNet weights, as the paper"
+        assert args.clip_filter == "openai/clip-vit-base-patch32", "the paper's CLIP filter"
+    if args.imbalance_factor:
+        assert args.shot_thresholds == ([30, 10] if "flowers" in config else [20, 5])
 
 
 def test_timm_style_loop_with_a_live_ring():
@@ -233,20 +240,80 @@ def test_tensorboard_events_are_written(data_dir, tmp_path):
     assert {"train_loss", "val/top1", "test/top5", "augmentation/replaced_fraction"} <= set(tags)
 
 
-def test_pretrained_weights_load_without_their_classifier(data_dir, tmp_path):
+def test_initial_checkpoint_loads_without_its_classifier(data_dir, tmp_path):
     import timm
     from safetensors.torch import save_file
 
     source = timm.create_model("resnet18", num_classes=1000)
     save_file(source.state_dict(), str(tmp_path / "in1k.safetensors"))
-    args = train.parse_args(["--data-dir", data_dir, "--model", "resnet18", "--pretrained",
+    args = train.parse_args(["--data-dir", data_dir, "--model", "resnet18", "--initial-checkpoint",
                              str(tmp_path / "in1k.safetensors"), "--device", "cpu", "--aug", "none"])
     model = train.build_model(args, 3)
     torch.testing.assert_close(model.conv1.weight, source.conv1.weight)
     assert model.fc.out_features == 3
-    with pytest.raises(FileNotFoundError, match="never downloads"):
-        train.build_model(train.parse_args(["--data-dir", data_dir, "--pretrained", str(tmp_path / "nope.pth"),
-                                            "--device", "cpu", "--aug", "none"]), 3)
+    with pytest.raises(FileNotFoundError, match="--initial-checkpoint"):
+        train.parse_args(["--data-dir", data_dir, "--initial-checkpoint", str(tmp_path / "nope.pth"),
+                          "--device", "cpu", "--aug", "none"])
+    with pytest.raises(ValueError, match="pass one"):
+        train.parse_args(["--data-dir", data_dir, "--pretrained", "--initial-checkpoint",
+                          str(tmp_path / "in1k.safetensors"), "--device", "cpu", "--aug", "none"])
+
+
+def test_pretrained_asks_timm_for_its_weights(data_dir, monkeypatch):
+    import timm
+
+    args = train.parse_args(["--data-dir", data_dir, "--model", "resnet50.tv_in1k", "--pretrained",
+                             "--device", "cpu", "--aug", "none"])
+    calls = []
+    monkeypatch.setattr(timm, "create_model", lambda name, **kw: calls.append((name, kw)) or torch.nn.Linear(1, 1))
+    train.build_model(args, 7)
+    assert calls == [("resnet50.tv_in1k", dict(num_classes=7, pretrained=True))]
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network, nothing cached: a clear way out
+    with pytest.raises(FileNotFoundError, match="Without network access.*--initial-checkpoint"):
+        train.build_model(args, 7)
+
+
+def test_the_synthetic_crop_is_the_real_one_and_normalisation_follows_the_model(data_dir, tmp_path):
+    import timm
+
+    args = train.parse_args(["--data-dir", data_dir, "--aug", "none", "--device", "cpu"])
+    splits = load_splits(args)
+    vit = timm.create_model("vit_tiny_patch16_224.augreg_in21k_ft_in1k", num_classes=3)
+    mean, std = train.normalisation(vit)
+    assert mean == std == (0.5, 0.5, 0.5), "augreg ViTs expect [-1, 1] inputs"
+    mix, _, _ = train.build_augmentation(args, splits, str(tmp_path), train.Dist(), mean, std)
+    assert mix.mean == mean and mix.std == std
+    crop = train.transforms(32, mean, std)[0].transforms[0]
+    assert tuple(mix.synthetic_transform.scale) == tuple(crop.scale) and mix.synthetic_transform.flip == 0.5
+    assert tuple(mix.synthetic_transform.ratio) == pytest.approx(tuple(crop.ratio))
+
+
+@pytest.mark.parametrize("aug, flags, expected", [
+    ("cutmix", [], dict(cutmix_alpha=1.0, mixup_alpha=0.0, mix_prob=0.1, mode="elem")),
+    ("diffmix+cutmix", [], dict(cutmix_alpha=1.0, mixup_alpha=0.0, mix_prob=0.1, mode="elem")),
+    ("mixup", [], dict(cutmix_alpha=0.0, mixup_alpha=1.0, mix_prob=0.3, mode="batch")),
+    ("cutmix", ["--mixup-prob", "1", "--mixup-mode", "batch"], dict(mix_prob=1.0, mode="batch")),
+])
+def test_mixup_and_cutmix_follow_the_paper_unless_told(data_dir, tmp_path, aug, flags, expected):
+    args = train.parse_args(["--data-dir", data_dir, "--aug", aug, "--device", "cpu", "--gen-device", "cpu",
+                             "--gen-model", "tiny", "--gen-resolution", "32", "--gen-steps", "2", *flags])
+    args.aug = "cutmix" if aug == "diffmix+cutmix" else aug  # the same mixing; no generator needed here
+    mix, _, _ = train.build_augmentation(args, load_splits(args), str(tmp_path), train.Dist(), (0, 0, 0), (1, 1, 1))
+    assert {k: getattr(mix, k) for k in expected} == expected
+    with pytest.raises(ValueError, match="--mixup-prob"):
+        train.parse_args(["--data-dir", data_dir, "--aug", "cutmix", "--device", "cpu", "--mixup-prob", "2"])
+
+
+def test_cutmix_mixes_about_a_tenth_of_the_samples(data_dir, tmp_path):
+    args = train.parse_args(["--data-dir", data_dir, "--aug", "cutmix", "--device", "cpu", "--smoothing", "0"])
+    mix, _, _ = train.build_augmentation(args, load_splits(args), str(tmp_path), train.Dist(), (0, 0, 0), (1, 1, 1))
+    mixed = 0
+    for _ in range(100):
+        x, y = torch.rand(16, 3, 16, 16), torch.arange(16) % 3
+        _, target = mix(x, y)
+        mixed += int((target.max(1).values < 1).sum())
+    assert 0.06 < mixed / 1600 < 0.14, "the paper's CutMix: probability 0.1 per sample"
 
 
 def test_demo_world_run_reports_counterfactual_groups(tmp_path):
@@ -279,6 +346,8 @@ def test_generator_is_personalised_first_then_reused(data_dir, tmp_path):
     stamp = os.path.getmtime(tuned / "onlinemix.json")
     run(data_dir, tmp_path / "again", *generator)
     assert os.path.getmtime(tuned / "onlinemix.json") == stamp, "the personalised generator is reused"
+    with pytest.raises(ValueError, match="fine-tuned on other training images"):
+        run(data_dir, tmp_path / "fewer", *generator, "--shots", "4")
     with pytest.raises(ValueError, match="--gen-finetune-config needs --gen-finetuned"):
         run(data_dir, tmp_path, "--aug", "diffmix", "--gen-device", "cpu", "--gen-finetune-config", str(config))
 
@@ -312,3 +381,24 @@ def test_top1_counts_images_and_balanced_top1_counts_classes():
     assert train.evaluate(_Predicts(0, 3), loader, torch.device("cpu"), 3, None, counts)["many"] == 1.0
     with pytest.raises(ValueError, match="--shot-thresholds"):
         train.parse_args(["--data-dir", ".", "--aug", "none", "--device", "cpu", "--shot-thresholds", "5", "20"])
+
+
+def test_referable_classes_and_real_filtering_reach_the_generator(data_dir, tmp_path):
+    from onlinemix.generator.clip_filter import tiny_clip
+
+    generator = ["--gen-device", "cpu", "--gen-model", "tiny", "--gen-steps", "4", "--gen-resolution", "32",
+                 "--gen-batch-size", "4", "--gen-dtype", "float32", "--ring-slots", "16"]
+    args = train.parse_args(["--data-dir", data_dir, "--aug", "realmix", "--referable-classes", "2",
+                             "--device", "cpu", *generator])
+    factory = train.generator_factory(args, load_splits(args), str(tmp_path))
+    assert (factory.spec.strategy, factory.spec.referable_classes) == ("real-mix", 2)
+    args.aug = "realfilter"
+    with pytest.raises(ValueError, match="--clip-filter"):
+        train.generator_factory(args, load_splits(args), str(tmp_path))
+    model, tokenizer = tiny_clip(seed=0)
+    model.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    result = run(data_dir, tmp_path, "--aug", "realfilter", "--clip-filter", str(tmp_path / "clip"), "--p", "0.5",
+                 *generator)
+    assert result["augmentation"]["replaced"] > 0
+    assert result["generator"]["written"] > 0 and result["generator"]["restarts"] == 0

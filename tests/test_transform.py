@@ -6,7 +6,8 @@ import torch
 from timm.data import Mixup
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from onlinemix import DiffMix, SampleBatch, TensorSource, one_hot, smooth_labels, translation_label
+from onlinemix import DiffMix, RandomResizedCropFlip, SampleBatch, TensorSource, one_hot, smooth_labels, translation_label
+from onlinemix.transform import crop_box
 from tests.pools import solid_pool
 
 C = 5
@@ -312,3 +313,63 @@ def test_bad_batches_are_reported():
         mix(torch.zeros(2, 3, 8, 8), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="float or uint8"):
         mix(torch.zeros(2, 3, 8, 8, dtype=torch.int32), torch.zeros(2, dtype=torch.long))
+
+
+def coordinate_image(size=64):
+    """uint8 [3, size, size]: red grows with x, green with y, so a crop's scale and place show in its pixels."""
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    return torch.stack([xs * (256 // size), ys * (256 // size), torch.full_like(xs, 128)]).to(torch.uint8)
+
+
+def crop_statistics(batch):
+    """Mean per-image spread of red and of green (the crop's width and height) and the spread of the images'
+    mean red and mean green (the crop's place and flip), each with its standard error."""
+    r, g = batch[:, 0].float(), batch[:, 1].float()
+    n = len(batch)
+    spreads = [r.std((1, 2)), g.std((1, 2))]
+    places = [r.mean((1, 2)), g.mean((1, 2))]
+    values = [v.mean() for v in spreads] + [v.std() for v in places]
+    errors = [v.std() / n ** 0.5 for v in spreads] + [v.std() / (2 * n) ** 0.5 for v in places]
+    return np.array(values), np.array(errors)
+
+
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.35, 1.0)])
+def test_synthetic_images_get_the_crop_and_flip_of_real_images(scale):
+    """Synthetic images through DiffMix look, crop-wise, like real images through torchvision's
+    RandomResizedCrop + RandomHorizontalFlip (timm's training transform; train.py's scale 0.35)."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    n, image = 1500, coordinate_image()
+    real_transform = T.Compose([T.RandomResizedCrop(32, scale=scale), T.RandomHorizontalFlip(), T.PILToTensor()])
+    torch.manual_seed(0)
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+    real = torch.stack([real_transform(pil) for _ in range(n)])
+    source = TensorSource(image[None].repeat(n, 1, 1, 1), torch.zeros(n), torch.zeros(n), torch.ones(n))
+    options = {} if scale == (0.08, 1.0) else dict(synthetic_transform=RandomResizedCropFlip(scale=scale))
+    mix = DiffMix(num_classes=2, p=1.0, source=source, label_smoothing=0.0, **options, **RAW)
+    np.random.seed(0)
+    synthetic, _ = mix(torch.zeros(n, 3, 32, 32), torch.zeros(n, dtype=torch.long))
+    (ours, our_error), (theirs, their_error) = crop_statistics(synthetic * 255), crop_statistics(real)
+    assert np.all(np.abs(ours - theirs) < 4 * np.hypot(our_error, their_error)), (ours, theirs)
+
+
+def test_crop_boxes_and_flips():
+    np.random.seed(1)
+    boxes = np.array([crop_box(48, 64, (0.25, 0.5), (1.0, 2.0)) for _ in range(2000)])
+    top, left, h, w = boxes.T
+    assert np.all((top >= 0) & (left >= 0) & (top + h <= 48) & (left + w <= 64))
+    area = h * w / (48 * 64)
+    assert area.min() > 0.23 and area.max() < 0.52 and abs(area.mean() - 0.375) < 0.01
+    assert np.all((w / h > 0.95) & (w / h < 2.1))
+    assert crop_box(10, 100, (0.9, 1.0), (0.75, 1.33)) == (0, 43, 10, 13), "no fit in 10 tries: centred, ratio-clamped"
+    images = coordinate_image(16)[None].repeat(400, 1, 1, 1)
+    np.random.seed(2)
+    flipped = RandomResizedCropFlip(scale=(1, 1), ratio=(1, 1))(images)
+    mirrored = (flipped == images.flip(-1)).flatten(1).all(1)
+    assert flipped.dtype == torch.uint8 and flipped.shape == images.shape
+    assert torch.all(mirrored | (flipped == images).flatten(1).all(1)) and abs(mirrored.float().mean() - 0.5) < 0.08
+    assert not RandomResizedCropFlip(scale=(1, 1), ratio=(1, 1), flip=0.0)(images).ne(images).any()
+    for kwargs, message in ((dict(scale=(0.5, 0.2)), "scale"), (dict(ratio=(2, 1)), "ratio"), (dict(flip=2), "flip")):
+        with pytest.raises(ValueError, match=message):
+            RandomResizedCropFlip(**kwargs)

@@ -132,3 +132,76 @@ def test_non_finite_images_are_dropped_and_counted(folders, caplog):
     batch = producer()
     assert len(batch) == 3 and producer.non_finite == 1 and producer.dropped == 1
     assert "dropped 1 non-finite" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def ti_db(folders, tmp_path_factory):
+    """A tokens + LoRA personalisation (the paper's ti_db) of the tiny base model, with non-zero LoRA weights."""
+    from peft import LoraConfig
+
+    base, _ = folders
+    components = tiny_components(seed=0)
+    components.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                           target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, p in components.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    width = components.text_encoder.get_input_embeddings().weight.shape[1]
+    embeddings = {placeholder_token(i): torch.randn(width) for i in range(len(CLASSES))}
+    folder = tmp_path_factory.mktemp("ti-db")
+    save_personalisation(folder, components.unet, embeddings,
+                         {"base_model": base, "method": "ti_db", "class_names": CLASSES, "metaclass": "bird"})
+    return str(folder)
+
+
+@pytest.mark.parametrize("strategy", ["real-mix", "real-aug", "real-gen", "real-guidance"])
+def test_base_model_strategies_ignore_the_personalised_generator(folders, ti_db, strategy):
+    base, _ = folders
+    steps = 10 if strategy == "real-guidance" else 4
+    with pytest.warns(UserWarning, match="un-tuned base model"):
+        factory = DiffMixProducer(spec(base, ti_db, strategy=strategy, steps=steps), references(), CLASSES, "bird")
+    np.random.seed(3)
+    producer = factory("cpu")
+    components = producer.sampler.components
+    assert not getattr(components.unet, "peft_config", None), "no LoRA on the base model"
+    assert "<class_0>" not in components.tokenizer.get_vocab(), "no learned tokens"
+    np.random.seed(3)
+    plain = DiffMixProducer(spec(base, None, strategy=strategy, steps=steps), references(), CLASSES, "bird")("cpu")
+    assert torch.equal(producer().images, plain().images)
+
+
+def test_diff_mix_runs_the_personalised_generator(folders, ti_db):
+    base, _ = folders
+    producer = DiffMixProducer(spec(base, ti_db), references(), CLASSES, "bird")("cpu")
+    assert producer.sampler.components.unet.peft_config and producer.tokens[0] == "<class_0>"
+
+
+def test_da_fusion_needs_a_tokens_only_generator(folders, ti_db):
+    base, tuned = folders
+    with pytest.raises(ValueError, match="made with method 'ti_db'.*onlinemix finetune --method ti"):
+        DiffMixProducer(spec(base, ti_db, strategy="da-fusion"), references(), CLASSES, "bird")
+    DiffMixProducer(spec(base, tuned, strategy="da-fusion"), references(), CLASSES, "bird")  # method ti
+
+
+def test_real_filtering_needs_the_clip_filter(folders):
+    base, _ = folders
+    with pytest.raises(ValueError, match="real-gen with the CLIP filter.*--clip-filter"):
+        DiffMixProducer(spec(base, None, strategy="real-filtering"), references(), CLASSES, "bird")
+
+
+def test_a_generator_tuned_on_other_training_images_is_refused(folders, tmp_path):
+    base, _ = folders
+    labels = [0, 0, 1, 1, 2, 2, 3, 3]
+    files = FileSplit([f"/data/train/{CLASSES[y]}/{i:03d}.png" for i, y in enumerate(labels)], labels)
+    tuned_on = files.subset([0, 2, 4, 6])  # e.g. a 1-shot subset drawn with another seed than the classifier's
+    components = tiny_components(seed=0)
+    width = components.text_encoder.get_input_embeddings().weight.shape[1]
+    save_personalisation(tmp_path, components.unet, {placeholder_token(i): torch.zeros(width) for i in range(4)},
+                         {"method": "ti", "class_names": CLASSES, "training_images": tuned_on.fingerprint(),
+                          "data": {"shots": 1, "data_seed": 0}})
+    with pytest.raises(ValueError, match=r"fine-tuned on other training images \(4 images.*than this run trains "
+                                         r"on \(4 images.*'shots': 1, 'data_seed': 0"):
+        DiffMixProducer(spec(base, str(tmp_path)), files.subset([1, 2, 4, 6]), CLASSES, "bird")
+    DiffMixProducer(spec(base, str(tmp_path)), files.subset([6, 4, 2, 0]), CLASSES, "bird")  # the same images
+    DiffMixProducer(spec(base, str(tmp_path), strategy="real-mix"), files, CLASSES, "bird")  # base model: no check

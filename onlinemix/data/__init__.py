@@ -1,10 +1,14 @@
 """Data sets for training: ImageFolder splits, few-shot and long-tail subsets, a toy set.
 
 Pure index arithmetic lives in free functions (``few_shot_indices``,
-``long_tail_counts``, ``long_tail_indices``, ``shot_groups``); ``ImageFolderSplits``
-reads a ``train/ [val/] [test/] [test_<name>/]`` tree and ``DatasetDictSplits`` a
-Hugging Face ``DatasetDict`` saved to disk; ``write_toy_dataset`` writes a small
-generated data set for tests and for trying the trainer without a download.
+``long_tail_counts``, ``long_tail_indices``, ``validation_indices``, ``shot_groups``);
+``ImageFolderSplits`` reads a ``train/ [val/] [test/] [test_<name>/]`` tree and
+``DatasetDictSplits`` a Hugging Face ``DatasetDict`` saved to disk;
+``select_training_images`` applies a few-shot or long-tail subset and carves a
+validation split from what the subset leaves out, all from one data seed, so the
+generator and the classifier see the same training images whatever their training
+seeds; ``write_toy_dataset`` writes a small generated data set for tests and for
+trying the trainer without a download.
 
 A split may define groups (e.g. background × class family, as Waterbirds does) for
 per-group and worst-group accuracy: a ``groups.csv`` (``file,group``) in an
@@ -13,6 +17,7 @@ ImageFolder split, or a ``group`` column in a Hugging Face split.
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from typing import Sequence
 
@@ -33,27 +38,64 @@ def few_shot_indices(labels: Sequence[int], shots: int, seed: int = 0) -> np.nda
     return np.sort(np.concatenate(picked))
 
 
-def long_tail_counts(n_max: int, num_classes: int, imbalance_factor: float) -> np.ndarray:
-    """Images per class of the paper's long-tail subsets: ``n_k = max(n_max·(1/ρ)^(k/(N-1)), 1)``."""
+def long_tail_counts(class_sizes: Sequence[int], imbalance_factor: float) -> np.ndarray:
+    """Images each class keeps in the long-tail subsets of Diff-Mix (CUB-LT, Flower-LT).
+
+    The official construction (after CMO): with ``n̄`` the mean class size and the
+    classes sorted by size, largest first (ties by class index), the class at sorted
+    position ``k`` keeps ``max(int(n̄·(1/ρ)^(k/(N-2))), 1)`` images, never more than it
+    has. The paper's Eq. 4 writes ``k/(N-1)``; the code's ``N - 2`` is what gives its
+    Table 10 sizes (CUB-LT 1242 and 2238 images at ρ = 100 and 10).
+
+    Args:
+        class_sizes: Training images per class, in class order.
+        imbalance_factor: ``ρ >= 1``.
+
+    Returns:
+        int64 ``[N]``: images kept per class, in class order.
+    """
     if imbalance_factor < 1:
         raise ValueError(f"--imbalance-factor must be >= 1, got {imbalance_factor}.")
-    k = np.arange(num_classes)
-    return np.maximum((n_max * (1.0 / imbalance_factor) ** (k / max(num_classes - 1, 1))).astype(int), 1)
+    sizes = np.asarray(class_sizes, dtype=np.int64)
+    order = np.argsort(-sizes, kind="stable")
+    mean = sizes.sum() / len(sizes)
+    position = np.arange(len(sizes))
+    kept = np.maximum((mean * (1.0 / imbalance_factor) ** (position / max(len(sizes) - 2, 1))).astype(np.int64), 1)
+    counts = np.empty_like(sizes)
+    counts[order] = np.minimum(kept, sizes[order])
+    return counts
 
 
 def long_tail_indices(labels: Sequence[int], imbalance_factor: float, seed: int = 0) -> np.ndarray:
-    """A seeded long-tail subset: class ``k`` keeps ``long_tail_counts(...)[k]`` of its images."""
+    """A seeded long-tail subset: class ``c`` keeps ``long_tail_counts(...)[c]`` of its images."""
     labels = np.asarray(labels)
     classes = np.unique(labels)
-    n_max = int(np.bincount(labels).max())
-    counts = long_tail_counts(n_max, len(classes), imbalance_factor)
+    counts = long_tail_counts([np.sum(labels == c) for c in classes], imbalance_factor)
     rng = np.random.default_rng(seed)
     picked = [rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in zip(classes, counts)]
     return np.sort(np.concatenate(picked))
 
 
+def validation_indices(labels: Sequence[int], fraction: float, seed: int = 0,
+                       exclude: Sequence[int] | None = None) -> np.ndarray:
+    """A seeded ``round(fraction·n_c)`` images of each class ``c`` (none of a one-image class),
+    drawn from the images not in ``exclude`` (at most all of them)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    taken = np.zeros(len(labels), dtype=bool)
+    if exclude is not None:
+        taken[np.asarray(exclude, dtype=np.int64)] = True
+    val = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        take = int(round(fraction * len(members))) if len(members) > 1 else 0
+        val.extend(rng.permutation(members[~taken[members]])[:take].tolist())
+    return np.sort(np.asarray(val, dtype=np.int64))
+
+
 def shot_groups(train_counts: Sequence[int], many: int = 20, few: int = 5) -> dict[str, np.ndarray]:
-    """Classes by training images: many (> ``many``), medium, few (< ``few``); CUB-LT's thresholds."""
+    """Classes by training images: many (> ``many``), medium, few (< ``few``); the defaults are
+    CUB-LT's thresholds, Flower-LT's are 30 and 10."""
     counts = np.asarray(train_counts)
     return {
         "many": np.flatnonzero(counts > many),
@@ -84,6 +126,16 @@ class Split:
     def subset(self, indices) -> "Split":
         raise NotImplementedError
 
+    def image_ids(self) -> list:
+        """A name per image that survives moving the data set (``<class folder>/<file>``, a row number)."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict:
+        """``{"count", "sha256"}`` of the images and their labels, order aside: two splits with the same
+        fingerprint hold the same images. Personalised generators record it (``onlinemix.json``)."""
+        rows = sorted(f"{name}\t{label}" for name, label in zip(self.image_ids(), self.labels))
+        return {"count": len(rows), "sha256": hashlib.sha256("\n".join(rows).encode()).hexdigest()}
+
 
 class FileSplit(Split):
     """Images as files on disk."""
@@ -99,6 +151,9 @@ class FileSplit(Split):
     def subset(self, indices) -> "FileSplit":
         groups = None if self.groups is None else [self.groups[i] for i in indices]
         return FileSplit([self.paths[i] for i in indices], [self.labels[i] for i in indices], groups)
+
+    def image_ids(self) -> list:
+        return ["/".join(os.path.normpath(p).split(os.sep)[-2:]) for p in self.paths]
 
 
 class DatasetSplit(Split):
@@ -120,18 +175,35 @@ class DatasetSplit(Split):
     def subset(self, indices) -> "DatasetSplit":
         return DatasetSplit(self.dataset, self.image_column, self.label_column, [self.rows[i] for i in indices])
 
+    def image_ids(self) -> list:
+        return [f"row {r}" for r in self.rows]
 
-def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """A seeded ``fraction`` of each training class becomes the validation split."""
-    rng = np.random.default_rng(seed)
+
+def select_training_images(train: Split, val: Split | None, *, shots: int | None = None,
+                           imbalance_factor: float | None = None, val_fraction: float = 0.1,
+                           seed: int = 0) -> tuple[Split, Split]:
+    """The training images and the validation split of a run.
+
+    A few-shot (``shots``) or long-tail (``imbalance_factor``) subset is drawn from all
+    training images; without a validation split of its own, validation then takes
+    ``round(val_fraction·n_c)`` images of each class from the ones the subset leaves
+    out, so the subset keeps its sizes (without a subset, from all training images).
+    Everything is drawn from ``seed`` (``--data-seed``), never the training seed.
+    """
+    if shots is not None and imbalance_factor is not None:
+        raise ValueError("--shots and --imbalance-factor each choose a training subset; pass one of them.")
     labels = np.asarray(train.labels)
-    val = []
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        take = int(round(fraction * len(members))) if len(members) > 1 else 0
-        val.extend(members[:take].tolist())
-    keep = sorted(set(range(len(labels))) - set(val))
-    return train.subset(keep), train.subset(sorted(val))
+    keep = None
+    if shots is not None:
+        keep = few_shot_indices(labels, shots, seed=seed)
+    elif imbalance_factor is not None:
+        keep = long_tail_indices(labels, imbalance_factor, seed=seed)
+    if val is None:
+        carved = validation_indices(labels, val_fraction, seed=seed, exclude=keep)
+        val = train.subset(carved.tolist())
+        if keep is None:
+            keep = np.setdiff1d(np.arange(len(labels)), carved)
+    return (train if keep is None else train.subset(keep.tolist())), val
 
 
 def read_groups(folder: str, paths: list) -> list | None:
@@ -154,14 +226,13 @@ def read_groups(folder: str, paths: list) -> list | None:
 class ImageFolderSplits:
     """``root/train/<class>/*.png`` (+ ``val/``, ``test/``, ``test_<name>/``), classes sorted by folder name.
 
-    Without ``val/``, a seeded ``val_fraction`` of each training class becomes the
-    validation split, so model selection never looks at a test split. ``tests`` maps
+    ``val`` is None without ``val/`` (``select_training_images`` carves one). ``tests`` maps
     ``test`` and every ``test_<name>`` folder (e.g. a counterfactual test set) to its split.
     A split folder may hold ``groups.csv`` with a ``file,group`` row per image, ``file``
     relative to the split folder (``<class>/<image>``).
     """
 
-    def __init__(self, root: str, *, val_fraction: float = 0.1, seed: int = 0):
+    def __init__(self, root: str):
         train_dir = os.path.join(root, "train")
         if not os.path.isdir(train_dir):
             raise FileNotFoundError(
@@ -174,10 +245,7 @@ class ImageFolderSplits:
         if not len(self.train):
             raise ValueError(f"{train_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
         val_dir = os.path.join(root, "val")
-        if os.path.isdir(val_dir):
-            self.val = self._read(val_dir)
-        else:
-            self.train, self.val = carve_validation(self.train, val_fraction, seed)
+        self.val = self._read(val_dir) if os.path.isdir(val_dir) else None
         self.tests = {name: self._read(os.path.join(root, name)) for name in sorted(os.listdir(root))
                       if (name == "test" or name.startswith("test_")) and os.path.isdir(os.path.join(root, name))}
 
@@ -197,9 +265,10 @@ class ImageFolderSplits:
 class DatasetDictSplits:
     """A Hugging Face ``DatasetDict`` saved with ``save_to_disk``: splits ``train`` and
     optionally ``validation`` (or ``val``) and ``test``, an ``Image`` column and a
-    ``ClassLabel`` column, whose names become the class names. Needs ``datasets``."""
+    ``ClassLabel`` column, whose names become the class names. ``val`` is None without a
+    validation split. Needs ``datasets``."""
 
-    def __init__(self, root: str, *, val_fraction: float = 0.1, seed: int = 0):
+    def __init__(self, root: str):
         try:
             import datasets
         except ImportError:
@@ -222,8 +291,6 @@ class DatasetDictSplits:
 
         self.train = split("train")
         self.val = split("validation") or split("val")
-        if self.val is None:
-            self.train, self.val = carve_validation(self.train, val_fraction, seed)
         self.tests = {name: split(name) for name in sorted(loaded) if name == "test" or name.startswith("test_")}
 
 
@@ -237,10 +304,15 @@ def add_data_arguments(parser) -> None:
     parser.add_argument("--class-names", help="text file with one class name per line, in label order "
                                               "(default: the folder or ClassLabel names)")
     parser.add_argument("--metaclass", default="object", help='what the classes are, for prompts ("bird" ...)')
-    parser.add_argument("--shots", type=int, help="keep K training images per class (seeded)")
-    parser.add_argument("--imbalance-factor", type=float, help="the paper's long-tail subset with this factor")
+    parser.add_argument("--shots", type=int, help="keep K training images per class (drawn with --data-seed)")
+    parser.add_argument("--imbalance-factor", type=float,
+                        help="the paper's long-tail subset with this factor (drawn with --data-seed)")
     parser.add_argument("--val-fraction", type=float, default=0.1,
-                        help="validation share carved when there is no val/")
+                        help="validation share of each class carved when there is no val/, from the training "
+                             "images a --shots or --imbalance-factor subset leaves out")
+    parser.add_argument("--data-seed", type=int, default=0,
+                        help="seed of the subset and the validation carve; keep it equal for the personalised "
+                             "generator and the classifier, whatever their --seed")
 
 
 def check_data_arguments(args) -> None:
@@ -256,28 +328,30 @@ def check_data_arguments(args) -> None:
         raise ValueError(f"--shots must be >= 1, got {args.shots}.")
     if args.imbalance_factor is not None and args.imbalance_factor < 1:
         raise ValueError(f"--imbalance-factor must be >= 1, got {args.imbalance_factor}.")
+    if args.shots is not None and args.imbalance_factor is not None:
+        raise ValueError("--shots and --imbalance-factor each choose a training subset; pass one of them.")
+    if not 0 <= args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must lie in [0, 1), got {args.val_fraction}.")
 
 
 def load_splits(args):
-    """The splits named by the options of ``add_data_arguments`` (and ``args.seed``), with the
-    few-shot or long-tail training subset applied and ``--class-names`` read."""
+    """The splits named by the options of ``add_data_arguments``: the training subset and the
+    validation carve drawn with ``args.data_seed`` (``select_training_images``), ``--class-names`` read."""
     check_data_arguments(args)
     if not os.path.isdir(os.path.join(args.data_dir, "train")):
         if args.dataset == "toy":
-            write_toy_dataset(args.data_dir, seed=args.seed)
+            write_toy_dataset(args.data_dir, seed=args.data_seed)
         elif args.dataset == "demo":
             from .demo_world import write_demo_world
 
             write_demo_world(args.data_dir)  # one world for every seed: seeds vary the training, not the data
     reader = DatasetDictSplits if args.dataset == "hf" else ImageFolderSplits
-    splits = reader(args.data_dir, val_fraction=args.val_fraction, seed=args.seed)
+    splits = reader(args.data_dir)
     if args.class_names:
         splits.class_names = read_class_names(args.class_names, len(splits.class_names))
-    if args.shots:
-        splits.train = splits.train.subset(few_shot_indices(splits.train.labels, args.shots, seed=args.seed))
-    if args.imbalance_factor:
-        picked = long_tail_indices(splits.train.labels, args.imbalance_factor, seed=args.seed)
-        splits.train = splits.train.subset(picked)
+    splits.train, splits.val = select_training_images(
+        splits.train, splits.val, shots=args.shots, imbalance_factor=args.imbalance_factor,
+        val_fraction=args.val_fraction, seed=args.data_seed)
     return splits
 
 

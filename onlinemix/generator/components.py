@@ -297,6 +297,30 @@ def attach_personalisation(components: Components, folder: Union[str, os.PathLik
     return info
 
 
+def personalisation_info(folder: Union[str, os.PathLike]) -> dict:
+    """The facts of a personalised generator folder: its ``onlinemix.json`` (empty for the original
+    Diff-Mix outputs), with ``method`` always set: ``ti_db``, ``ti`` or ``db``, read from the file or,
+    without one, told by which weights the folder holds."""
+    import json
+
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"No personalised generator folder at {folder!r}.")
+    info = {}
+    if os.path.isfile(os.path.join(folder, PERSONALISATION_JSON)):
+        with open(os.path.join(folder, PERSONALISATION_JSON)) as f:
+            info = json.load(f)
+    if "method" not in info:
+        tokens = any(os.path.isfile(os.path.join(folder, n)) for n in (EMBEDDINGS, DIFFMIX_EMBEDDINGS))
+        lora = os.path.isfile(os.path.join(folder, LORA_WEIGHTS))
+        if not tokens and not lora:
+            raise FileNotFoundError(
+                f"{folder!r} holds neither {EMBEDDINGS} / {DIFFMIX_EMBEDDINGS} nor {LORA_WEIGHTS}; pass the output "
+                "folder of `onlinemix finetune` or of the original Diff-Mix fine-tuning.")
+        info["method"] = "ti_db" if tokens and lora else ("ti" if tokens else "db")
+    return info
+
+
 def add_tokens(components: Components, embeddings: dict) -> None:
     """Add new tokens to the tokenizer and their embedding rows to the text encoder."""
     tokenizer, encoder = components.tokenizer, components.text_encoder

@@ -7,9 +7,8 @@ model once, then calls the returned producer for batch after batch.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from ..plan import Planner, get_strategy
 from ..sources import SampleBatch
 from .clip_filter import ClipFilter
-from .components import attach_personalisation, load_components
+from .components import attach_personalisation, load_components, personalisation_info
 from .sampler import Sampler, check_steps
 
 logger = logging.getLogger("onlinemix")
@@ -35,7 +34,9 @@ class GeneratorSpec:
     Attributes:
         model: Base model, a diffusers folder or hub id (Stable Diffusion 1.5 in the paper).
         finetuned: Folder of the personalised generator (LoRA + learned tokens);
-            needed by diff-mix, diff-aug, diff-gen and da-fusion.
+            needed by diff-mix, diff-aug, diff-gen and da-fusion (tokens only, ``ti``).
+            The real-* strategies run the un-tuned base model, as in the paper, and
+            ignore it (with a warning).
         strategy: One of ``onlinemix.plan.STRATEGIES``.
         strengths: Strength set (or one strength); default the strategy's own.
         steps: Denoising steps of the full schedule (25 in the paper).
@@ -45,7 +46,8 @@ class GeneratorSpec:
         batch_size: Samples per generator batch.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
         attention: ``"sdpa"`` or ``"xformers"``.
-        clip_model: CLIP folder or hub id for the confidence filter; None: no filter.
+        clip_model: CLIP folder or hub id for the confidence filter; None: no filter
+            (real-filtering needs one).
         clip_drop: Share of samples the CLIP filter drops.
         referable_classes: Limit of source classes per target class.
         target_weights: Relative target-class weights (e.g. long-tail).
@@ -126,26 +128,50 @@ class DiffMixProducer:
         if strategy.personalised and not spec.finetuned:
             raise ValueError(f"{spec.strategy} needs a personalised generator: pass finetuned= (--gen-finetuned), "
                              "the output folder of `onlinemix finetune`.")
-        if spec.finetuned:
-            self._check_finetuned(spec.finetuned)
+        if spec.finetuned and not strategy.personalised:
+            warnings.warn(f"{spec.strategy} runs the un-tuned base model {spec.model!r}, as in the paper; the "
+                          f"personalised generator {spec.finetuned!r} is ignored.", stacklevel=3)
+        if strategy.personalised:
+            self._check_finetuned(spec.finetuned, strategy)
+        if strategy.filtered and not spec.clip_model:
+            raise ValueError(f"{spec.strategy} is real-gen with the CLIP filter: pass clip_model= (--clip-filter), "
+                             "a CLIP folder or hub id (the paper's openai/clip-vit-base-patch32).")
         # The planner checks strengths, class weights and the referable-class limit.
         planner = Planner(self.references.labels, strategy, num_classes=len(self.class_names),
                           strengths=spec.strengths, referable_classes=spec.referable_classes,
                           target_weights=spec.target_weights)
         check_steps(spec.steps, planner.strengths)
 
-    def _check_finetuned(self, folder: str) -> None:
-        info_path = os.path.join(folder, "onlinemix.json")
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"No personalised generator folder at {folder!r}.")
-        if os.path.isfile(info_path):
-            with open(info_path) as f:
-                names = json.load(f).get("class_names")
-            if names is not None and len(names) != len(self.class_names):
-                raise ValueError(
-                    f"The personalised generator in {folder!r} knows {len(names)} classes but the data set has "
-                    f"{len(self.class_names)}; fine-tune on this data set (same classes, same order)."
-                )
+    def _check_finetuned(self, folder: str, strategy) -> None:
+        info = personalisation_info(folder)
+        names = info.get("class_names")
+        if names is not None and len(names) != len(self.class_names):
+            raise ValueError(
+                f"The personalised generator in {folder!r} knows {len(names)} classes but the data set has "
+                f"{len(self.class_names)}; fine-tune on this data set (same classes, same order)."
+            )
+        if info["method"] not in strategy.methods:
+            raise ValueError(
+                f"{strategy.name} needs a generator personalised with {' or '.join(strategy.methods)}, but "
+                f"{folder!r} was made with method {info['method']!r}. Make one with `onlinemix finetune "
+                f"--method {strategy.methods[0]}` (the same data options, another --out) and pass that folder."
+            )
+        expected, fingerprint = info.get("training_images"), getattr(self.references, "fingerprint", None)
+        if fingerprint is None:
+            return
+        if expected is None:
+            warnings.warn(f"{folder!r} does not record which training images it was fine-tuned on (made by the "
+                          "original Diff-Mix code or an older onlinemix); make sure they are this run's.",
+                          stacklevel=4)
+        elif fingerprint() != expected:
+            actual = fingerprint()
+            raise ValueError(
+                f"The personalised generator in {folder!r} was fine-tuned on other training images "
+                f"({expected['count']} images, sha256 {expected['sha256'][:12]}) than this run trains on "
+                f"({actual['count']} images, sha256 {actual['sha256'][:12]}): its tokens would have seen images "
+                f"the classifier holds out, or missed ones it trains on. Use the data options it was tuned with "
+                f"({info.get('data', 'see its onlinemix.json')}), or fine-tune again on this run's options."
+            )
 
     def __call__(self, device: str):
         spec = self.spec
@@ -153,7 +179,7 @@ class DiffMixProducer:
         components = load_components(spec.model, dtype=dtype, device=device, local_files_only=spec.local_files_only,
                                      attention=spec.attention)
         tokens = None
-        if spec.finetuned:
+        if get_strategy(spec.strategy).personalised:
             tokens = attach_personalisation(components, spec.finetuned)["tokens"] or self.class_names
         sampler = Sampler(components, steps=spec.steps, guidance=spec.guidance)
         # The pool seeds NumPy per worker and restart, so each worker plans its own stream.
