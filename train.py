@@ -319,6 +319,13 @@ def build_augmentation(args, splits, run_dir, dist: Dist, mean, std):
     return DiffMix(**mix, p=args.p, gamma=args.gamma, source=ring), ring, pool
 
 
+def uses_personalisation(aug: str) -> bool:
+    """Whether ``--aug`` runs a personalised generator (the real-* baselines run the base model)."""
+    from onlinemix.plan import get_strategy
+
+    return aug in STRATEGY_OF_AUG and get_strategy(STRATEGY_OF_AUG[aug]).personalised
+
+
 def personalise_first(args, dist: Dist) -> None:
     """Make ``--gen-finetuned`` with ``onlinemix finetune`` unless it already holds a personalised
     generator; an interrupted run is resumed from its last checkpoint."""
@@ -517,7 +524,7 @@ def train(args, dist: Dist) -> dict:
     model = build_model(args, num_classes).to(device)
     mean, std = normalisation(model)
     train_loader, sampler, eval_loaders = loaders(args, splits, dist, mean, std)
-    if args.aug in STRATEGY_OF_AUG and args.gen_finetune_config:
+    if args.gen_finetune_config and uses_personalisation(args.aug):
         personalise_first(args, dist)
     mix, ring, pool = build_augmentation(args, splits, run_dir, dist, mean, std)
 

@@ -269,7 +269,7 @@ def test_pretrained_asks_timm_for_its_weights(data_dir, monkeypatch):
     train.build_model(args, 7)
     assert calls == [("resnet50.tv_in1k", dict(num_classes=7, pretrained=True))]
     monkeypatch.undo()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network, nothing cached: a clear way out
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # no network, nothing cached: a way out
     with pytest.raises(FileNotFoundError, match="Without network access.*--initial-checkpoint"):
         train.build_model(args, 7)
 
@@ -348,6 +348,10 @@ def test_generator_is_personalised_first_then_reused(data_dir, tmp_path):
     assert os.path.getmtime(tuned / "onlinemix.json") == stamp, "the personalised generator is reused"
     with pytest.raises(ValueError, match="fine-tuned on other training images"):
         run(data_dir, tmp_path / "fewer", *generator, "--shots", "4")
+    base_model = [f if f != str(tuned) else str(tmp_path / "never") for f in generator[2:]]
+    with pytest.warns(UserWarning, match="un-tuned base model"):
+        run(data_dir, tmp_path / "base", "--aug", "realmix", *base_model)
+    assert not (tmp_path / "never").exists(), "real-mix runs the base model: nothing to personalise first"
     with pytest.raises(ValueError, match="--gen-finetune-config needs --gen-finetuned"):
         run(data_dir, tmp_path, "--aug", "diffmix", "--gen-device", "cpu", "--gen-finetune-config", str(config))
 

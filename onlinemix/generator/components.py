@@ -259,33 +259,19 @@ def attach_personalisation(components: Components, folder: Union[str, os.PathLik
     the latter with ``torch.load(weights_only=True)``).
 
     Returns:
-        The folder's facts (``onlinemix.json``; for original outputs only ``tokens``).
+        The folder's facts (``personalisation_info``), with ``tokens`` the learned tokens in class order.
     """
-    import json
-
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"No personalised generator folder at {folder!r}.")
-    info_path = os.path.join(folder, PERSONALISATION_JSON)
-    info = {}
-    if os.path.isfile(info_path):
-        with open(info_path) as f:
-            info = json.load(f)
+    info = personalisation_info(folder)
+    embeddings_file, has_lora = personalisation_weights(folder)
     embeddings = {}
-    if os.path.isfile(os.path.join(folder, EMBEDDINGS)):
-        embeddings = load_file(os.path.join(folder, EMBEDDINGS))
+    if embeddings_file is not None and embeddings_file.endswith(EMBEDDINGS):
+        embeddings = load_file(embeddings_file)
         embeddings = {t: embeddings[t] for t in info.get("tokens", embeddings)}
-    elif os.path.isfile(os.path.join(folder, DIFFMIX_EMBEDDINGS)):
-        embeddings = torch.load(os.path.join(folder, DIFFMIX_EMBEDDINGS), map_location="cpu", weights_only=True)
-    has_lora = os.path.isfile(os.path.join(folder, LORA_WEIGHTS))
-    if not embeddings and not has_lora:
-        raise FileNotFoundError(
-            f"{folder!r} holds neither {EMBEDDINGS} / {DIFFMIX_EMBEDDINGS} nor {LORA_WEIGHTS}; pass the output "
-            "folder of `onlinemix finetune` or of the original Diff-Mix fine-tuning."
-        )
+    elif embeddings_file is not None:
+        embeddings = torch.load(embeddings_file, map_location="cpu", weights_only=True)
     if embeddings:
         add_tokens(components, embeddings)
     if has_lora:
@@ -295,6 +281,20 @@ def attach_personalisation(components: Components, folder: Union[str, os.PathLik
                                                     metadata=metadata)
     info["tokens"] = list(embeddings)
     return info
+
+
+def personalisation_weights(folder: Union[str, os.PathLike]) -> tuple[Optional[str], bool]:
+    """The learned-embeddings file of a personalised folder (ours, else the original Diff-Mix's; None
+    without one) and whether it holds LoRA weights. Raises if it holds neither."""
+    folder = os.fspath(folder)
+    embeddings = next((os.path.join(folder, name) for name in (EMBEDDINGS, DIFFMIX_EMBEDDINGS)
+                       if os.path.isfile(os.path.join(folder, name))), None)
+    lora = os.path.isfile(os.path.join(folder, LORA_WEIGHTS))
+    if embeddings is None and not lora:
+        raise FileNotFoundError(
+            f"{folder!r} holds neither {EMBEDDINGS} / {DIFFMIX_EMBEDDINGS} nor {LORA_WEIGHTS}; pass the output "
+            "folder of `onlinemix finetune` or of the original Diff-Mix fine-tuning.")
+    return embeddings, lora
 
 
 def personalisation_info(folder: Union[str, os.PathLike]) -> dict:
@@ -311,13 +311,8 @@ def personalisation_info(folder: Union[str, os.PathLike]) -> dict:
         with open(os.path.join(folder, PERSONALISATION_JSON)) as f:
             info = json.load(f)
     if "method" not in info:
-        tokens = any(os.path.isfile(os.path.join(folder, n)) for n in (EMBEDDINGS, DIFFMIX_EMBEDDINGS))
-        lora = os.path.isfile(os.path.join(folder, LORA_WEIGHTS))
-        if not tokens and not lora:
-            raise FileNotFoundError(
-                f"{folder!r} holds neither {EMBEDDINGS} / {DIFFMIX_EMBEDDINGS} nor {LORA_WEIGHTS}; pass the output "
-                "folder of `onlinemix finetune` or of the original Diff-Mix fine-tuning.")
-        info["method"] = "ti_db" if tokens and lora else ("ti" if tokens else "db")
+        embeddings, lora = personalisation_weights(folder)
+        info["method"] = "ti_db" if embeddings and lora else ("ti" if embeddings else "db")
     return info
 
 
