@@ -285,7 +285,7 @@ def build_augmentation(args, splits, run_dir, dist: Dist, mean, std):
 
     classes = len(splits.class_names)
     mix = dict(num_classes=classes, label_smoothing=args.smoothing, mean=mean, std=std,
-               synthetic_transform=RandomResizedCropFlip(scale=TRAIN_CROP_SCALE))
+               synthetic_transform=RandomResizedCropFlip(scale=TRAIN_CROP_SCALE, size=args.img_size))
     kind = "mixup" if args.aug == "mixup" else "cutmix" if args.aug in ("cutmix", "diffmix+cutmix") else None
     if kind is not None:
         mix[f"{kind}_alpha"] = getattr(args, f"{kind}_alpha")

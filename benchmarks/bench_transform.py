@@ -27,7 +27,7 @@ import torch
 from report import RESULTS, machine, sync, write_report
 from timm.data import Mixup
 
-from onlinemix import DiffMix, TensorSource
+from onlinemix import DiffMix, RandomResizedCropFlip, TensorSource
 
 
 def time_call(fn, x, y, device) -> float:
@@ -60,7 +60,9 @@ def run(source_size: int, args, device: torch.device) -> dict:
     mix_args = dict(cutmix_alpha=args.cutmix, prob=1.0, label_smoothing=0.1, num_classes=args.num_classes)
     methods = {
         "timm_mixup": Mixup(mixup_alpha=0.0, **mix_args),
-        "diffmix": DiffMix(**mix_args, p=args.p, gamma=0.5, source=pool),
+        # Synthetic images get the training crop and flip, resized once to the batch's size, as train.py does.
+        "diffmix": DiffMix(**mix_args, p=args.p, gamma=0.5, source=pool,
+                           synthetic_transform=RandomResizedCropFlip(size=args.img_size)),
         # The same CutMix without replacement: separates the cost of the swap from
         # the difference between the two CutMix implementations.
         "diffmix_p0": DiffMix(**mix_args, p=0.0),

@@ -60,41 +60,48 @@ class RandomResizedCropFlip:
     """The training crop and flip real images get, for a batch of synthetic uint8 images.
 
     Each image of ``[K, 3, H, W]`` gets its own box (``crop_box``: torchvision's
-    ``RandomResizedCrop``), resized back to ``H×W`` (bilinear, antialiased) on the
-    images' device, then a horizontal flip with probability ``flip``. The defaults are
-    timm's training transform (``scale=(0.08, 1)``, ``ratio=(3/4, 4/3)``, flip 0.5);
-    pass the ones your real images get, so synthetic and real images show objects at
-    the same scales.
+    ``RandomResizedCrop``), resized to ``size`` (default ``H×W``; bilinear, antialiased)
+    on the images' device, then a horizontal flip with probability ``flip``. The
+    defaults are timm's training transform (``scale=(0.08, 1)``, ``ratio=(3/4, 4/3)``,
+    flip 0.5); pass the ones your real images get, so synthetic and real images show
+    objects at the same scales, and the training size, so each crop is resized once.
 
     Args:
         scale: Range of the box's area as a fraction of the image.
         ratio: Range of the box's aspect ratio (width / height).
         flip: Probability of a horizontal flip.
+        size: Output size, an int (square) or ``(height, width)``; None keeps the input's.
     """
 
     def __init__(self, *, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
-                 flip: float = 0.5):
+                 flip: float = 0.5, size: Optional[int | Sequence[int]] = None):
         if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
             raise ValueError(f"scale must be two fractions 0 < min <= max <= 1 of the image area, got {scale}.")
         if not (len(ratio) == 2 and 0 < ratio[0] <= ratio[1]):
             raise ValueError(f"ratio must be two aspect ratios 0 < min <= max, got {ratio}.")
         if not 0 <= flip <= 1:
             raise ValueError(f"flip is a probability and must lie in [0, 1], got {flip}.")
+        if isinstance(size, int):
+            size = (size, size)
+        if size is not None and not (len(size) == 2 and min(size) > 0):
+            raise ValueError(f"size must be a positive int or (height, width), got {size}.")
         self.scale, self.ratio, self.flip = tuple(scale), tuple(ratio), float(flip)
+        self.size = None if size is None else (int(size[0]), int(size[1]))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
-        out = torch.empty_like(images)
+        size = self.size or (height, width)
+        out = torch.empty((images.shape[0], images.shape[1], *size), dtype=images.dtype, device=images.device)
         for k in range(images.shape[0]):
             top, left, h, w = crop_box(height, width, self.scale, self.ratio)
             crop = images[k:k + 1, :, top:top + h, left:left + w]
-            if (h, w) != (height, width):
-                crop = resize_images(crop, (height, width))
+            if (h, w) != size:
+                crop = resize_images(crop, size)
             out[k] = crop[0].flip(-1) if np.random.rand() < self.flip else crop[0]
         return out
 
     def __repr__(self) -> str:
-        return f"RandomResizedCropFlip(scale={self.scale}, ratio={self.ratio}, flip={self.flip})"
+        return f"RandomResizedCropFlip(scale={self.scale}, ratio={self.ratio}, flip={self.flip}, size={self.size})"
 
 
 def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

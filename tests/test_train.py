@@ -286,6 +286,7 @@ def test_the_synthetic_crop_is_the_real_one_and_normalisation_follows_the_model(
     assert mix.mean == mean and mix.std == std
     crop = train.transforms(32, mean, std)[0].transforms[0]
     assert tuple(mix.synthetic_transform.scale) == tuple(crop.scale) and mix.synthetic_transform.flip == 0.5
+    assert mix.synthetic_transform.size == (args.img_size, args.img_size), "each crop resized once"
     assert tuple(mix.synthetic_transform.ratio) == pytest.approx(tuple(crop.ratio))
 
 

@@ -370,6 +370,10 @@ def test_crop_boxes_and_flips():
     assert flipped.dtype == torch.uint8 and flipped.shape == images.shape
     assert torch.all(mirrored | (flipped == images).flatten(1).all(1)) and abs(mirrored.float().mean() - 0.5) < 0.08
     assert not RandomResizedCropFlip(scale=(1, 1), ratio=(1, 1), flip=0.0)(images).ne(images).any()
-    for kwargs, message in ((dict(scale=(0.5, 0.2)), "scale"), (dict(ratio=(2, 1)), "ratio"), (dict(flip=2), "flip")):
+    resized = RandomResizedCropFlip(size=(12, 20))(images)
+    assert resized.shape == (400, 3, 12, 20) and resized.dtype == torch.uint8, "each crop resized once, to size"
+    assert RandomResizedCropFlip(size=9)(images[:2]).shape == (2, 3, 9, 9)
+    for kwargs, message in ((dict(scale=(0.5, 0.2)), "scale"), (dict(ratio=(2, 1)), "ratio"), (dict(flip=2), "flip"),
+                            (dict(size=(0, 4)), "size")):
         with pytest.raises(ValueError, match=message):
             RandomResizedCropFlip(**kwargs)
