@@ -160,8 +160,11 @@ class Planner:
         self._labels = labels
         if self._sources is not None:  # each target's candidate references: every image of its source classes
             pools = {}
-            self._references = [pools.setdefault(tuple(s.tolist()), np.flatnonzero(np.isin(labels, s)))
-                                for s in self._sources]
+            for sources in self._sources:
+                key = tuple(sources.tolist())
+                if key not in pools:
+                    pools[key] = np.flatnonzero(np.isin(labels, sources))
+            self._references = [pools[tuple(sources.tolist())] for sources in self._sources]
 
     def _check_strengths(self, strengths) -> np.ndarray:
         if self.strategy.text_to_image:
@@ -189,6 +192,9 @@ class Planner:
     def _referable(self, k: Optional[int]) -> Optional[list]:
         """For each target class, the source classes it may take references from (None: all)."""
         if not self.strategy.inter_class:
+            if k is not None:
+                raise ValueError(f"referable_classes (--referable-classes) limits the source classes of inter-class "
+                                 f"strategies; {self.strategy.name} translates each image toward its own class.")
             return None
         with_images = np.flatnonzero([len(i) > 0 for i in self._by_class])
         if len(with_images) == 0:
@@ -196,7 +202,8 @@ class Planner:
         if k is None:
             return [with_images] * self.num_classes
         if not 1 <= k <= len(with_images):
-            raise ValueError(f"referable_classes must be between 1 and {len(with_images)} (classes with images), got {k}.")
+            raise ValueError(f"referable_classes (--referable-classes) must be between 1 and {len(with_images)} "
+                             f"(classes with images), got {k}.")
         return [np.sort(self._rng.choice(with_images, size=k, replace=False)) for _ in range(self.num_classes)]
 
     def take(self, n: int) -> list[Request]:

@@ -219,6 +219,8 @@ def test_subsets_and_carves_follow_the_data_seed_not_the_training_seed(tmp_path)
     other = training_images("--data-seed", "5", seed=1)
     assert other[0] != first[0] and other[2] != first[2]
     assert first[2]["count"] == 12 and len(first[1]) == 3 * 1
+    with pytest.raises(ValueError, match="--data-seed must be >= 0"):
+        training_images("--data-seed", "-1", seed=1)
 
 
 def test_fingerprint_names_images_not_their_order_or_location(tmp_path):

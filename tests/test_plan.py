@@ -137,6 +137,7 @@ def test_classes_without_images_are_never_references():
         (dict(strategy="diff-mix", strengths=0.0), r"\(0, 1\]"),
         (dict(strategy="diff-gen", strengths=0.5), "always 1.0"),
         (dict(strategy="diff-mix", referable_classes=9), "referable_classes"),
+        (dict(strategy="diff-aug", referable_classes=2), "inter-class strategies"),
         (dict(strategy="diff-mix", target_weights=[1, 1]), "target_weights"),
         (dict(strategy="diff-mix", target_weights=[0, 0, 0, 0]), "every weight is zero"),
         (dict(strategy="diff-mix", num_classes=2), "num_classes=2"),

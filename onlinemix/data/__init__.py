@@ -330,6 +330,8 @@ def check_data_arguments(args) -> None:
         raise ValueError(f"--imbalance-factor must be >= 1, got {args.imbalance_factor}.")
     if args.shots is not None and args.imbalance_factor is not None:
         raise ValueError("--shots and --imbalance-factor each choose a training subset; pass one of them.")
+    if args.data_seed < 0:
+        raise ValueError(f"--data-seed must be >= 0, got {args.data_seed}.")
     if not 0 <= args.val_fraction < 1:
         raise ValueError(f"--val-fraction must lie in [0, 1), got {args.val_fraction}.")
 

@@ -163,8 +163,9 @@ class DiffMixProducer:
             warnings.warn(f"{folder!r} does not record which training images it was fine-tuned on (made by the "
                           "original Diff-Mix code or an older onlinemix); make sure they are this run's.",
                           stacklevel=4)
-        elif fingerprint() != expected:
-            actual = fingerprint()
+            return
+        actual = fingerprint()
+        if actual != expected:
             raise ValueError(
                 f"The personalised generator in {folder!r} was fine-tuned on other training images "
                 f"({expected['count']} images, sha256 {expected['sha256'][:12]}) than this run trains on "
