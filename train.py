@@ -30,6 +30,7 @@ import yaml
 
 from onlinemix.cli import parse_with_config
 from onlinemix.data import add_data_arguments, check_data_arguments, load_splits
+from onlinemix.fidelity import FidelityMonitor
 
 AUGS = ("none", "mixup", "cutmix", "diffmix", "diffmix+cutmix", "diffaug", "diffgen", "realmix", "realaug",
         "realguidance", "realgen", "realfilter", "dafusion", "replay")
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--name", help="run folder name (default: derived from the time)")
     model.add_argument("--resume", help="checkpoint to continue from")
     model.add_argument("--log-interval", type=int, default=50)
+    model.add_argument("--eval-every", type=int, default=1,
+                       help="evaluate every N epochs and after the last (checkpoints are written every epoch)")
     model.add_argument("--shot-thresholds", type=int, nargs=2, default=[20, 5], metavar=("MANY", "FEW"),
                        help="long-tail accuracy groups: many-shot classes have more than MANY training images, "
                             "few-shot fewer than FEW (CUB-LT 20 5, Flower-LT 30 10)")
@@ -163,8 +166,8 @@ def check_args(args) -> None:
             raise ValueError("--gen-finetune-config needs --gen-finetuned, the folder to personalise into.")
         if not os.path.isfile(args.gen_finetune_config):
             raise FileNotFoundError(f"--gen-finetune-config {args.gen_finetune_config!r} is not a file.")
-    if args.epochs < 1 or args.batch_size < 1:
-        raise ValueError("--epochs and --batch-size must be >= 1.")
+    if args.epochs < 1 or args.batch_size < 1 or args.eval_every < 1:
+        raise ValueError("--epochs, --batch-size and --eval-every must be >= 1.")
     many, few = args.shot_thresholds
     if not 0 < few <= many:
         raise ValueError(f"--shot-thresholds MANY FEW needs 0 < FEW <= MANY, got {many} {few}.")
@@ -447,7 +450,7 @@ def evaluate(model, loader, device, num_classes, amp_dtype, train_counts=None, s
             correct.append((logits.argmax(1) == y).cpu())
             seen[y.cpu()] = True
     accuracy = per_class.compute().cpu()
-    result = {"top1": float(top1.compute()), "top5": float(top5.compute()),
+    result = {"images": int(sum(len(c) for c in correct)), "top1": float(top1.compute()), "top5": float(top5.compute()),
               "balanced_top1": float(accuracy[seen].mean()), "per_class": [round(float(v), 4) for v in accuracy]}
     if train_counts is not None:
         many, few = shot_thresholds
@@ -468,25 +471,31 @@ def group_accuracy(correct: np.ndarray, groups: list) -> dict:
     return {str(g): float(correct[groups == g].mean()) for g in sorted(set(groups.tolist()))}
 
 
-def save_grid(mix, path: str) -> None:
-    """The latest synthetic images with their top soft-label entries."""
+def save_grid(mix, predictions, path: str) -> None:
+    """The latest synthetic images with their top soft-label entries and, when known, the classifier's
+    top-1 on each (``predictions``, aligned with ``mix.recent``)."""
     from PIL import Image, ImageDraw
 
     if mix.recent is None:
         return
     images, labels = mix.recent
+    if predictions is None or len(predictions) != len(labels):
+        predictions = [None] * len(labels)
     tiles = []
-    for image, label in zip(images[:16], labels[:16]):
+    for image, label, predicted in zip(images[:16], labels[:16], predictions[:16]):
         tile = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((96, 96))
-        canvas = Image.new("RGB", (96, 112), "white")
+        canvas = Image.new("RGB", (96, 124), "white")
         canvas.paste(tile, (0, 0))
         top = torch.topk(label, 2)
-        text = " ".join(f"{int(c)}:{float(v):.2f}" for v, c in zip(top.values, top.indices) if v > 0)
-        ImageDraw.Draw(canvas).text((2, 98), text, fill="black")
+        draw = ImageDraw.Draw(canvas)
+        draw.text((2, 98), " ".join(f"{int(c)}:{float(v):.2f}" for v, c in zip(top.values, top.indices) if v > 0),
+                  fill="black")
+        if predicted is not None:
+            draw.text((2, 110), f"called {int(predicted)}", fill="black")
         tiles.append(canvas)
-    grid = Image.new("RGB", (96 * min(len(tiles), 8), 112 * math.ceil(len(tiles) / 8)), "white")
+    grid = Image.new("RGB", (96 * min(len(tiles), 8), 124 * math.ceil(len(tiles) / 8)), "white")
     for i, tile in enumerate(tiles):
-        grid.paste(tile, ((i % 8) * 96, (i // 8) * 112))
+        grid.paste(tile, ((i % 8) * 96, (i // 8) * 124))
     grid.save(path)
 
 
@@ -527,6 +536,7 @@ def train(args, dist: Dist) -> dict:
     if args.gen_finetune_config and uses_personalisation(args.aug):
         personalise_first(args, dist)
     mix, ring, pool = build_augmentation(args, splits, run_dir, dist, mean, std)
+    fidelity = FidelityMonitor()
 
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -578,7 +588,9 @@ def train(args, dist: Dist) -> dict:
                 if args.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = loss_fn(forward(x).float(), y)
+                    logits = forward(x)
+                    loss = loss_fn(logits.float(), y)
+                fidelity.update(logits, mix.synthetic)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -589,21 +601,26 @@ def train(args, dist: Dist) -> dict:
                 if dist.main and step % args.log_interval == 0:
                     log_step(steps_path, epoch, step, losses[-1], optimizer.param_groups[0]["lr"])
             augmentation = dist.gather(mix.stats())
+            calls = FidelityMonitor.merge(dist.gather(fidelity.state()))
+            fidelity.reset()
+            evaluated = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
             if dist.main:
-                result = epoch_report(args, epoch, losses, optimizer, augmentation, ring, pool, eval_loaders, model,
-                                      device, num_classes, amp_dtype, train_counts)
+                result = epoch_report(args, epoch, losses, optimizer, augmentation, calls, ring, pool,
+                                      eval_loaders if evaluated else {}, model, device, num_classes, amp_dtype,
+                                      train_counts)
             # After evaluation, which draws from the RNG too: a resumed run starts where this one goes on.
             rng = dist.gather(rng_state())
             if dist.main:
-                score = result.get("val", {}).get("top1", -epoch)
+                # Without a validation split the latest evaluated epoch is the best.
+                score = result.get("val", {}).get("top1", -epoch) if evaluated else best
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                          "best": max(best, score), "rng": rng, "args": vars(args)}
                 save_atomic(state, os.path.join(run_dir, "last.pth"))
-                if score > best:
+                if evaluated and score > best:
                     best = score
                     save_atomic(state, os.path.join(run_dir, "best.pth"))
-                save_grid(mix, os.path.join(run_dir, f"synthetic-epoch{epoch + 1:03d}.png"))
+                save_grid(mix, fidelity.recent_predictions, os.path.join(run_dir, f"synthetic-epoch{epoch + 1:03d}.png"))
                 write_metrics(result, metrics_path, csv_path)
                 if board is not None:
                     for key, value in flat_scalars(result).items():
@@ -641,13 +658,16 @@ def flat_scalars(result: dict, prefix: str = "") -> dict:
     return scalars
 
 
-def epoch_report(args, epoch, losses, optimizer, augmentation, ring, pool, eval_loaders, model, device,
+def epoch_report(args, epoch, losses, optimizer, augmentation, calls, ring, pool, eval_loaders, model, device,
                  num_classes, amp_dtype, train_counts) -> dict:
-    """Rank 0's summary of an epoch: losses, augmentation over all ranks, ring, generator, evaluation."""
+    """Rank 0's summary of an epoch: losses, augmentation over all ranks, what the classifier called the
+    synthetic samples (``FidelityMonitor``, merged ``calls``), ring, generator, evaluation."""
     totals = {k: sum(s[k] for s in augmentation) for k in ("samples", "requested", "replaced", "shortfall")}
     totals["replaced_fraction"] = totals["replaced"] / totals["samples"] if totals["samples"] else 0.0
     result = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
               "augmentation": totals}
+    if calls:
+        result["fidelity"] = FidelityMonitor.summary(calls)
     if ring is not None:
         result["ring"] = ring.stats()
     if pool is not None:
@@ -655,9 +675,13 @@ def epoch_report(args, epoch, losses, optimizer, augmentation, ring, pool, eval_
     for name, loader in eval_loaders.items():
         result[name] = evaluate(model, loader, device, num_classes, amp_dtype,
                                 train_counts if args.imbalance_factor else None, args.shot_thresholds)
-    accuracy = ", ".join(f"{name} top1 {result[name]['top1']:.4f}" for name in eval_loaders)
-    logger.info("epoch %d: loss %.4f, %s, synthetic %.3f", epoch + 1, result["train_loss"], accuracy,
-                totals["replaced_fraction"])
+    accuracy = ", ".join(f"{name} top1 {result[name]['top1']:.4f}" for name in eval_loaders) or "not evaluated"
+    called = ""
+    if calls:
+        shares = result["fidelity"]["all"]
+        called = f" (classifier calls it target {shares['target']:.2f}, source {shares['source']:.2f})"
+    logger.info("epoch %d: loss %.4f, %s, synthetic %.3f%s", epoch + 1, result["train_loss"], accuracy,
+                totals["replaced_fraction"], called)
     return result
 
 
@@ -675,6 +699,9 @@ def write_metrics(result: dict, jsonl: str, csv_path: str) -> None:
         f.write(json.dumps(result) + "\n")
     row = {"epoch": result["epoch"], "train_loss": result["train_loss"], "lr": result["lr"],
            "synthetic_fraction": result["augmentation"]["replaced_fraction"]}
+    if "fidelity" in result:
+        row["synthetic_called_target"] = result["fidelity"]["all"]["target"]
+        row["synthetic_called_source"] = result["fidelity"]["all"]["source"]
     for split, metrics in result.items():
         if isinstance(metrics, dict) and "top1" in metrics:
             row[f"{split}_top1"], row[f"{split}_top5"] = metrics["top1"], metrics["top5"]

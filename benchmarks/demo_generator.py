@@ -130,7 +130,9 @@ def main(argv=None) -> dict:
         # The personalised generator: Diff-Mix's prompts, and Diff-Gen samples of every species.
         info = attach_personalisation(components, args.finetuned)
         sampler = Sampler(components, steps=args.steps, guidance=args.guidance)
-        prompts = [f"a photo of a {token} bird" for token in info["tokens"]]
+        # The folder's classes are in its data set's label order (sorted names), not SPECIES order.
+        token_of = dict(zip(info["class_names"], info["tokens"]))
+        prompts = [f"a photo of a {token_of[species.name]} bird" for species in SPECIES]
         personal, personal_images = translation_runs(sampler, refs, masks, ref_y, targets,
                                                      [prompts[t] for t in targets.tolist()], probe, "personalised")
         runs += personal

@@ -6,9 +6,14 @@ in a process of its own on the CPU, as in the quick start. The personalised gene
 made once (configs/finetune/demo.yaml) and shared by every run. Reported per augmentation:
 the last epoch's top-1 accuracy on the in-distribution test set and on the counterfactual
 set (every bird on its other background), the counterfactual worst-group accuracy, and
-the realised synthetic fraction, as mean ± standard error over seeds.
+the realised synthetic fraction, as mean ± standard error over seeds, and beside each mean
+the test set's own sampling error (sqrt(a(1 - a) / n) for accuracy a on n images), which
+the seed error does not contain: every seed is evaluated on the same images. Paired
+differences (Diff-Mix minus each baseline, seed by seed) are reported with their standard
+error over seeds. The report is rewritten after every run, so a study cut short keeps
+what finished.
 
-    python benchmarks/demo_study.py                                   # 6 augmentations x 3 seeds
+    python benchmarks/demo_study.py                                   # 6 augmentations x 5 seeds
     python benchmarks/demo_study.py --augs none diffmix --seeds 0 -- --epochs 2   # flags after -- go to train.py
 
 Writes ``benchmarks/results/demo_study.json`` and ``demo_study.png``.
@@ -29,6 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUGS = ("none", "cutmix", "diffaug", "realmix", "diffmix", "diffmix+cutmix")
 METRICS = {"test": ("test", "top1"), "counterfactual": ("test_counterfactual", "top1"),
            "counterfactual_worst_group": ("test_counterfactual", "worst_group")}
+# What Diff-Mix is compared with, seed by seed.
+PAIRS = (("diffmix", "none"), ("diffmix", "diffaug"), ("diffmix", "realmix"), ("diffmix+cutmix", "cutmix"))
 
 
 def last_epoch(run_dir: str) -> dict:
@@ -48,21 +55,50 @@ def run(aug: str, seed: int, args, overrides: list) -> dict:
                synthetic_fraction=result["augmentation"]["replaced_fraction"])
     for key, (split, metric) in METRICS.items():
         row[key] = result[split][metric]
+    row["test_images"] = result["test"]["images"]
+    row["counterfactual_images"] = result["test_counterfactual"]["images"]
+    if "fidelity" in result:
+        row["synthetic_called_target"] = result["fidelity"]["all"]["target"]
     print(f"[{name}]", {k: row[k] for k in (*METRICS, "synthetic_fraction", "seconds")}, flush=True)
     return row
 
 
+def mean_and_se(values) -> dict:
+    """Mean and standard error over seeds (sample standard deviation / sqrt(n))."""
+    values = np.asarray(values, dtype=float)
+    se = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return {"mean": float(values.mean()), "se": se}
+
+
 def summarise(rows: list, augs) -> dict:
-    """Mean and standard error (sample standard deviation / sqrt(n)) per augmentation and metric."""
+    """Per augmentation and metric: mean and seed standard error; for the accuracies on a test set also
+    its sampling error at the mean (binomial, the set's image count)."""
     summary = {}
     for aug in augs:
         mine = [r for r in rows if r["aug"] == aug]
+        if not mine:
+            continue
         summary[aug] = {"seeds": len(mine)}
-        for key in (*METRICS, "synthetic_fraction"):
-            values = np.array([r[key] for r in mine], dtype=float)
-            se = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
-            summary[aug][key] = {"mean": float(values.mean()), "se": se}
+        for key in (*METRICS, "synthetic_fraction", "synthetic_called_target"):
+            if all(key in r for r in mine):
+                summary[aug][key] = mean_and_se([r[key] for r in mine])
+        for key, images in (("test", "test_images"), ("counterfactual", "counterfactual_images")):
+            a, n = summary[aug][key]["mean"], mine[0][images]
+            summary[aug][key]["sampling_se"] = float(np.sqrt(a * (1 - a) / n))
     return summary
+
+
+def paired_differences(rows: list) -> dict:
+    """``{"diffmix - none": {metric: {mean, se, seeds}}}`` over the seeds both augmentations ran."""
+    by = {(r["aug"], r["seed"]): r for r in rows}
+    out = {}
+    for a, b in PAIRS:
+        seeds = sorted(s for (aug, s) in by if aug == a and (b, s) in by)
+        if len(seeds) < 2:
+            continue
+        out[f"{a} - {b}"] = {key: {**mean_and_se([by[a, s][key] - by[b, s][key] for s in seeds]), "seeds": len(seeds)}
+                             for key in ("test", "counterfactual")}
+    return out
 
 
 def plot(summary: dict, path: str) -> None:
@@ -103,23 +139,31 @@ def main(argv=None) -> dict:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--augs", nargs="+", choices=AUGS, default=list(AUGS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "demo-study"), help="where the runs are written")
     p.add_argument("--out", default=os.path.join(RESULTS, "demo_study.json"))
     args = p.parse_args(argv)
 
-    rows = [run(aug, seed, args, overrides) for seed in args.seeds for aug in args.augs]
-    summary = summarise(rows, args.augs)
+    with open(args.config) as f:
+        config = f.read()
+    plot_path = os.path.splitext(args.out)[0] + ".png"
+    rows = []
+    for seed in args.seeds:
+        for aug in args.augs:
+            rows.append(run(aug, seed, args, overrides))
+            summary = summarise(rows, args.augs)
+            report = write_report("demo_study", args.out, dict(config=config, train_overrides=overrides,
+                                                               seeds=args.seeds), rows, machine=machine(),
+                                  summary=summary, paired_differences=paired_differences(rows),
+                                  plot=os.path.basename(plot_path))
     for aug, s in summary.items():
         print(f"{aug:16s}", "  ".join(f"{k} {s[k]['mean']:.3f} ± {s[k]['se']:.3f}" for k in (*METRICS,
                                                                                             "synthetic_fraction")))
-    plot_path = os.path.splitext(args.out)[0] + ".png"
+    for pair, diff in report["paired_differences"].items():
+        print(f"{pair:24s}", "  ".join(f"{k} {d['mean']:+.3f} ± {d['se']:.3f}" for k, d in diff.items()))
     plot(summary, plot_path)
-    with open(args.config) as f:
-        config = f.read()
-    return write_report("demo_study", args.out, dict(config=config, train_overrides=overrides, seeds=args.seeds),
-                        rows, machine=machine(), summary=summary, plot=os.path.basename(plot_path))
+    return report
 
 
 if __name__ == "__main__":

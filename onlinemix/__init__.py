@@ -1,13 +1,15 @@
 """onlinemix: Diff-Mix diffusion augmentation generated online, during training."""
+from .fidelity import FidelityMonitor
 from .labels import mix_labels, one_hot, smooth_labels, translation_label
 from .pool import GeneratorPool
 from .ring import SampleRing
 from .sources import ReplayProducer, ReplaySource, SampleBatch, SampleRecorder, SampleSource, TensorSource
-from .transform import DiffMix, DiffMixCollate, RandomResizedCropFlip
+from .transform import DiffMix, DiffMixCollate, RandomResizedCropFlip, SyntheticRows
 
 __all__ = [
     "DiffMix",
     "DiffMixCollate",
+    "FidelityMonitor",
     "GeneratorPool",
     "RandomResizedCropFlip",
     "ReplayProducer",
@@ -16,6 +18,7 @@ __all__ = [
     "SampleRecorder",
     "SampleRing",
     "SampleSource",
+    "SyntheticRows",
     "TensorSource",
     "mix_labels",
     "one_hot",

@@ -1,8 +1,10 @@
 """Personalisation, Diff-Mix's first stage: textual inversion + LoRA ("TI+DB"), TI-only, DB-only.
 
 ``Personaliser`` turns loaded ``Components`` into a trainable personalisation: one new
-token ``<class_i>`` per class (``ti_db``, ``ti``), each initialised from the same rare
-existing word, and LoRA on the U-Net's attention projections (``ti_db``, ``db``). Its
+token ``<class_i>`` per class (``ti_db``, ``ti``) of K learned vectors (K tokenizer words,
+``token_words``), initialised from an existing word (the paper's rare "ktn") or from a
+description of each class, and LoRA on the U-Net's attention projections (``ti_db``, ``db``).
+Tokens and LoRA learn at learning rates of their own. Its
 ``loss`` is Stable Diffusion's noise-prediction MSE on captions "a photo of a <class_i>
 {metaclass}" (``db``: the class name instead of a token), the very prompts the generator
 later uses. ``main`` is ``onlinemix finetune``: data, accelerate, AdamW, checkpoints,
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 
 from .cli import parse_with_config
 from .data import add_data_arguments, check_data_arguments, load_splits
-from .generator.components import LORA_TARGETS, Components, add_tokens, load_components
+from .generator.components import LORA_TARGETS, Components, add_tokens, load_components, token_words
 from .plan import get_strategy, placeholder_token
 
 logger = logging.getLogger("onlinemix")
@@ -57,25 +59,36 @@ class Personaliser:
         method: ``ti_db`` (tokens + LoRA, the paper's), ``ti`` (tokens only) or ``db``
             (LoRA only, class names in captions).
         rank: LoRA rank (10 in the paper); alpha equals the rank.
-        initializer: Existing word whose embedding (mean over its sub-words) starts every new token.
+        vectors_per_token: K, the learned vectors of each class token (1 in the paper).
+        initializer: Existing word whose embedding (mean over its sub-words) starts every vector of
+            every class without a description.
+        descriptions: ``{class name: words}``: a class's K vectors start from its description's
+            sub-word embeddings, split into K consecutive runs, each run's mean one vector.
     """
 
     def __init__(self, components: Components, class_names: Sequence[str], metaclass: str, *,
-                 method: str = "ti_db", rank: int = 10, initializer: str = INITIALIZER):
-        self.check_inputs(components, class_names, method, rank)
+                 method: str = "ti_db", rank: int = 10, vectors_per_token: int = 1,
+                 initializer: str = INITIALIZER, descriptions: Optional[dict] = None):
+        descriptions = descriptions or {}
+        self.check_inputs(components, class_names, method, rank, vectors_per_token, descriptions)
         self.components, self.method, self.rank = components, method, rank
         self.class_names, self.metaclass = list(class_names), metaclass
+        self.vectors_per_token = vectors_per_token
         self.tokens = class_tokens(class_names, method)
+        # What stands for each class in a caption: its token's K words, or its name (db).
+        self.prompt_tokens = list(self.tokens)
         # What `loss` runs; a training loop may swap in wrapped (e.g. DDP) versions.
         self.unet, self.text_encoder = components.unet, components.text_encoder
         for module in (self.unet, self.text_encoder, components.vae):
             module.requires_grad_(False)
         self.token_ids = []
         if method != "db":
-            start = self.initial_embedding(initializer)
-            add_tokens(components, {token: start for token in self.tokens})
+            starts = {token: self.initial_vectors(descriptions.get(name, initializer), vectors_per_token)
+                      for token, name in zip(self.tokens, self.class_names)}
+            self.prompt_tokens = list(add_tokens(components, starts).values())
             table = components.text_encoder.get_input_embeddings().weight
-            self.token_ids = components.tokenizer.convert_tokens_to_ids(self.tokens)
+            self.token_ids = components.tokenizer.convert_tokens_to_ids(
+                [w for t in self.tokens for w in token_words(t, vectors_per_token)])
             table.requires_grad_(True)
             # Every other row is put back after each step: only the new tokens learn.
             self.frozen_rows = table.detach().clone()
@@ -87,7 +100,8 @@ class Personaliser:
             components.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                              target_modules=LORA_TARGETS))
         prompt = get_strategy("diff-mix")
-        captions = [prompt.prompt_for(c, self.class_names, metaclass, self.tokens) for c in range(len(class_names))]
+        captions = [prompt.prompt_for(c, self.class_names, metaclass, self.prompt_tokens)
+                    for c in range(len(class_names))]
         self.captions = captions
         self.caption_ids = components.tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt",
                                                 max_length=components.tokenizer.model_max_length).input_ids
@@ -97,13 +111,23 @@ class Personaliser:
         self.noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
 
     @staticmethod
-    def check_inputs(components: Components, class_names: Sequence[str], method: str, rank: int) -> None:
+    def check_inputs(components: Components, class_names: Sequence[str], method: str, rank: int,
+                     vectors_per_token: int, descriptions: dict) -> None:
         if method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}.")
         if len(class_names) < 2:
             raise ValueError(f"Personalisation needs at least 2 classes, the data set has {len(class_names)}.")
         if method != "ti" and rank < 1:
             raise ValueError(f"--rank must be >= 1, got {rank}.")
+        if vectors_per_token < 1:
+            raise ValueError(f"--vectors-per-token must be >= 1, got {vectors_per_token}.")
+        if method == "db" and (vectors_per_token != 1 or descriptions):
+            raise ValueError("--method db learns no tokens: drop --vectors-per-token and --class-descriptions, "
+                             "or use --method ti_db.")
+        unknown = sorted(set(descriptions) - set(class_names))
+        if unknown:
+            raise ValueError(f"--class-descriptions names classes the data set lacks: {unknown[:3]}; its keys must be "
+                             f"class names such as {list(class_names)[:2]}.")
         if method != "db":
             vocab = components.tokenizer.get_vocab()
             clash = [placeholder_token(i) for i in range(len(class_names)) if placeholder_token(i) in vocab]
@@ -111,19 +135,31 @@ class Personaliser:
                 raise ValueError(f"The tokenizer already holds {clash[:3]}: fine-tune from the base model, not from "
                                  "an already personalised one.")
 
-    def initial_embedding(self, word: str) -> torch.Tensor:
-        ids = self.components.tokenizer(word, add_special_tokens=False).input_ids
+    def initial_vectors(self, words: str, count: int) -> torch.Tensor:
+        """``[count, D]``: the sub-word embeddings of ``words`` split into ``count`` consecutive runs (each
+        sub-word reused in turn when there are fewer), each run averaged."""
+        ids = self.components.tokenizer(words, add_special_tokens=False).input_ids
         if not ids:
-            raise ValueError(f"The initializer {word!r} encodes to no token; pass an existing word.")
-        table = self.components.text_encoder.get_input_embeddings().weight
-        return table[ids].detach().float().mean(0)
+            raise ValueError(f"{words!r} encodes to no token; pass existing words to --initializer or "
+                             "--class-descriptions.")
+        table = self.components.text_encoder.get_input_embeddings().weight.detach().float()
+        if len(ids) < count:
+            return table[[ids[k % len(ids)] for k in range(count)]]
+        return torch.stack([table[list(run)].mean(0) for run in np.array_split(ids, count)])
 
     def parameters(self) -> list:
-        """The trainable tensors: the embedding table (ti, ti_db) and the LoRA weights (db, ti_db)."""
-        trainable = [p for p in self.components.unet.parameters() if p.requires_grad]
+        """The trainable tensors: the LoRA weights (db, ti_db) and the embedding table (ti, ti_db)."""
+        return [p for group in self.parameter_groups(1.0, 1.0) for p in group["params"]]
+
+    def parameter_groups(self, lr: float, token_lr: float) -> list:
+        """Optimizer groups: LoRA at ``lr``, the embedding table (only the new rows learn) at ``token_lr``."""
+        groups = []
+        lora = [p for p in self.components.unet.parameters() if p.requires_grad]
+        if lora:
+            groups.append({"params": lora, "lr": lr})
         if self.token_ids:
-            trainable.append(self.components.text_encoder.get_input_embeddings().weight)
-        return trainable
+            groups.append({"params": [self.components.text_encoder.get_input_embeddings().weight], "lr": token_lr})
+        return groups
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Noise-prediction MSE for ``images`` (float ``[B, 3, R, R]`` in [-1, 1]) of classes ``labels``.
@@ -162,9 +198,13 @@ class Personaliser:
                 table[self.keep] = self.frozen_rows[self.keep]
 
     def embeddings(self) -> dict:
-        """``{token: learned row}`` in class order (empty for ``db``)."""
-        table = self.components.text_encoder.get_input_embeddings().weight
-        return {t: table[i].detach().float().cpu().clone() for t, i in zip(self.tokens, self.token_ids)}
+        """``{token: learned vectors}`` in class order (empty for ``db``): ``[D]`` for one vector per
+        token (the paper's and diffusers' file layout), ``[K, D]`` for K."""
+        if not self.token_ids:
+            return {}
+        table = self.components.text_encoder.get_input_embeddings().weight.detach().float().cpu()
+        rows = table[self.token_ids].reshape(len(self.tokens), self.vectors_per_token, -1)
+        return {t: (row[0] if self.vectors_per_token == 1 else row).clone() for t, row in zip(self.tokens, rows)}
 
     def trainable_state(self) -> dict:
         """The learned tensors, for checkpoints: LoRA (peft keys) and the new rows."""
@@ -178,9 +218,10 @@ class Personaliser:
 
     def load_trainable_state(self, state: dict) -> None:
         table = self.components.text_encoder.get_input_embeddings().weight
+        ids = torch.tensor(self.token_ids).reshape(len(self.tokens), self.vectors_per_token)
         with torch.no_grad():
-            for token, index in zip(self.tokens, self.token_ids):
-                table[index] = state[f"embedding.{token}"].to(table.dtype)
+            for token, rows in zip(self.tokens, ids):
+                table[rows] = state[f"embedding.{token}"].reshape(len(rows), -1).to(table.dtype)
         if self.method != "ti":
             from peft.utils import set_peft_model_state_dict
 
@@ -236,11 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ti_db: tokens + LoRA (the paper's); ti: tokens only (DA-Fusion); db: LoRA only")
     p.add_argument("--steps", type=int, default=35000)
     p.add_argument("--rank", type=int, default=10, help="LoRA rank")
-    p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate of LoRA and embeddings")
+    p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate of LoRA (and of the tokens, "
+                   "without --token-lr)")
+    p.add_argument("--token-lr", type=float, help="AdamW learning rate of the learned token vectors (default: --lr)")
+    p.add_argument("--vectors-per-token", type=int, default=1,
+                   help="learned vectors per class token (multi-vector textual inversion; 1 in the paper)")
     p.add_argument("--batch-size", type=int, default=8, help="images per step and process")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--initializer", default=INITIALIZER, help="existing word that starts every new token")
+    p.add_argument("--class-descriptions", help="JSON file {class name: words}: each class's vectors start from "
+                   "its words instead of --initializer")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes preparing batches")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
@@ -261,8 +308,10 @@ def check_args(args) -> None:
         raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE's factor), got {args.resolution}.")
     if args.steps < 1 or args.batch_size < 1 or args.checkpoint_every < 1:
         raise ValueError("--steps, --batch-size and --checkpoint-every must be >= 1.")
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}.")
+    if args.lr <= 0 or (args.token_lr is not None and args.token_lr <= 0):
+        raise ValueError(f"--lr and --token-lr must be positive, got {args.lr} and {args.token_lr}.")
+    if args.vectors_per_token < 1:
+        raise ValueError(f"--vectors-per-token must be >= 1, got {args.vectors_per_token}.")
     if args.workers < 0 or args.preview_steps < 0:
         raise ValueError("--workers and --preview-steps must be >= 0 (--preview-steps 0: no preview grid).")
     busy = os.path.isdir(args.out) and os.listdir(args.out)
@@ -332,13 +381,15 @@ def finetune(args) -> dict:
     main_process = accelerator.is_main_process
     with accelerator.main_process_first():  # the toy set is written once
         splits = load_splits(args)
+    descriptions = read_descriptions(args.class_descriptions)
     components = load_components(args.model, device=accelerator.device, local_files_only=args.local_files_only)
     if args.mixed_precision != "no":  # the VAE is frozen: no fp32 master copy needed
         cast_frozen(components.vae, torch.float16 if args.mixed_precision == "fp16" else torch.bfloat16)
     personaliser = Personaliser(components, splits.class_names, args.metaclass, method=args.method, rank=args.rank,
-                                initializer=args.initializer)
-    optimizer = accelerator.prepare(
-        torch.optim.AdamW(personaliser.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2))
+                                vectors_per_token=args.vectors_per_token, initializer=args.initializer,
+                                descriptions=descriptions)
+    groups = personaliser.parameter_groups(args.lr, args.token_lr or args.lr)
+    optimizer = accelerator.prepare(torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2))
     # Only modules that learn are wrapped (DDP refuses one without trainable parameters).
     if args.method != "ti":
         personaliser.unet = accelerator.prepare(personaliser.unet)
@@ -396,6 +447,20 @@ def finetune(args) -> dict:
     return {"info": info, "losses": losses}
 
 
+def read_descriptions(path: Optional[str]) -> dict:
+    """``--class-descriptions``: a JSON object of class name to words, or {} without a file."""
+    if not path:
+        return {}
+    if not os.path.isfile(path):  # read after the data is loaded: the demo world writes its own file
+        raise FileNotFoundError(f"--class-descriptions: no file at {path!r}.")
+    with open(path) as f:
+        descriptions = json.load(f)
+    if not isinstance(descriptions, dict) or not all(isinstance(v, str) for v in descriptions.values()):
+        raise ValueError(f"--class-descriptions {path!r} must hold one JSON object of class name to words, "
+                         'e.g. {"Black footed Albatross": "large dark seabird with long narrow wings"}.')
+    return descriptions
+
+
 def append_loss(path: str, step: int, loss: float) -> None:
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
@@ -412,7 +477,9 @@ def save_personalised(args, personaliser: Personaliser, train) -> dict:
 
     info = {"base_model": args.model, "method": args.method, "class_names": personaliser.class_names,
             "metaclass": personaliser.metaclass, "steps": args.steps, "rank": args.rank if args.method != "ti" else 0,
-            "lr": args.lr, "batch_size": args.batch_size, "resolution": args.resolution, "seed": args.seed,
+            "lr": args.lr, "token_lr": args.token_lr or args.lr, "vectors_per_token": args.vectors_per_token,
+            "initializer": "class descriptions" if args.class_descriptions else args.initializer,
+            "batch_size": args.batch_size, "resolution": args.resolution, "seed": args.seed,
             "captions": personaliser.captions[:3], "training_images": train.fingerprint(),
             "data": {"data_dir": args.data_dir, "dataset": args.dataset, "shots": args.shots,
                      "imbalance_factor": args.imbalance_factor, "val_fraction": args.val_fraction,
@@ -436,7 +503,7 @@ def save_preview(personaliser: Personaliser, references, path: str, *, steps: in
     classes = list(range(min(16, len(names))))
     prompt = get_strategy("diff-mix")
     with torch.no_grad():
-        generated = sampler.generate([prompt.prompt_for(c, names, personaliser.metaclass, personaliser.tokens)
+        generated = sampler.generate([prompt.prompt_for(c, names, personaliser.metaclass, personaliser.prompt_tokens)
                                       for c in classes], [seed + c for c in classes],
                                      height=resolution, width=resolution)
         rng = np.random.default_rng(seed)
@@ -447,7 +514,7 @@ def save_preview(personaliser: Personaliser, references, path: str, *, steps: in
             target = (source + 1 + int(rng.integers(len(names) - 1))) % len(names)
             image = references.load(int(index))[None].float().div(255)
             image = F.interpolate(image, size=(resolution,) * 2, mode="bilinear", antialias=True).clamp(0, 1)
-            text = prompt.prompt_for(target, names, personaliser.metaclass, personaliser.tokens)
+            text = prompt.prompt_for(target, names, personaliser.metaclass, personaliser.prompt_tokens)
             out = sampler.translate(image.repeat(3, 1, 1, 1).to(components.device), [text] * 3, [0.5, 0.7, 0.9],
                                     [seed] * 3)
             rows.append((image[0], out, names[source], names[target]))

@@ -14,7 +14,7 @@ for ``timm.data.FastCollateMixup`` (timm's prefetcher path). Per call:
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -120,6 +120,22 @@ def blend(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
     return a * lam + b * (1 - lam)
 
 
+class SyntheticRows(NamedTuple):
+    """Which rows of the last batch ``DiffMix`` replaced, and what each synthetic sample is (all on the CPU).
+
+    Attributes:
+        rows: int64 ``[K]``, row indices in the batch.
+        source: int64 ``[K]``, class of the reference image.
+        target: int64 ``[K]``, class the prompt asked for.
+        strength: float32 ``[K]``, SDEdit strength (1 for text-to-image).
+    """
+
+    rows: torch.Tensor
+    source: torch.Tensor
+    target: torch.Tensor
+    strength: torch.Tensor
+
+
 class DiffMix(Mixup):
     """Online Diff-Mix replacement followed by Mixup/CutMix; a drop-in for ``timm.data.Mixup``.
 
@@ -160,6 +176,8 @@ class DiffMix(Mixup):
         on any device; it is modified in place and keeps its dtype.
         ``target``: int64 ``[B]`` or soft ``[B, C]``. Returns ``(x, soft_target)``
         with ``soft_target`` float32 ``[B, C]`` on ``target.device``, rows summing to 1.
+        Afterwards ``synthetic`` says which rows were replaced (``SyntheticRows``, or
+        None), for ``FidelityMonitor``.
     """
 
     def __init__(
@@ -202,6 +220,7 @@ class DiffMix(Mixup):
         self.requested = 0
         self.replaced = 0
         self.recent = None  # (uint8 images, unsmoothed labels) of the last replacement, for sample grids
+        self.synthetic = None  # the last call's SyntheticRows, or None when it replaced nothing
 
     @staticmethod
     def check_inputs(
@@ -259,6 +278,7 @@ class DiffMix(Mixup):
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_batch(x, target)
+        self.synthetic = None
         rows = as_soft_targets(target, self.num_classes)
         if self.mixup_enabled:
             self.samples += x.shape[0]
@@ -310,6 +330,7 @@ class DiffMix(Mixup):
         labels = translation_label(batch.source, batch.target, batch.strength, self.gamma, self.num_classes)
         rows[index.to(rows.device)] = labels.to(rows.device)
         self.recent = (batch.images, labels)
+        self.synthetic = SyntheticRows(index, batch.source, batch.target, batch.strength)
 
     def _prepare(self, images: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """uint8 synthetic images -> the batch's device, size, normalisation and dtype."""

@@ -33,7 +33,27 @@ def test_study_runs_every_pair_and_summarises_over_seeds(tmp_path):
             assert all(0 <= v <= 1 for v in values)
             assert abs(summary[key]["mean"] - sum(values) / 2) < 1e-9
             assert abs(summary[key]["se"] - abs(values[0] - values[1]) / 2) < 1e-9, "s.e. of two values"
+        for key in ("test", "counterfactual"):
+            a, n = summary[key]["mean"], rows[0][f"{key}_images"]
+            assert n == 12 * 100 and abs(summary[key]["sampling_se"] - (a * (1 - a) / n) ** 0.5) < 1e-9
     assert report["summary"]["none"]["synthetic_fraction"]["mean"] == 0
     assert report["summary"]["realmix"]["synthetic_fraction"]["mean"] > 0, "the generator ran"
     assert (tmp_path / "results" / "study.png").stat().st_size > 0
     assert (tmp_path / "runs" / "realmix-seed1" / "metrics.jsonl").exists()
+
+
+def test_paired_differences_are_taken_seed_by_seed():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from demo_study import paired_differences
+    finally:
+        sys.path.pop(0)
+    rows = [dict(aug=aug, seed=seed, test=value, counterfactual=2 * value)
+            for aug, seed, value in (("diffmix", 0, 0.5), ("diffmix", 1, 0.7), ("diffmix", 2, 0.9), ("none", 0, 0.4),
+                                     ("none", 1, 0.5), ("diffaug", 0, 0.1))]
+    diff = paired_differences(rows)
+    assert set(diff) == {"diffmix - none"}, "pairs need two shared seeds"
+    assert diff["diffmix - none"]["test"]["seeds"] == 2
+    assert abs(diff["diffmix - none"]["test"]["mean"] - 0.15) < 1e-9
+    assert abs(diff["diffmix - none"]["test"]["se"] - 0.05) < 1e-9
+    assert abs(diff["diffmix - none"]["counterfactual"]["mean"] - 0.3) < 1e-9

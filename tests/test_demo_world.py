@@ -96,3 +96,16 @@ def test_generic_corpus_describes_birds_without_naming_species():
                                            "on land")
     assert "an orange head" in caption(SPECIES[2].__class__(**{**SPECIES[2].__dict__, "head": (240, 140, 20)}),
                                        "water")
+
+
+def test_a_demo_world_of_an_older_layout_is_refused(tmp_path):
+    from onlinemix.data.demo_world import check_demo_world
+
+    write_demo_world(str(tmp_path), train_per_class=1, val_per_class=1, test_per_class=1)
+    world = json.loads((tmp_path / "world.json").read_text())
+    assert world["per_class"] == {"train": 1, "val": 1, "test": 1, "test_counterfactual": 1}
+    check_demo_world(str(tmp_path))
+    del world["layout"]
+    (tmp_path / "world.json").write_text(json.dumps(world))
+    with pytest.raises(ValueError, match="layout 1 .*delete the folder"):
+        check_demo_world(str(tmp_path))

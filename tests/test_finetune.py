@@ -98,7 +98,7 @@ def test_only_the_new_token_rows_change():
     train_steps(personaliser)
     table = components.text_encoder.get_input_embeddings().weight
     assert torch.equal(table[: len(old)], old), "every existing row is bit-for-bit unchanged"
-    start = personaliser.initial_embedding("ktn")
+    start = personaliser.initial_vectors("ktn", 1)[0]
     assert all(not torch.allclose(table[i], start) for i in personaliser.token_ids), "every new token learned"
     after = components.unet.state_dict()
     assert any(not torch.equal(after[k], v) for k, v in unet.items()), "LoRA learned"
@@ -245,3 +245,95 @@ def test_gradient_clipping_measures_only_what_learns():
     assert table.grad[personaliser.keep].abs().sum() == 0
     norm = torch.nn.utils.clip_grad_norm_(personaliser.parameters(), 1.0)
     torch.testing.assert_close(norm, learned.norm())
+
+
+def test_multi_vector_tokens_round_trip_through_the_folder(base, data_dir, tmp_path):
+    """A K-vector folder loads, expands each class token to its K words, and generates what the fine-tuned
+    model does."""
+    out = tmp_path / "k3"
+    result = finetune(base, data_dir, out, "--steps", "3", "--vectors-per-token", "3", "--token-lr", "0.1")
+    info = result["info"]
+    assert info["vectors_per_token"] == 3 and info["token_lr"] == 0.1 and info["lr"] == 1e-2
+    assert info["captions"][1] == "a photo of a <class_1> <class_1>_1 <class_1>_2 shape"
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / EMBEDDINGS))
+    assert sorted(saved) == ["<class_0>", "<class_1>", "<class_2>"] and saved["<class_2>"].shape == (3, 32)
+    assert not torch.allclose(saved["<class_2>"][0], saved["<class_2>"][1]), "the vectors learn apart"
+
+    components = load_components(base)
+    loaded = attach_personalisation(components, str(out))
+    assert loaded["tokens"][1] == "<class_1> <class_1>_1 <class_1>_2"
+    table = components.text_encoder.get_input_embeddings().weight
+    ids = components.tokenizer.convert_tokens_to_ids(["<class_2>", "<class_2>_1", "<class_2>_2"])
+    torch.testing.assert_close(table[ids], saved["<class_2>"])
+
+    # The fine-tuned model in memory, rebuilt from its last checkpoint: the same images from the same prompt.
+    from onlinemix.finetune import load_checkpoint, latest_checkpoint
+
+    tuned = load_components(base)
+    personaliser = Personaliser(tuned, info["class_names"], "shape", vectors_per_token=3)
+    optimizer = torch.optim.AdamW(personaliser.parameter_groups(1e-2, 0.1))
+    load_checkpoint(latest_checkpoint(str(out)), personaliser, optimizer, None)
+    prompt = [f"a photo of a {loaded['tokens'][1]} shape"]
+    assert personaliser.captions[1] == prompt[0]
+    expected = Sampler(tuned, steps=4).generate(prompt, [5], height=32, width=32)
+    torch.testing.assert_close(Sampler(components, steps=4).generate(prompt, [5], height=32, width=32), expected)
+
+
+def test_a_folder_whose_vector_count_disagrees_with_its_embeddings_is_refused(base, data_dir, tmp_path):
+    import json
+
+    out = tmp_path / "k2"
+    finetune(base, data_dir, out, "--steps", "1", "--vectors-per-token", "2")
+    info = json.loads((out / "onlinemix.json").read_text())
+    (out / "onlinemix.json").write_text(json.dumps({**info, "vectors_per_token": 3}))
+    with pytest.raises(ValueError, match="vectors_per_token = 3.*holds 2 vectors"):
+        attach_personalisation(load_components(base), str(out))
+
+
+def test_token_and_lora_learning_rates_reach_their_groups():
+    components = tiny_components(seed=0)
+    personaliser = Personaliser(components, NAMES, "shape", method="ti_db", rank=4, vectors_per_token=2)
+    lora, tokens = personaliser.parameter_groups(1e-4, 5e-3)
+    table = components.text_encoder.get_input_embeddings().weight
+    assert tokens["lr"] == 5e-3 and len(tokens["params"]) == 1 and tokens["params"][0] is table
+    assert lora["lr"] == 1e-4 and lora["params"] and all(p is not table for p in lora["params"])
+    names = {id(p): n for n, p in components.unet.named_parameters()}
+    assert all("lora" in names[id(p)] for p in lora["params"]), "only LoRA weights of the U-Net"
+    assert len(personaliser.token_ids) == 6, "two rows per class"
+    [only] = Personaliser(tiny_components(seed=0), NAMES, "shape", method="ti").parameter_groups(1e-4, 5e-3)
+    assert only["lr"] == 5e-3
+
+
+def test_class_descriptions_start_each_class_from_its_words():
+    components = tiny_components(seed=0)
+    table = components.text_encoder.get_input_embeddings().weight.detach().clone()
+    descriptions = {"green square": "ab", "blue triangle": "abcd"}
+    personaliser = Personaliser(components, NAMES, "shape", vectors_per_token=2, initializer="z",
+                                descriptions=descriptions)
+    ids = components.tokenizer(["z", "ab", "abcd"], add_special_tokens=False).input_ids
+    rows = components.text_encoder.get_input_embeddings().weight[personaliser.token_ids].detach()
+    torch.testing.assert_close(rows[0:2], table[ids[0]].expand(2, -1), msg="no description: the initializer")
+    torch.testing.assert_close(rows[2:4], table[ids[1]], msg="two sub-words, two vectors")
+    torch.testing.assert_close(rows[4], table[ids[2][:2]].mean(0))
+    torch.testing.assert_close(rows[5], table[ids[2][2:]].mean(0))
+
+
+def test_bad_personalisation_options_are_refused(base, data_dir, tmp_path):
+    with pytest.raises(ValueError, match="--vectors-per-token must be >= 1"):
+        finetune(base, data_dir, tmp_path / "a", "--steps", "1", "--vectors-per-token", "0")
+    with pytest.raises(ValueError, match="--vectors-per-token must be >= 1"):
+        Personaliser(tiny_components(), NAMES, "shape", vectors_per_token=0)
+    with pytest.raises(ValueError, match="--token-lr must be positive"):
+        finetune(base, data_dir, tmp_path / "a", "--steps", "1", "--token-lr", "0")
+    with pytest.raises(ValueError, match="--method db learns no tokens"):
+        Personaliser(tiny_components(), NAMES, "shape", method="db", vectors_per_token=2)
+    with pytest.raises(ValueError, match=r"lacks: \['purple circle'\]"):
+        Personaliser(tiny_components(), NAMES, "shape", descriptions={"purple circle": "a b"})
+    with pytest.raises(FileNotFoundError, match="--class-descriptions: no file"):
+        finetune(base, data_dir, tmp_path / "a", "--steps", "1", "--class-descriptions", str(tmp_path / "none.json"))
+    (tmp_path / "list.json").write_text('["a", "b"]')
+    with pytest.raises(ValueError, match="one JSON object of class name to words"):
+        finetune(base, data_dir, tmp_path / "a", "--steps", "1", "--class-descriptions", str(tmp_path / "list.json"))
+    assert not (tmp_path / "a").exists()

@@ -51,6 +51,13 @@ def test_replay_run_swaps_in_offline_samples(data_dir, tmp_path):
     result = run(data_dir, tmp_path, "--aug", "replay", "--replay-dir", str(tmp_path / "offline"), "--p", "0.5")
     assert result["augmentation"]["replaced"] > 0
     assert (tmp_path / "run" / "synthetic-epoch001.png").exists()
+    calls = result["fidelity"]["all"]
+    assert calls["count"] == result["augmentation"]["replaced"], "every synthetic sample trained on is counted"
+    assert calls["target"] + calls["source"] + calls["other"] == pytest.approx(1.0)
+    assert set(result["fidelity"]) == {"s=0.7", "all"}, "the offline samples' one strength"
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        row = list(csv.DictReader(f))[-1]
+    assert float(row["synthetic_called_target"]) == pytest.approx(calls["target"])
 
 
 def test_live_generator_run_on_cpu(data_dir, tmp_path):
@@ -203,6 +210,7 @@ def test_torchrun_two_ranks_share_one_ring(data_dir, tmp_path):
     assert result["augmentation"]["replaced"] > 0
     assert result["ring"]["read"] == result["augmentation"]["replaced"], "every read sample went into a batch"
     assert result["augmentation"]["samples"] == 2 * 4 * (36 // 2 // 4), "both ranks trained, each on half the data"
+    assert result["fidelity"]["all"]["count"] == result["augmentation"]["replaced"], "both ranks' calls are counted"
 
 
 def test_hugging_face_dataset_folder_with_a_live_generator(data_dir, tmp_path):

@@ -347,6 +347,10 @@ def load_splits(args):
             from .demo_world import write_demo_world
 
             write_demo_world(args.data_dir)  # one world for every seed: seeds vary the training, not the data
+    if args.dataset == "demo":
+        from .demo_world import check_demo_world
+
+        check_demo_world(args.data_dir)
     reader = DatasetDictSplits if args.dataset == "hf" else ImageFolderSplits
     splits = reader(args.data_dir)
     if args.class_names:

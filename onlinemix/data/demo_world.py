@@ -17,8 +17,9 @@ describe colours, shape and background in words and never name a species (what t
 tiny generator is pretrained on, so that, like Stable Diffusion on CUB, it knows the
 domain loosely and needs personalisation);
 ``write_demo_world(root)`` writes the ImageFolder tree ``train/ val/ test/
-test_counterfactual/`` (each with ``groups.csv``), the bird masks under ``masks/`` and
-``world.json`` with the species' attributes.
+test_counterfactual/`` (each with ``groups.csv``), the bird masks under ``masks/``,
+``world.json`` with the species' attributes and ``class_descriptions.json`` with each
+species' attributes in words (``class_descriptions``).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 ENVIRONMENTS = ("water", "land")
+# 2: 100 test and counterfactual images per species (was 20), enough to see effects of a few points.
+LAYOUT = 2
 RENDER_SCALE = 2  # drawn at twice the size, then downsampled: antialiased edges
 
 
@@ -227,6 +230,13 @@ def caption(species: Species, environment: str, rng: np.random.Generator | None 
     return text
 
 
+def class_descriptions() -> dict:
+    """``{species name: words}``: each species' visible attributes in the caption words the demo
+    generator was pretrained on, without a background; what a user with attribute annotations
+    (CUB has 312) could give ``onlinemix finetune --class-descriptions``."""
+    return {s.name: caption(s, ENVIRONMENTS[0]).split(", on ")[0] for s in SPECIES}
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
@@ -250,7 +260,7 @@ def environments_for(count: int, home: str, home_fraction: float, rng: np.random
 
 
 def write_demo_world(root: str, *, seed: int = 0, train_per_class: int = 10, val_per_class: int = 5,
-                     test_per_class: int = 20, home_fraction: float = 0.9, size: int = 64) -> None:
+                     test_per_class: int = 100, home_fraction: float = 0.9, size: int = 64) -> None:
     """Write the demo world's splits under ``root`` (see the module docstring)."""
     if not 0.5 <= home_fraction <= 1:
         raise ValueError(f"home_fraction must lie in [0.5, 1], got {home_fraction}.")
@@ -272,6 +282,18 @@ def write_demo_world(root: str, *, seed: int = 0, train_per_class: int = 10, val
                 rows.append(f"{species.name}/{file},{species.family}/{environment}")
         with open(os.path.join(root, split, "groups.csv"), "w") as f:
             f.write("\n".join(rows) + "\n")
+    with open(os.path.join(root, "class_descriptions.json"), "w") as f:
+        json.dump(class_descriptions(), f, indent=2)
     with open(os.path.join(root, "world.json"), "w") as f:
-        json.dump({"seed": seed, "size": size, "home_fraction": home_fraction, "metaclass": "bird",
+        json.dump({"layout": LAYOUT, "seed": seed, "size": size, "home_fraction": home_fraction, "metaclass": "bird",
+                   "per_class": {split: count for split, count, _ in plan},
                    "species": [asdict(sp) for sp in SPECIES]}, f, indent=2)
+
+
+def check_demo_world(root: str) -> None:
+    """Refuse a demo world written by an older layout: its test sets differ from the ones results quote."""
+    with open(os.path.join(root, "world.json")) as f:
+        layout = json.load(f).get("layout", 1)
+    if layout != LAYOUT:
+        raise ValueError(f"{root!r} holds a demo world of layout {layout} (an older onlinemix wrote it; layout {LAYOUT} "
+                         "has 100 test images per species): delete the folder and run again to write the current one.")

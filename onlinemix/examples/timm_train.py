@@ -40,7 +40,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from tqdm import tqdm
 
-from onlinemix import DiffMix, DiffMixCollate, GeneratorPool, SampleRing  # onlinemix
+from onlinemix import DiffMix, DiffMixCollate, FidelityMonitor, GeneratorPool, SampleRing  # onlinemix
 from onlinemix.data import FileSplit  # onlinemix
 from onlinemix.generator.worker import DiffMixProducer, GeneratorSpec  # onlinemix
 
@@ -132,6 +132,7 @@ def main(argv=None) -> dict:
                                                        warmup_epochs=0)
         train_loss_fn = SoftTargetCrossEntropy()  # as timm uses whenever mixup is active
 
+        fidelity = FidelityMonitor()  # onlinemix: what the classifier calls the synthetic samples it trains on
         losses = []
         for epoch in range(num_epochs):
             model.train()
@@ -139,7 +140,10 @@ def main(argv=None) -> dict:
                 if not args.prefetcher:
                     input, target = input.to(device), target.to(device)
                     input, target = mixup_fn(input, target)
-                loss = train_loss_fn(model(input), target)
+                output = model(input)
+                loss = train_loss_fn(output, target)
+                if mixup_fn is not None:  # onlinemix; the collate path replaces rows in the loader's workers
+                    fidelity.update(output, mixup_fn.synthetic)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -153,7 +157,11 @@ def main(argv=None) -> dict:
     print(f"trained {len(losses)} steps, last loss {losses[-1]:.4f}, synthetic fraction "
           f"{stats['replaced_fraction']:.3f} (p = {args.diffmix_p}; with --workers > 0 the collate "
           "counts in the workers)")
-    return {"losses": losses, "augmentation": stats}
+    calls = FidelityMonitor.summary(fidelity.state())
+    if calls:
+        print(f"the classifier called {calls['all']['target']:.2f} of the synthetic samples their target class and "
+              f"{calls['all']['source']:.2f} their source class")
+    return {"losses": losses, "augmentation": stats, "fidelity": calls}
 
 
 if __name__ == "__main__":

@@ -228,7 +228,8 @@ def save_personalisation(folder: Union[str, os.PathLike], unet: torch.nn.Module,
     Args:
         folder: Output folder (created).
         unet: The fine-tuned U-Net, with a peft LoRA adapter or none.
-        embeddings: ``{token: embedding row}`` of the learned tokens, in class order.
+        embeddings: ``{token: embedding}`` of the learned tokens in class order, each ``[D]`` or ``[K, D]``
+            (K vectors per token; ``info`` then says ``vectors_per_token``).
         info: JSON-able facts: base model, method, class names, metaclass, steps.
     """
     import json
@@ -259,7 +260,9 @@ def attach_personalisation(components: Components, folder: Union[str, os.PathLik
     the latter with ``torch.load(weights_only=True)``).
 
     Returns:
-        The folder's facts (``personalisation_info``), with ``tokens`` the learned tokens in class order.
+        The folder's facts (``personalisation_info``), with ``tokens`` what stands for each class in a
+        prompt, in class order: its learned token, or its K tokenizer words space-separated when the
+        folder learned ``vectors_per_token`` K > 1 (``token_words``).
     """
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
@@ -272,14 +275,20 @@ def attach_personalisation(components: Components, folder: Union[str, os.PathLik
         embeddings = {t: embeddings[t] for t in info.get("tokens", embeddings)}
     elif embeddings_file is not None:
         embeddings = torch.load(embeddings_file, map_location="cpu", weights_only=True)
-    if embeddings:
-        add_tokens(components, embeddings)
+    vectors = info.get("vectors_per_token", 1)
+    counts = {t: row.reshape(-1, row.shape[-1]).shape[0] for t, row in embeddings.items()}
+    wrong = [t for t, count in counts.items() if count != vectors]
+    if wrong:
+        raise ValueError(f"{os.fspath(folder)!r} says vectors_per_token = {vectors} in {PERSONALISATION_JSON}, but the "
+                         f"embedding of {wrong[0]!r} holds {counts[wrong[0]]} vectors: its files come from different "
+                         "runs; fine-tune it again into an empty folder.")
+    words = add_tokens(components, embeddings) if embeddings else {}
     if has_lora:
         state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
             folder, weight_name=LORA_WEIGHTS, return_lora_metadata=True)
         StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=components.unet, adapter_name="personalised",
                                                     metadata=metadata)
-    info["tokens"] = list(embeddings)
+    info["tokens"] = list(words.values())
     return info
 
 
@@ -316,21 +325,39 @@ def personalisation_info(folder: Union[str, os.PathLike]) -> dict:
     return info
 
 
-def add_tokens(components: Components, embeddings: dict) -> None:
-    """Add new tokens to the tokenizer and their embedding rows to the text encoder."""
+def token_words(token: str, vectors: int) -> list[str]:
+    """The tokenizer words of a learned token with ``vectors`` embedding vectors: ``token`` itself, then
+    ``token_1`` ... ``token_{K-1}`` (diffusers' multi-vector textual inversion naming)."""
+    return [token] + [f"{token}_{k}" for k in range(1, vectors)]
+
+
+def add_tokens(components: Components, embeddings: dict) -> dict:
+    """Add learned tokens to the tokenizer and their embedding rows to the text encoder.
+
+    Args:
+        components: The generator to extend.
+        embeddings: ``{token: row}``, each row ``[D]`` (one vector) or ``[K, D]`` (K vectors: the
+            token becomes K tokenizer words, see ``token_words``).
+
+    Returns:
+        ``{token: text}``: what stands for each token in a prompt, its K words space-separated.
+    """
     tokenizer, encoder = components.tokenizer, components.text_encoder
-    clash = [t for t in embeddings if t in tokenizer.get_vocab()]
+    rows = {token: row.reshape(-1, row.shape[-1]) for token, row in embeddings.items()}
+    words = {token: token_words(token, len(row)) for token, row in rows.items()}
+    clash = [w for ws in words.values() for w in ws if w in tokenizer.get_vocab()]
     if clash:
         raise ValueError(f"Tokens {clash[:3]} already exist in the tokenizer; a generator can be personalised once.")
-    tokenizer.add_tokens(list(embeddings))
+    tokenizer.add_tokens([w for ws in words.values() for w in ws])
     encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # every new row is set below
     table = encoder.get_input_embeddings().weight
     with torch.no_grad():
-        for token, row in embeddings.items():
+        for token, row in rows.items():
             if row.shape[-1] != table.shape[1]:
                 raise ValueError(f"Token {token!r} has a {row.shape[-1]}-d embedding but the text encoder uses "
                                  f"{table.shape[1]}: the personalised folder belongs to another base model.")
-            table[tokenizer.convert_tokens_to_ids(token)] = row.reshape(-1).to(table.dtype)
+            table[tokenizer.convert_tokens_to_ids(words[token])] = row.to(table.dtype)
+    return {token: " ".join(ws) for token, ws in words.items()}
 
 
 def sd15_architecture(seed: int = 0) -> Components:
