@@ -11,7 +11,10 @@
    target species.
 3. With ``--finetuned``: the same translations with the personalised prompts ("a photo of a
    <class_i> bird", Diff-Mix's), and how often the probe recognises the species in
-   text-to-image samples of each token (Diff-Gen).
+   text-to-image samples of each token (Diff-Gen). Then which attributes the tokens carry:
+   one probe per attribute (family, wing, head and tail colour, wing pattern), each
+   trained on the same renders, reports how often a Diff-Gen sample or a translation
+   shows the attribute value of the species it was asked for.
 
     python benchmarks/demo_generator.py                        # the shipped demo generator
     python benchmarks/demo_generator.py --model FOLDER         # e.g. a fresh `onlinemix pretrain-demo` output
@@ -36,6 +39,7 @@ from onlinemix.generator.components import attach_personalisation, load_componen
 from onlinemix.generator.sampler import Sampler
 
 STRENGTHS = (0.5, 0.7, 0.9)
+ATTRIBUTES = ("family", "wing", "head", "tail", "pattern")
 
 
 def renders(per_class: int, seed: int):
@@ -55,14 +59,15 @@ def renders(per_class: int, seed: int):
     return images, torch.tensor(labels), torch.from_numpy(np.stack(masks)), environments
 
 
-def train_probe(images: torch.Tensor, labels: torch.Tensor, *, epochs: int, seed: int) -> torch.nn.Module:
-    """A three-layer CNN species classifier."""
+def train_probe(images: torch.Tensor, labels: torch.Tensor, *, epochs: int, seed: int,
+                classes: int = len(SPECIES)) -> torch.nn.Module:
+    """A three-layer CNN classifier of ``classes`` classes (the species by default)."""
     torch.manual_seed(seed)
     net = torch.nn.Sequential(
         torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
         torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
         torch.nn.Conv2d(64, 128, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(),
-        torch.nn.Linear(128, len(SPECIES)),
+        torch.nn.Linear(128, classes),
     )
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
     for _ in range(epochs):
@@ -79,6 +84,27 @@ def train_probe(images: torch.Tensor, labels: torch.Tensor, *, epochs: int, seed
 @torch.no_grad()
 def predict(net, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([net(images[k:k + 256] * 2 - 1).argmax(1) for k in range(0, len(images), 256)])
+
+
+def attribute_labels(species: torch.Tensor, attribute: str) -> tuple[torch.Tensor, int]:
+    """Each species label's value of ``attribute`` as a class index, and the number of values."""
+    values = sorted({getattr(s, attribute) for s in SPECIES})
+    return torch.tensor([values.index(getattr(SPECIES[int(y)], attribute)) for y in species]), len(values)
+
+
+def attribute_probes(images: torch.Tensor, species: torch.Tensor, *, seed: int) -> dict:
+    """One probe per attribute, trained on the species probe's renders."""
+    probes = {}
+    for attribute in ATTRIBUTES:
+        labels, count = attribute_labels(species, attribute)
+        probes[attribute] = train_probe(images, labels, epochs=15, seed=seed, classes=count)
+    return probes
+
+
+def attributes_shown(probes: dict, images: torch.Tensor, species: torch.Tensor) -> dict:
+    """Per attribute, the share of ``images`` whose probed value is that of the species asked for."""
+    return {a: float((predict(net, images) == attribute_labels(species, a)[0]).float().mean())
+            for a, net in probes.items()}
 
 
 @torch.no_grad()
@@ -142,6 +168,14 @@ def main(argv=None) -> dict:
                                for part, seeds in batches(len(labels))])
         extra["text_to_image_probe_accuracy"] = float((predict(probe, generated) == labels).float().mean())
         print("personalised text-to-image, probe accuracy:", extra["text_to_image_probe_accuracy"])
+        probes = attribute_probes(train_x, train_y, seed=args.seed)
+        extra["attributes_shown"] = {
+            "held_out_renders": attributes_shown(probes, test_x, test_y),  # each attribute probe's own accuracy
+            "diff_gen": attributes_shown(probes, generated, labels),
+            **{f"{kind}_translation_s{s}": attributes_shown(probes, images[s], targets)
+               for kind, images in (("words", translations), ("personalised", personal_images)) for s in STRENGTHS},
+        }
+        print("attributes shown:", extra["attributes_shown"])
         save_grid(refs, personal_images, targets, environments, os.path.splitext(args.out)[0] + "_personalised.png",
                   rows=min(len(SPECIES), len(refs)))
     settings = dict(model=args.model, finetuned=args.finetuned, seed=args.seed,
