@@ -38,6 +38,8 @@ def test_study_runs_every_pair_and_summarises_over_seeds(tmp_path):
             assert n == 12 * 100 and abs(summary[key]["sampling_se"] - (a * (1 - a) / n) ** 0.5) < 1e-9
     assert report["summary"]["none"]["synthetic_fraction"]["mean"] == 0
     assert report["summary"]["realmix"]["synthetic_fraction"]["mean"] > 0, "the generator ran"
+    assert 0 <= report["summary"]["realmix"]["synthetic_called_target"]["mean"] <= 1, "the fidelity monitor counted"
+    assert "synthetic_called_target" not in report["summary"]["none"]
     assert (tmp_path / "results" / "study.png").stat().st_size > 0
     assert (tmp_path / "runs" / "realmix-seed1" / "metrics.jsonl").exists()
 
