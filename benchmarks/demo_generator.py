@@ -156,9 +156,7 @@ def main(argv=None) -> dict:
         # The personalised generator: Diff-Mix's prompts, and Diff-Gen samples of every species.
         info = attach_personalisation(components, args.finetuned)
         sampler = Sampler(components, steps=args.steps, guidance=args.guidance)
-        # The folder's classes are in its data set's label order (sorted names), not SPECIES order.
-        token_of = dict(zip(info["class_names"], info["tokens"]))
-        prompts = [f"a photo of a {token_of[species.name]} bird" for species in SPECIES]
+        prompts = personalised_prompts(info)
         personal, personal_images = translation_runs(sampler, refs, masks, ref_y, targets,
                                                      [prompts[t] for t in targets.tolist()], probe, "personalised")
         runs += personal
@@ -184,6 +182,13 @@ def main(argv=None) -> dict:
                     resolution=64)
     return write_report("demo_generator", args.out, settings, runs, machine=machine(), vae=vae, **extra,
                         seconds=round(time.perf_counter() - start, 1), grid=os.path.basename(grid_path))
+
+
+def personalised_prompts(info: dict) -> list:
+    """Diff-Mix's prompt for every species, in ``SPECIES`` order, from ``attach_personalisation``'s facts.
+    The folder's tokens are in its data set's label order (sorted names), not ``SPECIES`` order."""
+    token_of = dict(zip(info["class_names"], info["tokens"]))
+    return [f"a photo of a {token_of[species.name]} bird" for species in SPECIES]
 
 
 def batches(count: int, size: int = 16):

@@ -24,7 +24,8 @@ import time
 
 import numpy as np
 import torch
-from demo_generator import STRENGTHS, batches, predict, renders, train_probe, translation_runs
+from demo_generator import (STRENGTHS, batches, personalised_prompts, predict, renders, train_probe,
+                            translation_runs)
 from report import RESULTS, machine, write_report
 
 from onlinemix.data.demo_world import SPECIES, class_descriptions
@@ -87,8 +88,7 @@ def main(argv=None) -> dict:
         components = load_components("demo")
         info = attach_personalisation(components, out)
         sampler = Sampler(components, steps=25)
-        token_of = dict(zip(info["class_names"], info["tokens"]))  # label order is not SPECIES order
-        prompts = [f"a photo of a {token_of[s.name]} bird" for s in SPECIES]
+        prompts = personalised_prompts(info)
         measured, _ = translation_runs(sampler, refs, masks, ref_y, targets, [prompts[t] for t in targets.tolist()],
                                        probe, name)
         labels = torch.arange(len(SPECIES)).repeat_interleave(args.references)

@@ -312,6 +312,9 @@ def check_args(args) -> None:
         raise ValueError(f"--lr and --token-lr must be positive, got {args.lr} and {args.token_lr}.")
     if args.vectors_per_token < 1:
         raise ValueError(f"--vectors-per-token must be >= 1, got {args.vectors_per_token}.")
+    if args.method == "db" and (args.vectors_per_token != 1 or args.class_descriptions or args.token_lr is not None):
+        raise ValueError("--method db learns no tokens: drop --vectors-per-token, --token-lr and "
+                         "--class-descriptions, or use --method ti_db.")
     if args.workers < 0 or args.preview_steps < 0:
         raise ValueError("--workers and --preview-steps must be >= 0 (--preview-steps 0: no preview grid).")
     busy = os.path.isdir(args.out) and os.listdir(args.out)

@@ -329,6 +329,8 @@ def test_bad_personalisation_options_are_refused(base, data_dir, tmp_path):
         finetune(base, data_dir, tmp_path / "a", "--steps", "1", "--token-lr", "0")
     with pytest.raises(ValueError, match="--method db learns no tokens"):
         Personaliser(tiny_components(), NAMES, "shape", method="db", vectors_per_token=2)
+    with pytest.raises(ValueError, match="--method db learns no tokens: drop --vectors-per-token, --token-lr"):
+        finetune(base, data_dir, tmp_path / "a", "--steps", "1", "--method", "db", "--token-lr", "0.1")
     with pytest.raises(ValueError, match=r"lacks: \['purple circle'\]"):
         Personaliser(tiny_components(), NAMES, "shape", descriptions={"purple circle": "a b"})
     with pytest.raises(FileNotFoundError, match="--class-descriptions: no file"):
