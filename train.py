@@ -9,17 +9,17 @@
 A YAML file (``--config``) sets defaults and flags override them; the resolved
 arguments are written to the run directory with metrics (JSON lines and CSV),
 checkpoints (last and best on validation, written atomically) and sample grids.
-This file wires the pieces of ``onlinemix`` together; the algorithms live there.
+This file wires the pieces of ``onlinemix`` together; the algorithms live there
+(``ARCHITECTURE.md`` maps them). Several processes (torchrun, ``accelerate launch``)
+join through accelerate's ``PartialState``. It stays one module because it is the recipe
+a user reads top to bottom: options and their checks, data, augmentation and generator,
+model, the loop and what each epoch reports.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
-import math
 import os
-import random
 import sys
 import time
 import warnings
@@ -28,18 +28,15 @@ import numpy as np
 import torch
 import yaml
 
-from onlinemix.cli import parse_with_config
-from onlinemix.data import add_data_arguments, check_data_arguments, load_splits
+from onlinemix.augmentation import (AUGMENTATIONS, augmentation_name, create_generator, generator_model,
+                                    mixing_options, strategy_of)
+from onlinemix.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from onlinemix.data import SplitImages, check_data_options, load_splits
+from onlinemix.evaluation import evaluate
 from onlinemix.fidelity import FidelityMonitor
+from onlinemix.options import add_data_arguments, data_options, parse_with_config
+from onlinemix.run_files import flat_scalars, log_step, save_grid, tensorboard, write_metrics
 
-AUGS = ("none", "mixup", "cutmix", "diffmix", "diffmix+cutmix", "diffaug", "diffgen", "realmix", "realaug",
-        "realguidance", "realgen", "realfilter", "dafusion", "replay")
-STRATEGY_OF_AUG = {"diffmix": "diff-mix", "diffmix+cutmix": "diff-mix", "diffaug": "diff-aug", "diffgen": "diff-gen",
-                   "realmix": "real-mix", "realaug": "real-aug", "realguidance": "real-guidance",
-                   "realgen": "real-gen", "realfilter": "real-filtering", "dafusion": "da-fusion"}
-# The paper's baselines, as its code runs them: CutMix per sample with probability 0.1, Mixup per batch with
-# probability 0.3 (both with alpha 1). --mixup-prob and --mixup-mode override them.
-PAPER_MIXING = {"mixup": dict(prob=0.3, mode="batch"), "cutmix": dict(prob=0.1, mode="elem")}
 # RandomResizedCrop's area range for real training images; synthetic images get the same crop.
 TRAIN_CROP_SCALE = (0.35, 1.0)
 logger = logging.getLogger("onlinemix")
@@ -82,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="long-tail accuracy groups: many-shot classes have more than MANY training images, "
                             "few-shot fewer than FEW (CUB-LT 20 5, Flower-LT 30 10)")
     aug = p.add_argument_group("augmentation")
-    aug.add_argument("--aug", choices=AUGS, default="diffmix")
+    aug.add_argument("--aug", type=augmentation_name, choices=AUGMENTATIONS, default="diffmix",
+                     help="the strategy's name; the paper's spellings (diff-mix, real-guidance ...) work too")
     # --replace-prob: torchrun's own parser mistakes a bare --p for an abbreviation of its --print-completion.
     aug.add_argument("--p", "--replace-prob", dest="p", type=float, default=0.1,
                      help="per-sample synthetic replacement probability (under torchrun, spell it --replace-prob)")
@@ -143,7 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args) -> None:
     """Stop before any work on settings that cannot run."""
-    check_data_arguments(args)
+    check_data_options(args.data_dir, **data_options(args))
     if not 0 <= args.p <= 1:
         raise ValueError(f"--p must lie in [0, 1], got {args.p}.")
     if args.mixup_prob is not None and not 0 <= args.mixup_prob <= 1:
@@ -155,7 +153,7 @@ def check_args(args) -> None:
         raise FileNotFoundError(f"--initial-checkpoint {args.initial_checkpoint!r} is not a file.")
     if args.aug == "replay" and not args.replay_dir:
         raise ValueError("--aug replay needs --replay-dir, the output folder of the offline Diff-Mix sampler.")
-    if args.aug in STRATEGY_OF_AUG:
+    if strategy_of(args.aug):
         for device in args.gen_device:
             check_device(device, "--gen-device")
         if any(torch.device(d) == torch.device(args.device) for d in args.gen_device) and args.device != "cpu":
@@ -185,95 +183,51 @@ def check_device(device: str, flag: str) -> None:
                              "pass another device, or cpu.")
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def gather(state, value) -> list:
+    """``value`` of every process, in process order."""
+    from accelerate.utils import gather_object
+
+    return gather_object([value]) if state.num_processes > 1 else [value]
 
 
-class Dist:
-    """This process's place in a torchrun / ``accelerate launch`` job (one process: rank 0 of 1)."""
-
-    def __init__(self, rank=0, world=1, local_rank=0, local_world=1):
-        self.rank, self.world, self.local_rank, self.local_world = rank, world, local_rank, local_world
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def local_main(self) -> bool:
-        return self.local_rank == 0
-
-    def gather(self, value) -> list:
-        """``value`` of every rank, in rank order."""
-        if self.world == 1:
-            return [value]
-        values = [None] * self.world
-        torch.distributed.all_gather_object(values, value)
-        return values
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def init_distributed(args) -> Dist:
-    """Join the process group that torchrun or ``accelerate launch`` set up, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if torch.device(args.device).type == "cuda":
-        args.device = f"cuda:{local_rank}"
-        torch.cuda.set_device(local_rank)
-    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    return Dist(rank, world, local_rank, local_world)
+def local_world(state) -> int:
+    """Processes on this node (torchrun and ``accelerate launch`` say how many)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
 
 
 # -- data -------------------------------------------------------------------------------
 
 
-class Images(torch.utils.data.Dataset):
-    def __init__(self, split, transform):
-        self.split, self.transform = split, transform
-
-    def __len__(self):
-        return len(self.split)
-
-    def __getitem__(self, i):
-        return self.transform(self.split.image(i)), self.split.labels[i]
-
-
 def normalisation(model) -> tuple:
     """The mean and std the model's pretrained weights expect (timm's pretrained config; ImageNet's by default)."""
-    from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.data import resolve_data_config
 
-    config = getattr(model, "pretrained_cfg", None) or {}
-    return tuple(config.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(config.get("std", IMAGENET_DEFAULT_STD))
+    config = resolve_data_config(model=model)
+    return tuple(config["mean"]), tuple(config["std"])
 
 
 def transforms(img_size: int, mean, std):
-    from torchvision import transforms as T
+    """timm's training transform (random resized crop over ``TRAIN_CROP_SCALE``, flip, no colour jitter)
+    and its evaluation transform (resize to ``img_size / 0.875``, centre crop)."""
+    from timm.data import create_transform
 
-    normalise = [T.ToTensor(), T.Normalize(mean, std)]
-    train = T.Compose([T.RandomResizedCrop(img_size, scale=TRAIN_CROP_SCALE), T.RandomHorizontalFlip()] + normalise)
-    evaluate = T.Compose([T.Resize(int(math.floor(img_size / 0.875))), T.CenterCrop(img_size)] + normalise)
+    common = dict(input_size=img_size, interpolation="bilinear", mean=mean, std=std)
+    train = create_transform(**common, is_training=True, scale=TRAIN_CROP_SCALE, hflip=0.5, color_jitter=None)
+    evaluate = create_transform(**common, crop_pct=0.875)
     return train, evaluate
 
 
-def loaders(args, splits, dist: Dist, mean, std):
+def loaders(args, splits, state, mean, std):
     train_tf, eval_tf = transforms(args.img_size, mean, std)
     common = dict(num_workers=args.workers, persistent_workers=args.workers > 0)
-    train_set = Images(splits.train, train_tf)
+    train_set = SplitImages(splits.train, train_tf)
     # Seeded and reset per epoch with set_epoch: the same order whether a run was resumed or not.
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world, rank=dist.rank,
-                                                  shuffle=True, seed=args.seed)
-    per_rank = len(splits.train) // dist.world
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=state.num_processes,
+                                                  rank=state.process_index, shuffle=True, seed=args.seed)
+    per_rank = len(splits.train) // state.num_processes
     train = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
                                         drop_last=per_rank > args.batch_size, **common)
-    evaluate = {name: torch.utils.data.DataLoader(Images(split, eval_tf), batch_size=args.batch_size, **common)
+    evaluate = {name: torch.utils.data.DataLoader(SplitImages(split, eval_tf), batch_size=args.batch_size, **common)
                 for name, split in {"val": splits.val, **splits.tests}.items() if len(split)}
     return train, sampler, evaluate
 
@@ -281,40 +235,32 @@ def loaders(args, splits, dist: Dist, mean, std):
 # -- augmentation ------------------------------------------------------------------------
 
 
-def build_augmentation(args, splits, run_dir, dist: Dist, mean, std):
+def build_augmentation(args, splits, run_dir, state, mean, std):
     """The batch transform and, for generator strategies, the ring and generator pool."""
-    from onlinemix import DiffMix, GeneratorPool, RandomResizedCropFlip, ReplaySource, SampleRing
-    from onlinemix.pool import share_cpu_threads
+    from onlinemix import DiffMix, RandomResizedCropFlip, ReplaySource, SampleRing
 
-    classes = len(splits.class_names)
-    mix = dict(num_classes=classes, label_smoothing=args.smoothing, mean=mean, std=std,
-               synthetic_transform=RandomResizedCropFlip(scale=TRAIN_CROP_SCALE, size=args.img_size))
-    kind = "mixup" if args.aug == "mixup" else "cutmix" if args.aug in ("cutmix", "diffmix+cutmix") else None
-    if kind is not None:
-        mix[f"{kind}_alpha"] = getattr(args, f"{kind}_alpha")
-        mix["prob"] = PAPER_MIXING[kind]["prob"] if args.mixup_prob is None else args.mixup_prob
-        mix["mode"] = args.mixup_mode or PAPER_MIXING[kind]["mode"]
-    if args.aug in ("none", "mixup", "cutmix"):
-        return DiffMix(**mix, p=0.0), None, None
+    mix = dict(num_classes=len(splits.class_names), label_smoothing=args.smoothing, mean=mean, std=std,
+               synthetic_transform=RandomResizedCropFlip(scale=TRAIN_CROP_SCALE, size=args.img_size),
+               **mixing_options(args.aug, mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha,
+                                prob=args.mixup_prob, mode=args.mixup_mode))
     if args.aug == "replay":
         source = ReplaySource(args.replay_dir, splits.class_names, size=args.img_size)
         return DiffMix(**mix, p=args.p, gamma=args.gamma, source=source), None, None
+    if not strategy_of(args.aug):
+        return DiffMix(**mix, p=0.0), None, None
     ring = pool = error = None
-    if dist.local_main:  # one ring and one generator pool per node, read by every local rank
+    if state.is_local_main_process:  # one ring and one generator pool per node, read by every local rank
         try:
-            factory = generator_factory(args, splits, run_dir)
-            workers = len(args.gen_device) * args.gen_workers_per_device
-            ring = SampleRing.create(args.ring_slots, args.ring_size or args.img_size, producers=workers,
-                                     consumers=dist.local_world, max_reuse=args.max_reuse)
-            cpu_threads = share_cpu_threads(args.gen_device, args.gen_workers_per_device)
-            pool = GeneratorPool(ring, factory, args.gen_device, workers_per_device=args.gen_workers_per_device,
-                                 seed=args.seed, cpu_threads=cpu_threads)
+            ring, pool = create_generator(
+                generator_factory(args, splits, run_dir), args.gen_device, workers_per_device=args.gen_workers_per_device,
+                slots=args.ring_slots, image_size=args.ring_size or args.img_size, consumers=local_world(state),
+                max_reuse=args.max_reuse, seed=args.seed)
         except (ValueError, FileNotFoundError) as failure:
             error = failure
-    shared = dist.gather((ring.name if ring is not None else None, str(error) if error else None))
+    shared = gather(state, (ring.name if ring is not None else None, str(error) if error else None))
     if error is not None:
         raise error
-    name, failure = shared[(dist.rank // dist.local_world) * dist.local_world]
+    name, failure = shared[state.process_index - state.local_process_index]
     if failure:
         raise ValueError(f"local rank 0 could not set up the generator: {failure}")
     if ring is None:
@@ -323,13 +269,14 @@ def build_augmentation(args, splits, run_dir, dist: Dist, mean, std):
 
 
 def uses_personalisation(aug: str) -> bool:
-    """Whether ``--aug`` runs a personalised generator (the real-* baselines run the base model)."""
+    """Whether ``--aug`` runs a personalised generator (the real* baselines run the base model)."""
     from onlinemix.plan import get_strategy
 
-    return aug in STRATEGY_OF_AUG and get_strategy(STRATEGY_OF_AUG[aug]).personalised
+    strategy = strategy_of(aug)
+    return strategy is not None and get_strategy(strategy).personalised
 
 
-def personalise_first(args, dist: Dist) -> None:
+def personalise_first(args, state) -> None:
     """Make ``--gen-finetuned`` with ``onlinemix finetune`` unless it already holds a personalised
     generator; an interrupted run is resumed from its last checkpoint."""
     from onlinemix.finetune import latest_checkpoint
@@ -339,7 +286,7 @@ def personalise_first(args, dist: Dist) -> None:
     if os.path.isfile(os.path.join(args.gen_finetuned, PERSONALISATION_JSON)):
         logger.info("using the personalised generator in %s", args.gen_finetuned)
         return
-    if dist.world > 1:
+    if state.num_processes > 1:
         raise FileNotFoundError(
             f"{args.gen_finetuned!r} holds no personalised generator; make it before a multi-process run: "
             f"onlinemix finetune --config {args.gen_finetune_config} --out {args.gen_finetuned}")
@@ -351,15 +298,9 @@ def personalise_first(args, dist: Dist) -> None:
 
 
 def generator_factory(args, splits, run_dir):
-    from onlinemix.generator.worker import DiffMixProducer, GeneratorSpec
+    """The ``DiffusionProducerFactory`` of ``--aug``'s strategy, from the generator options."""
+    from onlinemix.generator.worker import DiffusionProducerFactory, GeneratorSpec
 
-    model = args.gen_model
-    if model == "tiny":
-        from onlinemix.generator.components import tiny_components
-
-        model = os.path.join(run_dir, "tiny-generator")
-        if not os.path.isdir(model):
-            tiny_components(seed=args.seed).save(model)
     weights = None
     if args.imbalance_factor:  # the paper: tail classes are translated toward more often
         from onlinemix.plan import long_tail_weights
@@ -367,16 +308,16 @@ def generator_factory(args, splits, run_dir):
         counts = np.bincount(splits.train.labels, minlength=len(splits.class_names))
         weights = tuple(long_tail_weights(counts).tolist())
     spec = GeneratorSpec(
-        model=model, finetuned=args.gen_finetuned, strategy=STRATEGY_OF_AUG[args.aug], target_weights=weights,
-        referable_classes=args.referable_classes,
+        model=generator_model(args.gen_model, run_dir, seed=args.seed), finetuned=args.gen_finetuned,
+        strategy=strategy_of(args.aug), target_weights=weights, referable_classes=args.referable_classes,
         strengths=tuple(args.strengths) if args.strengths else None, steps=args.gen_steps, guidance=args.guidance,
         resolution=args.gen_resolution, image_size=args.ring_size or args.img_size, batch_size=args.gen_batch_size,
         dtype=args.gen_dtype, clip_model=args.clip_filter, local_files_only=args.local_files_only,
     )
-    return DiffMixProducer(spec, splits.train, splits.class_names, args.metaclass)
+    return DiffusionProducerFactory(spec, splits.train, splits.class_names, args.metaclass)
 
 
-# -- model and checkpoints ----------------------------------------------------------------
+# -- model ------------------------------------------------------------------------------------
 
 
 def build_model(args, num_classes):
@@ -405,137 +346,50 @@ def build_model(args, num_classes):
     return model
 
 
-def save_atomic(state: dict, path: str) -> None:
-    """Write a checkpoint to a temporary file, then rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
 # -- loop -----------------------------------------------------------------------------------
 
 
-def evaluate(model, loader, device, num_classes, amp_dtype, train_counts=None, shot_thresholds=(20, 5)) -> dict:
-    """Top-1 and top-5 over all images (micro, what papers and timm report), class-balanced top-1
-    (``balanced_top1``, the mean of per-class accuracies) and per-class accuracy; many/medium/few
-    with ``train_counts``; per-group and worst-group accuracy when the split defines groups."""
-    from torchmetrics.classification import MulticlassAccuracy
-
-    from onlinemix.data import shot_groups
-
-    # Rank 0 evaluates on the whole split alone: no cross-rank sync.
-    local = dict(num_classes=num_classes, sync_on_compute=False)
-    top1 = MulticlassAccuracy(top_k=1, average="micro", **local).to(device)
-    top5 = MulticlassAccuracy(top_k=min(5, num_classes), average="micro", **local).to(device)
-    per_class = MulticlassAccuracy(average="none", **local).to(device)
-    correct, seen = [], torch.zeros(num_classes, dtype=torch.bool)
-    model.eval()
-    with torch.no_grad():
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(x).float()
-            for metric in (top1, top5, per_class):
-                metric.update(logits, y)
-            correct.append((logits.argmax(1) == y).cpu())
-            seen[y.cpu()] = True
-    accuracy = per_class.compute().cpu()
-    result = {"images": int(sum(len(c) for c in correct)), "top1": float(top1.compute()), "top5": float(top5.compute()),
-              "balanced_top1": float(accuracy[seen].mean()), "per_class": [round(float(v), 4) for v in accuracy]}
-    if train_counts is not None:
-        many, few = shot_thresholds
-        for group, classes in shot_groups(train_counts, many=many, few=few).items():
-            classes = [c for c in classes if seen[c]]
-            if classes:
-                result[group] = float(accuracy[classes].mean())
-    groups = loader.dataset.split.groups
-    if groups is not None:
-        result["groups"] = group_accuracy(torch.cat(correct).numpy(), groups)
-        result["worst_group"] = min(result["groups"].values())
-    return result
-
-
-def group_accuracy(correct: np.ndarray, groups: list) -> dict:
-    """Accuracy within each group; ``correct`` and ``groups`` in the loader's (unshuffled) order."""
-    groups = np.asarray(groups)
-    return {str(g): float(correct[groups == g].mean()) for g in sorted(set(groups.tolist()))}
-
-
-def save_grid(mix, predictions, path: str) -> None:
-    """The latest synthetic images with their top soft-label entries and, when known, the classifier's
-    top-1 on each (``predictions``, aligned with ``mix.recent``)."""
-    from PIL import Image, ImageDraw
-
-    if mix.recent is None:
-        return
-    images, labels = mix.recent
-    if predictions is None or len(predictions) != len(labels):
-        predictions = [None] * len(labels)
-    tiles = []
-    for image, label, predicted in zip(images[:16], labels[:16], predictions[:16]):
-        tile = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((96, 96))
-        canvas = Image.new("RGB", (96, 124), "white")
-        canvas.paste(tile, (0, 0))
-        top = torch.topk(label, 2)
-        draw = ImageDraw.Draw(canvas)
-        draw.text((2, 98), " ".join(f"{int(c)}:{float(v):.2f}" for v, c in zip(top.values, top.indices) if v > 0),
-                  fill="black")
-        if predicted is not None:
-            draw.text((2, 110), f"called {int(predicted)}", fill="black")
-        tiles.append(canvas)
-    grid = Image.new("RGB", (96 * min(len(tiles), 8), 124 * math.ceil(len(tiles) / 8)), "white")
-    for i, tile in enumerate(tiles):
-        grid.paste(tile, ((i % 8) * 96, (i // 8) * 124))
-    grid.save(path)
-
-
 def main(argv=None) -> dict:
+    from accelerate import PartialState
+
     args = parse_args(argv)
-    dist = init_distributed(args)
-    logging.basicConfig(level=logging.INFO if dist.main else logging.WARNING,
+    # Joins the process group torchrun or `accelerate launch` set up, if any (gloo on the CPU).
+    state = PartialState(cpu=torch.device(args.device).type == "cpu")
+    if state.num_processes > 1 and torch.device(args.device).type == "cuda":
+        args.device = str(state.device)  # each rank its own GPU
+    logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
     try:
-        return train(args, dist)
+        return train(args, state)
     finally:
-        if dist.world > 1:
-            torch.distributed.destroy_process_group()
+        if state.num_processes > 1:
+            state.destroy_process_group()
 
 
-def train(args, dist: Dist) -> dict:
+def train(args, state) -> dict:
     from timm.loss import SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
+    from timm.utils import random_seed
     from tqdm import tqdm
 
-    seed_everything(args.seed + dist.rank)  # each rank draws its own augmentations
+    random_seed(args.seed, state.process_index)  # each rank draws its own augmentations
     device = torch.device(args.device)
     run_dir = os.path.join(args.output, args.name or time.strftime("%Y%m%d-%H%M%S"))
-    if dist.main:
+    if state.is_main_process:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "args.yaml"), "w") as f:
             yaml.safe_dump(vars(args), f, sort_keys=True)
-        splits = load_splits(args)  # writes the toy set once, before the other ranks read it
-    dist.barrier()
-    if not dist.main:
-        splits = load_splits(args)
+    with state.main_process_first():  # the toy set or demo world is written once, before the others read it
+        splits = load_splits(args.data_dir, **data_options(args))
     num_classes = len(splits.class_names)
     train_counts = np.bincount(splits.train.labels, minlength=num_classes)
     model = build_model(args, num_classes).to(device)
     mean, std = normalisation(model)
-    train_loader, sampler, eval_loaders = loaders(args, splits, dist, mean, std)
+    train_loader, sampler, eval_loaders = loaders(args, splits, state, mean, std)
     if args.gen_finetune_config and uses_personalisation(args.aug):
-        personalise_first(args, dist)
-    mix, ring, pool = build_augmentation(args, splits, run_dir, dist, mean, std)
+        personalise_first(args, state)
+    mix, ring, pool = build_augmentation(args, splits, run_dir, state, mean, std)
     fidelity = FidelityMonitor()
 
     if args.channels_last:
@@ -553,35 +407,36 @@ def train(args, dist: Dist) -> dict:
 
     start_epoch, best = 0, -1.0
     if args.resume:
-        state = torch.load(args.resume, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best = state["epoch"] + 1, state["best"]
-        if len(state["rng"]) == dist.world:
-            set_rng_state(state["rng"][dist.rank])
+        checkpoint = load_checkpoint(args.resume)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, best = checkpoint["epoch"] + 1, checkpoint["best"]
+        if len(checkpoint["rng"]) == state.num_processes:
+            set_rng_state(checkpoint["rng"][state.process_index])
         logger.info("resumed from %s at epoch %d", args.resume, start_epoch)
     forward = model
-    if dist.world > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if state.num_processes > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         forward = torch.compile(forward)
 
-    board = tensorboard(run_dir) if dist.main else None
+    board = tensorboard(run_dir) if state.is_main_process else None
     metrics_path, csv_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "metrics.csv")
     steps_path = os.path.join(run_dir, "steps.csv")
     result = {}
     try:
         if pool is not None:
             pool.start().warm_up(args.batch_size, timeout=args.gen_warmup)
-        dist.barrier()
+        state.wait_for_everyone()
         for epoch in range(start_epoch, args.epochs):
             model.train()
             sampler.set_epoch(epoch)
             losses = []
             bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True,
-                       disable=not dist.main)
+                       disable=not state.is_main_process)
             for step, (x, y) in enumerate(bar):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 x, y = mix(x, y)
@@ -598,35 +453,36 @@ def train(args, dist: Dist) -> dict:
                 scheduler.step_update(epoch * steps_per_epoch + step + 1)
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                if dist.main and step % args.log_interval == 0:
+                if state.is_main_process and step % args.log_interval == 0:
                     log_step(steps_path, epoch, step, losses[-1], optimizer.param_groups[0]["lr"])
-            augmentation = dist.gather(mix.stats())
-            calls = FidelityMonitor.merge(dist.gather(fidelity.state()))
+            augmentation = gather(state, mix.stats())
+            calls = FidelityMonitor.merge(gather(state, fidelity.state()))
             fidelity.reset()
             evaluated = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
-            if dist.main:
+            if state.is_main_process:
                 result = epoch_report(args, epoch, losses, optimizer, augmentation, calls, ring, pool,
                                       eval_loaders if evaluated else {}, model, device, num_classes, amp_dtype,
                                       train_counts)
             # After evaluation, which draws from the RNG too: a resumed run starts where this one goes on.
-            rng = dist.gather(rng_state())
-            if dist.main:
+            rng = gather(state, rng_state())
+            if state.is_main_process:
                 # Without a validation split the latest evaluated epoch is the best.
                 score = result.get("val", {}).get("top1", -epoch) if evaluated else best
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                         "best": max(best, score), "rng": rng, "args": vars(args)}
-                save_atomic(state, os.path.join(run_dir, "last.pth"))
+                checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                              "best": max(best, score), "rng": rng, "args": vars(args)}
+                save_checkpoint(checkpoint, os.path.join(run_dir, "last.pth"))
                 if evaluated and score > best:
                     best = score
-                    save_atomic(state, os.path.join(run_dir, "best.pth"))
-                save_grid(mix, fidelity.recent_predictions, os.path.join(run_dir, f"synthetic-epoch{epoch + 1:03d}.png"))
+                    save_checkpoint(checkpoint, os.path.join(run_dir, "best.pth"))
+                save_grid(mix.recent, fidelity.recent_predictions,
+                          os.path.join(run_dir, f"synthetic-epoch{epoch + 1:03d}.png"))
                 write_metrics(result, metrics_path, csv_path)
                 if board is not None:
                     for key, value in flat_scalars(result).items():
                         board.add_scalar(key, value, epoch + 1)
                     board.flush()
-            dist.barrier()
+            state.wait_for_everyone()
     finally:
         if board is not None:
             board.close()
@@ -635,27 +491,6 @@ def train(args, dist: Dist) -> dict:
         if ring is not None:
             ring.close()
     return result
-
-
-def tensorboard(run_dir: str):
-    """A TensorBoard writer in the run directory when the tensorboard package is installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(run_dir)
-
-
-def flat_scalars(result: dict, prefix: str = "") -> dict:
-    """The numbers of a nested metrics dict, keyed like ``val/top1``."""
-    scalars = {}
-    for key, value in result.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            scalars.update(flat_scalars(value, name + "/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
-            scalars[name] = value
-    return scalars
 
 
 def epoch_report(args, epoch, losses, optimizer, augmentation, calls, ring, pool, eval_loaders, model, device,
@@ -683,37 +518,6 @@ def epoch_report(args, epoch, losses, optimizer, augmentation, calls, ring, pool
     logger.info("epoch %d: loss %.4f, %s, synthetic %.3f%s", epoch + 1, result["train_loss"], accuracy,
                 totals["replaced_fraction"], called)
     return result
-
-
-def log_step(path: str, epoch: int, step: int, loss: float, lr: float) -> None:
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(["epoch", "step", "loss", "lr"])
-        writer.writerow([epoch, step, f"{loss:.6f}", lr])
-
-
-def write_metrics(result: dict, jsonl: str, csv_path: str) -> None:
-    with open(jsonl, "a") as f:
-        f.write(json.dumps(result) + "\n")
-    row = {"epoch": result["epoch"], "train_loss": result["train_loss"], "lr": result["lr"],
-           "synthetic_fraction": result["augmentation"]["replaced_fraction"]}
-    if "fidelity" in result:
-        row["synthetic_called_target"] = result["fidelity"]["all"]["target"]
-        row["synthetic_called_source"] = result["fidelity"]["all"]["source"]
-    for split, metrics in result.items():
-        if isinstance(metrics, dict) and "top1" in metrics:
-            row[f"{split}_top1"], row[f"{split}_top5"] = metrics["top1"], metrics["top5"]
-            row[f"{split}_balanced_top1"] = metrics["balanced_top1"]
-            if "worst_group" in metrics:
-                row[f"{split}_worst_group"] = metrics["worst_group"]
-    new = not os.path.exists(csv_path)
-    with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
 
 
 if __name__ == "__main__":

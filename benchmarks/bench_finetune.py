@@ -20,9 +20,10 @@ import time
 
 import torch
 from report import RESULTS, machine, sync, write_report
+from sd15 import sd15_architecture
 
-from onlinemix.finetune import Personaliser, cast_frozen
-from onlinemix.generator.components import sd15_architecture, tiny_components
+from onlinemix.personalise import Personaliser, cast_frozen
+from onlinemix.generator.components import tiny_components
 
 AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -26,9 +26,10 @@ import time
 
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
-from report import RESULTS, machine, sync, write_report
+from report import RESULTS, machine, pyplot, sync, write_report
+from sd15 import sd15_architecture
 
-from onlinemix.generator.components import load_components, sd15_architecture, tiny_components
+from onlinemix.generator.components import load_components, tiny_components
 from onlinemix.generator.sampler import Sampler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -83,46 +84,29 @@ def run(size: int, strengths: list, args, components, device) -> dict:
 
 
 def plot(runs: list, path: str, title: str) -> None:
-    """Images/s against strength per method and size (lines), mixed strengths as a cross at 0.7."""
-    from PIL import Image, ImageDraw
-
-    width, height, left, bottom, top = 560, 380, 60, 50, 40
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
+    """Images/s against strength per method and size (lines); mixed strengths as a cross at 0.7."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     fixed = [r for r in runs if not isinstance(r["strength"], str)]
-    peak = max(r[m]["images_per_s"] for r in runs for m in ("onlinemix", "diffusers_batched", "diffusers_batch1")
-               if m in r) * 1.1
-
-    def xy(strength, rate):
-        return (left + (strength - 0.4) / 0.6 * (width - left - 150),
-                height - bottom - rate / peak * (height - bottom - top))
-
-    for tick in (0.5, 0.7, 0.9):
-        x, _ = xy(tick, 0)
-        draw.line([x, top, x, height - bottom], fill=(230, 230, 230))
-        draw.text((x - 8, height - bottom + 6), f"{tick}", fill="black")
-    for value in [peak * k / 5 for k in range(6)]:
-        _, y = xy(0.4, value)
-        draw.text((8, y - 6), f"{value:.3g}", fill="black")
-    colours = {"onlinemix": (70, 110, 190), "diffusers_batched": (60, 160, 90), "diffusers_batch1": (220, 120, 40)}
-    shades = {size: 1 - 0.45 * i for i, size in enumerate(sorted({r["size"] for r in runs}))}
-    legend_y = top
-    for size, shade in shades.items():
-        for method, colour in colours.items():
-            colour = tuple(int(255 - (255 - c) * shade) for c in colour)
-            points = [xy(r["strength"], r[method]["images_per_s"]) for r in fixed if r["size"] == size and method in r]
-            if len(points) > 1:
-                draw.line(points, fill=colour, width=2)
-            for r in runs:
-                if r["size"] == size and isinstance(r["strength"], str) and method in r:
-                    x, y = xy(0.7, r[method]["images_per_s"])
-                    draw.line([x - 5, y - 5, x + 5, y + 5], fill=colour, width=2)
-                    draw.line([x - 5, y + 5, x + 5, y - 5], fill=colour, width=2)
-            draw.text((width - 140, legend_y), f"{method} {size}px", fill=colour)
-            legend_y += 14
-    draw.text((left, 10), f"images/s against strength ({title}); x: mixed strengths", fill="black")
-    draw.text((left + 150, height - 22), "strength s", fill="black")
-    image.save(path)
+    for size in sorted({r["size"] for r in runs}):
+        for method in ("onlinemix", "diffusers_batched", "diffusers_batch1"):
+            points = sorted((r["strength"], r[method]["images_per_s"]) for r in fixed if r["size"] == size
+                            and method in r)
+            mixed = [r[method]["images_per_s"] for r in runs if r["size"] == size and isinstance(r["strength"], str)
+                     and method in r]
+            if not points and not mixed:
+                continue
+            line = ax.plot(*zip(*points), marker="o", label=f"{method}, {size} px")[0] if points else None
+            if mixed:
+                ax.plot([0.7] * len(mixed), mixed, "x", markersize=9, color=line.get_color() if line else None)
+    ax.set_xlabel("SDEdit strength s (x: a batch of mixed strengths)")
+    ax.set_ylabel("images/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"generator throughput ({title})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:

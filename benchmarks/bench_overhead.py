@@ -46,14 +46,16 @@ import time
 import numpy as np
 import timm
 import torch
-from report import RESULTS, machine, sync, write_report
+from report import RESULTS, machine, pyplot, sync, write_report
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
+from sd15 import sd15_architecture
+
 from onlinemix import DiffMix, GeneratorPool, SampleBatch, SampleRing, one_hot, smooth_labels
-from onlinemix.generator.components import sd15_architecture
-from onlinemix.generator.worker import DiffMixProducer, GeneratorSpec, TensorImages
-from onlinemix.pool import share_cpu_threads
+from onlinemix.augmentation import create_generator
+from onlinemix.data import FileSplit
+from onlinemix.generator.worker import DiffusionProducerFactory, GeneratorSpec
 
 MODES = ("none", "timm_mixup", "diffmix")
 SMOOTHING = 0.1
@@ -64,20 +66,24 @@ PAPER_IMAGES_PER_S = 4179 / 3600
 # -- part 1: overhead --------------------------------------------------------------------------------------
 
 
-def start_generator(args, ring: SampleRing, cpu_threads) -> GeneratorPool:
-    """A live generator pool; diff-mix with ``--gen-finetuned``, else real-mix (the same SDEdit compute)."""
-    resolution = args.gen_resolution
-    references = TensorImages(
-        torch.randint(0, 256, (4 * args.num_classes, 3, resolution, resolution), dtype=torch.uint8,
-                      generator=torch.Generator().manual_seed(0)),
-        [c for c in range(args.num_classes) for _ in range(4)],
-    )
+def start_generator(args, work_dir: str):
+    """A ring and a live generator pool; diffmix with ``--gen-finetuned``, else realmix (the same SDEdit
+    compute), translating random reference images written to ``work_dir``."""
+    from PIL import Image
+
+    resolution, g = args.gen_resolution, np.random.default_rng(0)
+    paths, labels = [], [c for c in range(args.num_classes) for _ in range(4)]
+    for i in range(len(labels)):
+        paths.append(os.path.join(work_dir, f"{i}.png"))
+        Image.fromarray(g.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(paths[-1])
     spec = GeneratorSpec(model=args.gen_model, finetuned=args.gen_finetuned,
-                         strategy="diff-mix" if args.gen_finetuned else "real-mix", steps=args.gen_steps,
+                         strategy="diffmix" if args.gen_finetuned else "realmix", steps=args.gen_steps,
                          resolution=resolution, image_size=args.img_size, batch_size=args.gen_batch_size,
                          dtype=args.gen_dtype, local_files_only=True)
-    factory = DiffMixProducer(spec, references, [f"class_{c}" for c in range(args.num_classes)], "bird")
-    return GeneratorPool(ring, factory, [args.gen_device], cpu_threads=cpu_threads)
+    factory = DiffusionProducerFactory(spec, FileSplit(paths, labels),
+                                       [f"class_{c}" for c in range(args.num_classes)], "bird")
+    return create_generator(factory, [args.gen_device], slots=args.ring_slots, image_size=args.img_size,
+                            max_reuse=args.max_reuse)
 
 
 def training_step(model, optimizer, loss_fn):
@@ -102,36 +108,42 @@ def time_block(step, transform, batches, count: int, device: torch.device) -> fl
 
 
 def overhead(args, device: torch.device) -> dict:
-    cpu_threads = share_cpu_threads([args.gen_device])
     classes = args.num_classes
+    with tempfile.TemporaryDirectory(prefix="onlinemix-references-") as work_dir:
+        ring, pool = start_generator(args, work_dir)  # sets this process's torch threads first
+        try:
+            return timed_blocks(args, device, ring, pool, classes)
+        finally:
+            pool.stop()
+            ring.close()
+
+
+def timed_blocks(args, device: torch.device, ring: SampleRing, pool: GeneratorPool, classes: int) -> dict:
     model = timm.create_model(args.model, num_classes=classes).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     step = training_step(model, optimizer, SoftTargetCrossEntropy())
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device),
                 torch.randint(0, classes, (args.batch_size,), generator=g).to(device)) for _ in range(4)]
-    with SampleRing.create(args.ring_slots, args.img_size, producers=1, consumers=1,
-                           max_reuse=args.max_reuse) as ring:
-        diffmix = DiffMix(p=args.p, gamma=args.gamma, source=ring, label_smoothing=SMOOTHING, num_classes=classes)
-        transforms = {
-            "none": lambda x, y: (x, smooth_labels(one_hot(y, classes), SMOOTHING)),
-            "timm_mixup": Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=SMOOTHING, num_classes=classes),
-            "diffmix": diffmix,
-        }
-        with start_generator(args, ring, cpu_threads) as pool:
-            pool.warm_up(args.warm_samples, timeout=args.warm_timeout)
-            for mode in MODES:  # kernels, allocator and autotuning settle before any timing
-                time_block(step, transforms[mode], batches, args.warmup_steps, device)
-            seconds = {mode: [] for mode in MODES}
-            before = diffmix.stats()
-            ring_before, pool_before, clock = ring.stats(), pool.stats()["written"], time.monotonic()
-            for r in range(args.rounds):
-                for mode in MODES[r % 3:] + MODES[:r % 3]:
-                    seconds[mode].append(time_block(step, transforms[mode], batches, args.block, device))
-                print(f"round {r + 1}/{args.rounds}:",
-                      ", ".join(f"{m} {args.block / seconds[m][-1]:.2f} steps/s" for m in MODES), flush=True)
-            after, ring_after, pool_after = diffmix.stats(), ring.stats(), pool.stats()
-            elapsed = time.monotonic() - clock
+    diffmix = DiffMix(p=args.p, gamma=args.gamma, source=ring, label_smoothing=SMOOTHING, num_classes=classes)
+    transforms = {
+        "none": lambda x, y: (x, smooth_labels(one_hot(y, classes), SMOOTHING)),
+        "timm_mixup": Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=SMOOTHING, num_classes=classes),
+        "diffmix": diffmix,
+    }
+    pool.start().warm_up(args.warm_samples, timeout=args.warm_timeout)
+    for mode in MODES:  # kernels, allocator and autotuning settle before any timing
+        time_block(step, transforms[mode], batches, args.warmup_steps, device)
+    seconds = {mode: [] for mode in MODES}
+    before = diffmix.stats()
+    ring_before, pool_before, clock = ring.stats(), pool.stats()["written"], time.monotonic()
+    for r in range(args.rounds):
+        for mode in MODES[r % 3:] + MODES[:r % 3]:
+            seconds[mode].append(time_block(step, transforms[mode], batches, args.block, device))
+        print(f"round {r + 1}/{args.rounds}:",
+              ", ".join(f"{m} {args.block / seconds[m][-1]:.2f} steps/s" for m in MODES), flush=True)
+    after, ring_after, pool_after = diffmix.stats(), ring.stats(), pool.stats()
+    elapsed = time.monotonic() - clock
     samples = after["samples"] - before["samples"]
     replaced = after["replaced"] - before["replaced"]
     steps_per_s = {m: [args.block / s for s in seconds[m]] for m in MODES}
@@ -142,7 +154,7 @@ def overhead(args, device: torch.device) -> dict:
     written = pool_after["written"] - pool_before
     generator_rate = written / elapsed
     return {
-        "threads": {"trainer": torch.get_num_threads(), "generator_worker": cpu_threads},
+        "threads": {"trainer": torch.get_num_threads(), "generator_worker": pool.cpu_threads},
         "steps_per_s": {m: {"median": statistics.median(v), "blocks": v} for m, v in steps_per_s.items()},
         "overhead_vs_none": {m: statistics.median(v) for m, v in paired.items()},
         "overhead_vs_none_range": {m: [min(v), max(v)] for m, v in paired.items()},
@@ -174,24 +186,31 @@ def predicted(ratio: float, max_reuse: int) -> dict:
 
 
 class PacedProducer:
-    """A ``GeneratorPool`` factory writing blank samples at ``rate`` images/s, never catching up on waits."""
+    """A ``Producer`` writing blank samples at ``rate`` images/s, never catching up on waits."""
+
+    dropped = 0
+
+    def __init__(self, rate: float, size: int, batch: int):
+        self.interval, self.size, self.batch = batch / rate, size, batch
+        self.due = time.monotonic()
+
+    def __call__(self) -> SampleBatch:
+        now = time.monotonic()
+        self.due = max(self.due + self.interval, now)  # time spent blocked on a full ring is not owed
+        time.sleep(self.due - now)
+        return SampleBatch(torch.zeros(self.batch, 3, self.size, self.size, dtype=torch.uint8),
+                           torch.zeros(self.batch, dtype=torch.long), torch.ones(self.batch, dtype=torch.long),
+                           torch.full((self.batch,), 0.5))
+
+
+class PacedProducerFactory:
+    """A ``ProducerFactory`` of ``PacedProducer``."""
 
     def __init__(self, rate: float, size: int, batch: int = 4):
         self.rate, self.size, self.batch = rate, size, batch
 
-    def __call__(self, device):
-        interval = self.batch / self.rate
-        state = {"due": time.monotonic()}
-
-        def produce():
-            now = time.monotonic()
-            state["due"] = max(state["due"] + interval, now)  # time spent blocked on a full ring is not owed
-            time.sleep(state["due"] - now)
-            return SampleBatch(torch.zeros(self.batch, 3, self.size, self.size, dtype=torch.uint8),
-                               torch.zeros(self.batch, dtype=torch.long), torch.ones(self.batch, dtype=torch.long),
-                               torch.full((self.batch,), 0.5))
-
-        return produce
+    def __call__(self, device) -> PacedProducer:
+        return PacedProducer(self.rate, self.size, self.batch)
 
 
 def paced_consumer(mix: DiffMix, batch_size: int, samples_per_s: float, seconds: float) -> None:
@@ -209,7 +228,7 @@ def supply_point(ratio: float, args) -> dict:
     demand = args.sim_p * args.sim_samples_per_s
     with SampleRing.create(args.sim_slots, 8, producers=1, consumers=1, max_reuse=args.max_reuse) as ring:
         mix = DiffMix(p=args.sim_p, source=ring, num_classes=2, synthetic_transform=None)
-        with GeneratorPool(ring, PacedProducer(ratio * demand, 8), "cpu", cpu_threads=1) as pool:
+        with GeneratorPool(ring, PacedProducerFactory(ratio * demand, 8), "cpu", cpu_threads=1) as pool:
             pool.warm_up(args.sim_slots, timeout=60, progress=False)
             # Settle: the warm stock (slots x max_reuse reads) runs out before the steady state.
             settle = args.sim_slots * args.max_reuse / demand + 1.0
@@ -235,68 +254,37 @@ def supply_point(ratio: float, args) -> dict:
 
 def plot(result: dict, args, path: str) -> None:
     """Left: images/s needed against training throughput; right: model and measurement of reuse."""
-    from PIL import Image, ImageDraw
-
-    panel, height, margin = 460, 400, 60
-    image = Image.new("RGB", (2 * panel + 20, height), "white")
-    draw = ImageDraw.Draw(image)
-    colours = [(70, 110, 190), (220, 120, 40), (60, 160, 90)]
-
-    # Left: log-log, T in [10, 1e4] samples/s, needed images/s in [0.1, 1e4].
-    def left_xy(t, s):
-        x = margin + (np.log10(t) - 1) / 3 * (panel - margin - 20)
-        y = height - margin - (np.log10(s) + 1) / 5 * (height - margin - 40)
-        return float(x), float(y)
-
-    for e in range(1, 5):
-        x, _ = left_xy(10**e, 1)
-        draw.line([x, 40, x, height - margin], fill=(230, 230, 230))
-        draw.text((x - 10, height - margin + 6), f"1e{e}", fill="black")
-    for e in range(-1, 5):
-        _, y = left_xy(10, 10.0**e)
-        draw.line([margin, y, panel - 20, y], fill=(230, 230, 230))
-        draw.text((10, y - 6), f"1e{e}", fill="black")
-    for colour, p in zip(colours, (0.1, 0.3, 0.5)):
-        draw.line([left_xy(10, 10 * p), left_xy(1e4, 1e4 * p)], fill=colour, width=2)
-        draw.text(left_xy(1e4, 1e4 * p), f"p={p}", fill=colour, anchor="rb")
-    for value, label in ((PAPER_IMAGES_PER_S, "paper: 4179 img/GPU-hour (RTX 3090)"),
-                         (result["overhead"]["generator_images_per_s"], "this run's generator")):
-        _, y = left_xy(10, value)
-        draw.line([margin, y, panel - 20, y], fill=(120, 120, 120), width=1)
-        draw.text((margin + 4, y - 12), f"{label}: {value:.2f}/s", fill=(90, 90, 90))
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
+    throughput = np.logspace(1, 4, 50)
+    for p in (0.1, 0.3, 0.5):
+        left.plot(throughput, p * throughput, label=f"p = {p}")
+    for value, label, style in ((PAPER_IMAGES_PER_S, "paper: 4179 img/GPU-hour (RTX 3090)", ":"),
+                                (result["overhead"]["generator_images_per_s"], "this run's generator", "--")):
+        left.axhline(value, color="grey", linestyle=style, label=f"{label}: {value:.2f}/s")
     point = result["overhead"]
-    draw.ellipse([c + d for c, d in zip(left_xy(point["demand_images_per_s"] / args.p,
-                                                 point["demand_images_per_s"]) * 2, (-4, -4, 4, 4))], fill="black")
-    draw.text((margin, 10), "synthetic images/s for every read to be fresh (p x T)", fill="black")
-    draw.text((margin + 60, height - 24), "training throughput T (samples/s)", fill="black")
+    left.plot(point["demand_images_per_s"] / args.p, point["demand_images_per_s"], "ko", label="this run's demand")
+    left.set(xscale="log", yscale="log", xlabel="training throughput T (samples/s)",
+             ylabel="synthetic images/s (p × T)", title="images/s for every read to be fresh")
+    left.grid(alpha=0.3, which="both")
+    left.legend(fontsize=8)
 
-    # Right: supply ratio on log2 axis [1/8, 2], fractions in [0, 1].
-    def right_xy(r, v):
-        x = panel + 20 + margin + (np.log2(r) + 3) / 4 * (panel - margin - 40)
-        return float(x), float(height - margin - v * (height - margin - 40))
-
-    for e in range(-3, 2):
-        x, _ = right_xy(2.0**e, 0)
-        draw.line([x, 40, x, height - margin], fill=(230, 230, 230))
-        draw.text((x - 10, height - margin + 6), f"{2.0**e:g}", fill="black")
-    for v in np.linspace(0, 1, 6):
-        _, y = right_xy(1, v)
-        draw.text((panel + 30, y - 6), f"{v:.1f}", fill="black")
     ratios = np.exp2(np.linspace(-3, 1, 81))
-    keys = ("served", "fresh_fraction", "reads_per_sample")
-    for j, (colour, key) in enumerate(zip(colours, keys)):
+    labels = {"served": "requests served (realised fraction / p)", "fresh_fraction": "fresh share of reads",
+              "reads_per_sample": f"reads per sample / {args.max_reuse}"}
+    for key, label in labels.items():
         scale = args.max_reuse if key == "reads_per_sample" else 1.0
-        curve = [right_xy(r, predicted(r, args.max_reuse)[key] / scale) for r in ratios]
-        draw.line(curve, fill=colour, width=2)
-        for row in result["supply_versus_demand"]:
-            x, y = right_xy(row["supply_ratio"], row["measured"][key] / scale)
-            draw.ellipse([x - 4, y - 4, x + 4, y + 4], outline=colour, width=2)
-        label = {"served": "requests served (realised fraction / p)", "fresh_fraction": "fresh share of reads",
-                 "reads_per_sample": f"reads per sample / {args.max_reuse}"}[key]
-        draw.text((panel + 20 + margin, 2 + 12 * j), label, fill=colour)
-    draw.text((panel + 20 + margin, height - 24), "supply ratio S / (p T); lines: model, circles: measured",
-              fill="black")
-    image.save(path)
+        line = right.plot(ratios, [predicted(r, args.max_reuse)[key] / scale for r in ratios], label=label)[0]
+        measured = result["supply_versus_demand"]
+        right.plot([row["supply_ratio"] for row in measured], [row["measured"][key] / scale for row in measured],
+                   "o", markerfacecolor="none", color=line.get_color())
+    right.set_xscale("log", base=2)
+    right.set(ylim=(0, 1.05), xlabel="supply ratio S / (p T)", ylabel="fraction",
+              title="ring reuse: lines model, circles measured")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -311,7 +299,7 @@ def main() -> None:
     parser.add_argument("--gen-device", default="cpu")
     parser.add_argument("--gen-model", default="demo",
                         help="diffusers folder, hub id, 'demo', or 'sd15' (its architecture, random weights)")
-    parser.add_argument("--gen-finetuned", default=None, help="personalised folder: diff-mix (default: real-mix)")
+    parser.add_argument("--gen-finetuned", default=None, help="personalised folder: diffmix (default: realmix)")
     parser.add_argument("--gen-steps", type=int, default=25)
     parser.add_argument("--gen-resolution", type=int, default=64)
     parser.add_argument("--gen-batch-size", type=int, default=12)

@@ -54,3 +54,15 @@ def write_report(name: str, path: str, settings: dict, runs: list, **extra) -> d
         json.dump(report, f, indent=2)
     print(f"wrote {path}")
     return report
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only backend; a clear error without the ``bench`` extra."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("The benchmarks draw their plots with matplotlib: pip install -e '.[bench]'.") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,30 +1,11 @@
-"""The ``onlinemix`` command, and the YAML-plus-flags parsing every command line here shares.
+"""The ``onlinemix`` command.
 
 ``onlinemix finetune ...`` personalises a generator (``onlinemix.finetune``);
-``onlinemix pretrain-demo ...`` rebuilds the demo generator (``onlinemix.generator.demo_model``).
+``onlinemix pretrain-demo ...`` rebuilds the demo generator (``onlinemix.demo_model``).
 """
 from __future__ import annotations
 
-import argparse
 import sys
-
-
-def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse ``argv``; a ``--config FILE.yaml`` sets defaults and flags given override them.
-
-    Keys of the YAML file are option names with ``_`` for ``-``; unknown keys are an error.
-    """
-    import yaml
-
-    known, _ = parser.parse_known_args(argv)
-    if getattr(known, "config", None):
-        with open(known.config) as f:
-            defaults = yaml.safe_load(f) or {}
-        unknown = sorted(set(defaults) - set(vars(known)))
-        if unknown:
-            parser.error(f"{known.config} sets unknown options {unknown}.")
-        parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
 
 
 COMMANDS = {
@@ -45,7 +26,7 @@ def main(argv=None) -> None:
 
             finetune(argv[1:])
         else:
-            from .generator.demo_model import main as pretrain_demo
+            from .demo_model import main as pretrain_demo
 
             pretrain_demo(argv[1:])
     except (ValueError, FileNotFoundError, FileExistsError) as error:

@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .transform import SyntheticRows
+from .batch import SyntheticRows
 
 CALLS = ("target", "source", "other")
 

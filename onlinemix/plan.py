@@ -7,6 +7,7 @@ code: no processes, no devices.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -23,7 +24,8 @@ class Strategy:
     """How one augmentation strategy pairs classes and prompts the generator.
 
     Attributes:
-        name: The strategy's name in the paper (``diff-mix``, ``real-guidance`` ...).
+        name: The strategy's name (``diffmix``, ``realguidance`` ...); ``ALIASES`` maps the
+            paper's spellings (``diff-mix``, ``real-guidance`` ...) to it.
         inter_class: Target class drawn independently of the reference's class;
             otherwise the target is the reference's own class.
         text_to_image: No reference image: text-to-image generation, strength 1.
@@ -64,24 +66,35 @@ def placeholder_token(class_index: int) -> str:
 STRATEGIES = {
     s.name: s
     for s in (
-        Strategy("diff-mix", True, False, "a photo of a {token} {metaclass}", PERSONALISATIONS, PAPER_STRENGTHS),
-        Strategy("diff-aug", False, False, "a photo of a {token} {metaclass}", PERSONALISATIONS, PAPER_STRENGTHS),
-        Strategy("diff-gen", False, True, "a photo of a {token} {metaclass}", PERSONALISATIONS, (1.0,)),
-        Strategy("real-mix", True, False, "a photo of a {name}", (), PAPER_STRENGTHS),
-        Strategy("real-aug", False, False, "a photo of a {name}", (), PAPER_STRENGTHS),
-        Strategy("real-gen", False, True, "a photo of a {name}", (), (1.0,)),
-        Strategy("real-filtering", False, True, "a photo of a {name}", (), (1.0,), filtered=True),
-        Strategy("real-guidance", False, False, "a photo of a {name}", (), (0.1,)),
-        Strategy("da-fusion", False, False, "a photo of a {token}", ("ti",), (0.25, 0.5, 0.75, 1.0)),
+        Strategy("diffmix", True, False, "a photo of a {token} {metaclass}", PERSONALISATIONS, PAPER_STRENGTHS),
+        Strategy("diffaug", False, False, "a photo of a {token} {metaclass}", PERSONALISATIONS, PAPER_STRENGTHS),
+        Strategy("diffgen", False, True, "a photo of a {token} {metaclass}", PERSONALISATIONS, (1.0,)),
+        Strategy("realmix", True, False, "a photo of a {name}", (), PAPER_STRENGTHS),
+        Strategy("realaug", False, False, "a photo of a {name}", (), PAPER_STRENGTHS),
+        Strategy("realgen", False, True, "a photo of a {name}", (), (1.0,)),
+        Strategy("realfilter", False, True, "a photo of a {name}", (), (1.0,), filtered=True),
+        Strategy("realguidance", False, False, "a photo of a {name}", (), (0.1,)),
+        Strategy("dafusion", False, False, "a photo of a {token}", ("ti",), (0.25, 0.5, 0.75, 1.0)),
     )
 }
+# The paper's spellings, accepted everywhere a strategy is named.
+ALIASES = {"diff-mix": "diffmix", "diff-aug": "diffaug", "diff-gen": "diffgen", "real-mix": "realmix",
+           "real-aug": "realaug", "real-gen": "realgen", "real-filtering": "realfilter",
+           "real-guidance": "realguidance", "da-fusion": "dafusion"}
+
+
+def strategy_name(name: str) -> str:
+    """The one spelling of a strategy (``diffmix``) for it or its alias (``diff-mix``)."""
+    name = ALIASES.get(name, name)
+    if name not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {name!r}; choose one of {sorted(STRATEGIES)} "
+                         f"(or the paper's spellings {sorted(ALIASES)}).")
+    return name
 
 
 def get_strategy(name: str) -> Strategy:
-    """The strategy called ``name``; a ``ValueError`` lists the known ones."""
-    if name not in STRATEGIES:
-        raise ValueError(f"Unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}.")
-    return STRATEGIES[name]
+    """The strategy called ``name`` or its alias; a ``ValueError`` lists the known ones."""
+    return STRATEGIES[strategy_name(name)]
 
 
 def long_tail_weights(class_counts: Sequence[int]) -> np.ndarray:
@@ -205,6 +218,12 @@ class Planner:
             raise ValueError(f"referable_classes (--referable-classes) must be between 1 and {len(with_images)} "
                              f"(classes with images), got {k}.")
         return [np.sort(self._rng.choice(with_images, size=k, replace=False)) for _ in range(self.num_classes)]
+
+    def reseeded(self, seed: int) -> "Planner":
+        """A planner with the same classes, weights and referable classes and a fresh stream from ``seed``."""
+        planner = copy.copy(self)
+        planner._rng = np.random.default_rng(seed)
+        return planner
 
     def take(self, n: int) -> list[Request]:
         """The next ``n`` requests; the stream does not depend on how it is cut into takes."""

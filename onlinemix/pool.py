@@ -1,8 +1,9 @@
 """GeneratorPool: start, watch, restart and stop the generator worker processes.
 
 Each worker is a spawned process bound to one device. It builds its producer
-from a picklable factory (``factory(device) -> producer``, where ``producer()``
-returns a ``SampleBatch``), then writes batch after batch into the ring until
+from a picklable factory (``factory(device) -> Producer``, the protocol in
+``onlinemix.batch``: ``producer()`` returns a ``SampleBatch``, ``producer.dropped``
+counts what it discarded), then writes batch after batch into the ring until
 told to stop. A failing generator never stops training: the pool restarts a
 crashed or hung worker with back-off up to a limit, and when every worker is gone
 for good the ring simply runs dry and ``DiffMix`` keeps the real images.
@@ -22,17 +23,15 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from .ring import SampleRing
-from .sources import SampleBatch, SampleRecorder
+from .batch import Producer, ProducerFactory
+from .sources import SampleRecorder
 
 logger = logging.getLogger("onlinemix")
-
-Producer = Callable[[], SampleBatch]
-ProducerFactory = Callable[[str], Producer]
 
 # Columns of the shared state, one row per worker; row 0 column 0 of the extra
 # leading row is the stop flag.
@@ -65,6 +64,9 @@ def _worker_main(ring_name: str, index: int, device: str, factory: ProducerFacto
         np.random.seed(seed)
         me[_HEARTBEAT] = time.monotonic()
         producer = factory(device)
+        if not isinstance(producer, Producer):
+            raise TypeError(f"factory({device!r}) returned a {type(producer).__name__}, which is not a Producer: it "
+                            "needs __call__() -> SampleBatch and a `dropped` count (onlinemix.batch.Producer).")
         ring = SampleRing.attach(ring_name, "producer", index)
         me[_STARTED] = time.monotonic()
         while not should_stop():
@@ -77,8 +79,7 @@ def _worker_main(ring_name: str, index: int, device: str, factory: ProducerFacto
                 # Numbers unique across workers and restarts: the counter lives in the pool.
                 recorder.write(batch.select(slice(0, written)), first_number=index * 10**9 + int(me[_WRITTEN]))
             me[_WRITTEN] += written
-            # A producer may drop samples (non-finite, filtered) and count them in `dropped`.
-            me[_DROPPED] = getattr(producer, "dropped", 0)
+            me[_DROPPED] = producer.dropped
     except BaseException:
         conn.send(traceback.format_exc())
         raise SystemExit(1) from None
@@ -128,8 +129,9 @@ class GeneratorPool:
     Args:
         ring: The ring (created by this, the training, process) to feed; it needs
             at least ``len(devices) * workers_per_device`` producers.
-        factory: Picklable callable ``factory(device) -> producer``; ``producer()``
-            returns a ``SampleBatch`` of images at the ring's size.
+        factory: Picklable ``factory(device) -> Producer`` (``onlinemix.batch.Producer``):
+            ``producer()`` returns a ``SampleBatch`` of images at the ring's size and
+            ``producer.dropped`` counts what it made but did not return.
         devices: Devices to run on, e.g. ``["cuda:1", "cuda:2"]`` or ``"cpu"``.
         workers_per_device: Worker processes per device.
         max_restarts: Restarts allowed per worker before it is given up.

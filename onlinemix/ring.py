@@ -19,37 +19,36 @@ Protocol (a seqlock per slot; it needs no lock):
 
 Memory ordering relies on x86's total store order, where the writes above are seen
 in program order by other cores; weaker architectures (aarch64) are untested.
+
+The ring is one module because the writer's and the reader's halves of the seqlock, and
+the read counts both consult for reuse, are only correct read together; the segment's
+lifecycle (creation, unlinking, stale sweeps, liveness) lives in ``onlinemix.segments``.
 """
 from __future__ import annotations
 
 import fcntl
 import os
-import signal
-import sys
 import time
 import uuid
 import weakref
-from multiprocessing import resource_tracker, shared_memory
-
-import _posixshmem
+from multiprocessing import shared_memory
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .sources import SampleBatch
+from .batch import SampleBatch
+from .segments import (HEADER_WORDS, MAGIC_WORD, OWNER_PID_WORD, OWNER_START_WORD, PREFIX, SHM_DIR, alive,
+                       close_on_sigterm, create_segment, open_untracked, start_ticks, sweep_stale_segments, unlink)
 
-PREFIX = "onlinemix-"
-SHM_DIR = "/dev/shm"
 _MAGIC = 0x6F6E6C696E656D78  # "onlinemx"
 _LAYOUT_VERSION = 1
-_HEADER_WORDS = 16
 _ALIGN = 64
 _MAX_RETRIES = 8
 _POLL_S = 0.0005
-# Header words.
-_H_MAGIC, _H_LAYOUT, _H_SLOTS, _H_HEIGHT, _H_WIDTH, _H_PRODUCERS, _H_CONSUMERS, _H_MAX_REUSE, \
-    _H_OWNER_PID, _H_OWNER_START = range(10)
+# Header words; the magic number and the owner are where onlinemix.segments looks for them.
+_H_MAGIC, _H_OWNER_PID, _H_OWNER_START = MAGIC_WORD, OWNER_PID_WORD, OWNER_START_WORD
+_H_LAYOUT, _H_SLOTS, _H_HEIGHT, _H_WIDTH, _H_PRODUCERS, _H_CONSUMERS, _H_MAX_REUSE = range(1, 8)
 # Columns of the per-consumer statistics.
 _C_READS, _C_FRESH, _C_AGE_SUM, _C_RETRIES, _C_SHORTFALL, _C_TAKES = range(6)
 # Columns of the per-producer statistics.
@@ -59,7 +58,7 @@ _P_COUNTER, _P_WRITTEN, _P_WAITS, _P_PID = range(4)
 def _layout(slots: int, height: int, width: int, producers: int, consumers: int, bins: int):
     """Byte offsets of every array in the segment, 64-byte aligned."""
     fields = [
-        ("header", np.int64, (_HEADER_WORDS,)),
+        ("header", np.int64, (HEADER_WORDS,)),
         ("version", np.uint64, (slots,)),
         ("seq", np.int64, (slots,)),
         ("write_time", np.float64, (slots,)),
@@ -86,115 +85,6 @@ def _layout(slots: int, height: int, width: int, producers: int, consumers: int,
 def _bins(max_reuse: int, consumers: int) -> int:
     """Bins of the reads-per-sample histogram: 0 .. max_reuse + consumers - 1, capped at 64."""
     return min(max_reuse + consumers, 64)
-
-
-def _start_ticks(pid: int) -> Optional[int]:
-    """Start time of a live, non-zombie process (clock ticks since boot), else None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    if fields[0] in ("Z", "X"):  # a zombie still answers kill(pid, 0)
-        return None
-    return int(fields[19])
-
-
-def _alive(pid: int, start: int) -> bool:
-    """Whether process ``pid``, started at ``start`` ticks, still runs (pid reuse aware)."""
-    if pid <= 0:
-        return False
-    if os.path.isdir("/proc"):
-        return _start_ticks(pid) == start
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def _open_untracked(name: str, size: int = 0) -> shared_memory.SharedMemory:
-    """Open (``size`` > 0: create) a segment that no resource tracker will destroy.
-
-    Before Python 3.13 every process that opens a segment registers it with its
-    resource tracker, which unlinks it when that process exits; cleanup is ours.
-    """
-    create = size > 0
-    if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name=name, create=create, size=size, track=False)
-    shm = shared_memory.SharedMemory(name=name, create=create, size=size)
-    resource_tracker.unregister(shm._name, "shared_memory")
-    return shm
-
-
-def _unlink(name: str, owner_pid: int) -> None:
-    # Through _posixshmem, not SharedMemory.unlink, which would tell a resource
-    # tracker that never knew the segment. Forked children never unlink.
-    if os.getpid() != owner_pid:
-        return
-    try:
-        _posixshmem.shm_unlink("/" + name)
-    except FileNotFoundError:
-        pass
-
-
-def sweep_stale_segments() -> list[str]:
-    """Unlink onlinemix segments whose owner process is gone (e.g. after ``kill -9``).
-
-    Only names with the ``onlinemix-`` prefix are considered, and only those whose
-    header names an owner that no longer runs. Returns the names removed.
-    """
-    if not os.path.isdir(SHM_DIR):
-        return []
-    removed = []
-    for entry in os.listdir(SHM_DIR):
-        if not entry.startswith(PREFIX):
-            continue
-        path = os.path.join(SHM_DIR, entry)
-        try:
-            with open(path, "rb") as f:
-                header = np.frombuffer(f.read(_HEADER_WORDS * 8), dtype=np.int64)
-            young = time.time() - os.stat(path).st_mtime < 60
-        except OSError:
-            continue
-        if len(header) < _HEADER_WORDS or header[_H_MAGIC] != _MAGIC:
-            if young:  # possibly being created right now
-                continue
-        elif _alive(int(header[_H_OWNER_PID]), int(header[_H_OWNER_START])):
-            continue
-        try:
-            os.unlink(path)
-            removed.append(entry)
-        except FileNotFoundError:
-            pass
-    return removed
-
-
-_OWNED: "weakref.WeakSet[SampleRing]" = weakref.WeakSet()
-_PREVIOUS_SIGTERM = None
-
-
-def _on_sigterm(signum, frame):
-    for ring in list(_OWNED):
-        ring.close()
-    signal.signal(signal.SIGTERM, _PREVIOUS_SIGTERM)
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _install_sigterm_cleanup() -> None:
-    """Unlink owned rings on SIGTERM, unless the program already handles SIGTERM."""
-    global _PREVIOUS_SIGTERM
-    if _PREVIOUS_SIGTERM is not None:
-        return
-    try:
-        previous = signal.getsignal(signal.SIGTERM)
-        if previous == signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, _on_sigterm)
-            _PREVIOUS_SIGTERM = previous
-    except ValueError:  # not the main thread: close(), garbage collection and exit still clean up
-        pass
 
 
 class SampleRing:
@@ -253,32 +143,24 @@ class SampleRing:
                 raise ValueError(f"{label} must be a positive integer, got {value}.")
         if slots < producers:
             raise ValueError(f"slots ({slots}) must be at least producers ({producers}): each producer owns slots.")
-        sweep_stale_segments()
+        sweep_stale_segments(_MAGIC)
         offsets, size = _layout(slots, height, width, producers, consumers, _bins(max_reuse, consumers))
-        _check_space(size, slots, height, width)
         name = name or f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        shm = _open_untracked(name, size)
-        try:
-            _allocate(shm, size, slots, height, width)
-        except BaseException:
-            shm.close()
-            _unlink(name, os.getpid())
-            raise
-        header = np.ndarray((_HEADER_WORDS,), np.int64, shm.buf)
+        shm = create_segment(name, size, lambda available: _space_message(size, available, slots, height, width))
+        header = np.ndarray((HEADER_WORDS,), np.int64, shm.buf)
         header[:] = 0
         header[[_H_LAYOUT, _H_SLOTS, _H_HEIGHT, _H_WIDTH, _H_PRODUCERS, _H_CONSUMERS, _H_MAX_REUSE]] = \
             [_LAYOUT_VERSION, slots, height, width, producers, consumers, max_reuse]
         header[_H_OWNER_PID] = os.getpid()
-        header[_H_OWNER_START] = _start_ticks(os.getpid()) or 0
+        header[_H_OWNER_START] = start_ticks(os.getpid()) or 0
         header[_H_MAGIC] = _MAGIC
         del header
         ring = cls(name, "consumer", None)
         ring._map(shm)
         ring._seq[:] = -1
         # Unlinks at close(), when the ring is garbage collected, or at interpreter exit.
-        ring._finalizer = weakref.finalize(ring, _unlink, name, os.getpid())
-        _OWNED.add(ring)
-        _install_sigterm_cleanup()
+        ring._finalizer = weakref.finalize(ring, unlink, name, os.getpid())
+        close_on_sigterm(ring)
         return ring
 
     @classmethod
@@ -309,7 +191,7 @@ class SampleRing:
             self._shm = None
             self.index = None
         try:
-            shm = _open_untracked(self.name)
+            shm = open_untracked(self.name)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"No SampleRing named {self.name!r}: its owner closed it or exited. Create it with "
@@ -318,7 +200,7 @@ class SampleRing:
         self._map(shm)
 
     def _map(self, shm: shared_memory.SharedMemory) -> None:
-        header = np.ndarray((_HEADER_WORDS,), np.int64, shm.buf).copy()
+        header = np.ndarray((HEADER_WORDS,), np.int64, shm.buf).copy()
         if header[_H_MAGIC] != _MAGIC or header[_H_LAYOUT] != _LAYOUT_VERSION:
             shm.close()
             raise ValueError(f"Shared-memory segment {self.name!r} is not an onlinemix SampleRing of this version.")
@@ -348,7 +230,7 @@ class SampleRing:
 
     def _claim_consumer(self) -> None:
         """Claim a consumer index, once per process, at the first read."""
-        me = (os.getpid(), _start_ticks(os.getpid()) or 0)
+        me = (os.getpid(), start_ticks(os.getpid()) or 0)
         # Claiming is rare (once per process); a file lock on the segment serialises it.
         fcntl.flock(self._shm._fd, fcntl.LOCK_EX)
         try:
@@ -359,7 +241,7 @@ class SampleRing:
                         f"consumer index must be in [0, {self.consumers}), got {self._requested_index}.")
                 index = self._requested_index
             else:
-                free = [c for c in range(self.consumers) if not _alive(int(owners[c, 0]), int(owners[c, 1]))]
+                free = [c for c in range(self.consumers) if not alive(int(owners[c, 0]), int(owners[c, 1]))]
                 if not free:
                     raise ValueError(
                         f"All {self.consumers} consumer indices of ring {self.name!r} are held by live "
@@ -613,26 +495,6 @@ def _pick(candidates: np.ndarray, reads: np.ndarray, seq: np.ndarray, need: int)
     tied = ranked[ranked_reads == cutoff][: 2 * missing]
     drawn = tied[np.random.permutation(len(tied))[:missing]]
     return np.sort(np.concatenate((sure, drawn)))
-
-
-def _check_space(size: int, slots: int, height: int, width: int) -> None:
-    if not os.path.isdir(SHM_DIR):
-        return
-    stat = os.statvfs(SHM_DIR)
-    available = stat.f_bavail * stat.f_frsize
-    if size > available:
-        raise ValueError(_space_message(size, available, slots, height, width))
-
-
-def _allocate(shm: shared_memory.SharedMemory, size: int, slots: int, height: int, width: int) -> None:
-    # Reserve the pages now: a sparse segment would die with SIGBUS on first write.
-    if not hasattr(os, "posix_fallocate"):
-        return
-    try:
-        os.posix_fallocate(shm._fd, 0, size)
-    except OSError as error:
-        stat = os.statvfs(SHM_DIR)
-        raise ValueError(_space_message(size, stat.f_bavail * stat.f_frsize, slots, height, width)) from error
 
 
 def _space_message(size: int, available: int, slots: int, height: int, width: int) -> str:

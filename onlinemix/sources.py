@@ -1,4 +1,4 @@
-"""Where synthetic samples come from: the ``SampleSource`` protocol and two sources.
+"""Where synthetic samples come from: sources that implement ``onlinemix.batch.SampleSource``.
 
 A source hands out translated images with the metadata needed to label them:
 the reference image's class (``source``), the prompt's class (``target``) and
@@ -14,84 +14,15 @@ from __future__ import annotations
 import csv
 import io
 import os
-from dataclasses import dataclass
-from typing import Protocol, Sequence, Union, runtime_checkable
+from typing import Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .batch import SampleBatch
+
 Size = Union[int, Sequence[int]]
-
-
-@dataclass(frozen=True)
-class SampleBatch:
-    """``K`` synthetic samples and their metadata, all on the CPU.
-
-    Attributes:
-        images: uint8 ``[K, 3, H, W]``, RGB, not normalised.
-        source: int64 ``[K]``, class of the reference image that was translated.
-        target: int64 ``[K]``, class named in the prompt.
-        strength: float32 ``[K]``, SDEdit strength in ``[0, 1]`` (1 for text-to-image).
-    """
-
-    images: torch.Tensor
-    source: torch.Tensor
-    target: torch.Tensor
-    strength: torch.Tensor
-
-    def __post_init__(self):
-        images = self.images
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(
-                "SampleBatch.images must be uint8 RGB images [K, 3, H, W], got a "
-                f"{images.dtype} tensor of shape {tuple(images.shape)}; convert float images "
-                "in [0, 1] with (images * 255).round().to(torch.uint8)."
-            )
-        k = images.shape[0]
-        for name in ("source", "target", "strength"):
-            value = getattr(self, name)
-            if value.ndim != 1 or value.shape[0] != k:
-                raise ValueError(
-                    f"SampleBatch.{name} must have shape [{k}] to match {k} images, "
-                    f"got {tuple(value.shape)}."
-                )
-        for name in ("source", "target"):
-            value = getattr(self, name)
-            if value.dtype.is_floating_point or value.dtype == torch.bool:
-                raise ValueError(f"SampleBatch.{name} must hold integer class indices, got {value.dtype}.")
-            if k and int(value.min()) < 0:
-                raise ValueError(f"SampleBatch.{name} holds a negative class index ({int(value.min())}).")
-        if not self.strength.dtype.is_floating_point:
-            raise ValueError(f"SampleBatch.strength must be floating point, got {self.strength.dtype}.")
-        if k:
-            low, high = (float(v) for v in torch.aminmax(self.strength))
-            if not (0.0 <= low and high <= 1.0):  # also rejects NaN
-                raise ValueError(
-                    "SampleBatch.strength must lie in [0, 1] (the SDEdit strength s, 1 for "
-                    f"text-to-image), got values from {low} to {high}."
-                )
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def select(self, index: torch.Tensor) -> "SampleBatch":
-        """The samples at ``index`` (integer ``[K']``), in that order."""
-        return SampleBatch(self.images[index], self.source[index], self.target[index], self.strength[index])
-
-
-@runtime_checkable
-class SampleSource(Protocol):
-    """Anything that hands out synthetic samples.
-
-    ``take(n)`` returns a ``SampleBatch`` of ``k <= n`` samples and never blocks:
-    when fewer than ``n`` samples are ready it returns what it has, possibly none.
-    Randomness comes from NumPy's global generator, which timm seeds per rank
-    and per DataLoader worker.
-    """
-
-    def take(self, n: int) -> SampleBatch:
-        ...
 
 
 class TensorSource:
@@ -243,9 +174,21 @@ class ReplaySource:
 
 
 class ReplayProducer:
-    """A producer factory that serves an offline Diff-Mix directory through a ring.
+    """A ``Producer`` serving batches of a ``ReplaySource``; it drops nothing."""
 
-    ``GeneratorPool(ring, ReplayProducer(root, class_names, size=..., batch_size=...), "cpu")``
+    dropped = 0
+
+    def __init__(self, source: ReplaySource, batch_size: int):
+        self.source, self.batch_size = source, batch_size
+
+    def __call__(self) -> SampleBatch:
+        return self.source.take(self.batch_size)
+
+
+class ReplayProducerFactory:
+    """A ``ProducerFactory`` that serves an offline Diff-Mix directory through a ring.
+
+    ``GeneratorPool(ring, ReplayProducerFactory(root, class_names, size=..., batch_size=...), "cpu")``
     moves image decoding and resizing out of the training process.
     """
 
@@ -253,9 +196,8 @@ class ReplayProducer:
         ReplaySource(root, class_names, size=size)  # fail here, in the training process, on a bad directory
         self.root, self.class_names, self.size, self.batch_size = os.fspath(root), list(class_names), size, batch_size
 
-    def __call__(self, device: str):
-        source = ReplaySource(self.root, self.class_names, size=self.size)
-        return lambda: source.take(self.batch_size)
+    def __call__(self, device: str) -> ReplayProducer:
+        return ReplayProducer(ReplaySource(self.root, self.class_names, size=self.size), self.batch_size)
 
 
 class SampleRecorder:

@@ -14,7 +14,7 @@ for ``timm.data.FastCollateMixup`` (timm's prefetcher path). Per call:
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from timm.data.mixup import cutmix_bbox_and_lam
 from torch.utils.data import default_collate
 
 from .labels import Lam, as_soft_targets, mix_labels, smooth_labels, translation_label
-from .sources import SampleBatch, SampleSource
+from .batch import SampleBatch, SampleSource, SyntheticRows
 
 SyntheticTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -118,22 +118,6 @@ def blend(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
     if a.dtype == torch.uint8:
         return (a.float() * lam + b.float() * (1 - lam)).round_().to(torch.uint8)
     return a * lam + b * (1 - lam)
-
-
-class SyntheticRows(NamedTuple):
-    """Which rows of the last batch ``DiffMix`` replaced, and what each synthetic sample is (all on the CPU).
-
-    Attributes:
-        rows: int64 ``[K]``, row indices in the batch.
-        source: int64 ``[K]``, class of the reference image.
-        target: int64 ``[K]``, class the prompt asked for.
-        strength: float32 ``[K]``, SDEdit strength (1 for text-to-image).
-    """
-
-    rows: torch.Tensor
-    source: torch.Tensor
-    target: torch.Tensor
-    strength: torch.Tensor
 
 
 class DiffMix(Mixup):

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from onlinemix.generator.clip_filter import ClipFilter, tiny_clip
+from onlinemix.generator.clip_filter import ClipFilter
+from tests.helpers import tiny_clip
 
 
 @pytest.fixture(scope="module")

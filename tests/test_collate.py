@@ -7,7 +7,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from onlinemix import DiffMix, DiffMixCollate, one_hot, smooth_labels
-from tests.pools import solid_pool
+from tests.helpers import solid_pool
 
 C = 5
 

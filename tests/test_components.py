@@ -38,7 +38,7 @@ def personalise(components, rank=4, alpha=8):
 
 
 def translate(components, tokens=None):
-    prompts = [get_strategy("diff-mix").prompt_for(t, CLASSES, "bird", tokens) for t in range(3)]
+    prompts = [get_strategy("diffmix").prompt_for(t, CLASSES, "bird", tokens) for t in range(3)]
     return Sampler(components, steps=4).translate(images(), prompts, [0.7, 0.7, 0.9], SEEDS)
 
 

@@ -13,9 +13,9 @@ from onlinemix.data import (
     long_tail_counts,
     long_tail_indices,
     select_training_images,
-    shot_groups,
-    write_toy_dataset,
 )
+from onlinemix.data.toy import write_toy_dataset
+from onlinemix.evaluation import shot_groups
 
 
 def test_few_shot_counts_and_seed():
@@ -181,7 +181,8 @@ def test_dataset_dict_errors(tmp_path):
 def test_class_names_file_replaces_folder_names(tmp_path):
     import argparse
 
-    from onlinemix.data import add_data_arguments, load_splits
+    from onlinemix.data import load_splits
+    from onlinemix.options import add_data_arguments, data_options
 
     write_toy_dataset(str(tmp_path / "toy"), classes=2, train_per_class=3, val_per_class=1, test_per_class=1)
     parser = argparse.ArgumentParser()
@@ -189,19 +190,20 @@ def test_class_names_file_replaces_folder_names(tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("Black footed Albatross\n\nLaysan Albatross\n")
     args = parser.parse_args(["--data-dir", str(tmp_path / "toy"), "--class-names", str(names)])
-    assert load_splits(args).class_names == ["Black footed Albatross", "Laysan Albatross"]
+    assert load_splits(args.data_dir, **data_options(args)).class_names == ["Black footed Albatross", "Laysan Albatross"]
     names.write_text("only one\n")
     with pytest.raises(ValueError, match="lists 1 names but the data set has 2 classes"):
-        load_splits(args)
+        load_splits(args.data_dir, **data_options(args))
     args.class_names = str(tmp_path / "missing.txt")
     with pytest.raises(FileNotFoundError, match="one class name per line"):
-        load_splits(args)
+        load_splits(args.data_dir, **data_options(args))
 
 
 def test_subsets_and_carves_follow_the_data_seed_not_the_training_seed(tmp_path):
     import argparse
 
-    from onlinemix.data import add_data_arguments, load_splits
+    from onlinemix.data import load_splits
+    from onlinemix.options import add_data_arguments, data_options
 
     write_toy_dataset(str(tmp_path / "toy"), classes=3, train_per_class=12, val_per_class=1, test_per_class=1)
     os.rename(tmp_path / "toy" / "val", tmp_path / "val-moved")
@@ -211,7 +213,7 @@ def test_subsets_and_carves_follow_the_data_seed_not_the_training_seed(tmp_path)
     def training_images(*flags, seed):
         args = parser.parse_args(["--data-dir", str(tmp_path / "toy"), "--shots", "4", *flags])
         args.seed = seed  # the training seed, e.g. train.py --seed
-        splits = load_splits(args)
+        splits = load_splits(args.data_dir, **data_options(args))
         return sorted(splits.train.paths), sorted(splits.val.paths), splits.train.fingerprint()
 
     first, second = training_images(seed=1), training_images(seed=2)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from onlinemix.data.demo_world import SPECIES, caption
-from onlinemix.generator import demo_model
+from onlinemix import demo_model
+from onlinemix.generator import components
 from onlinemix.generator.components import load_components
 from onlinemix.generator.sampler import Sampler
 
@@ -17,7 +18,7 @@ def shipped():
 
 
 def test_shipped_model_loads_through_the_normal_loader(shipped):
-    folder = demo_model.demo_model_path()
+    folder = components.demo_model_path()
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
     assert size <= 25 * 2**20, f"the shipped generator must stay within 25 MB, it is {size / 2**20:.1f} MB"
     assert shipped.vae_scale_factor == 4 and shipped.unet.config.sample_size == 16
@@ -54,6 +55,6 @@ def test_pretraining_script_writes_a_loadable_model(tmp_path):
 
 
 def test_missing_shipped_model_says_how_to_rebuild(monkeypatch, tmp_path):
-    monkeypatch.setattr(demo_model, "DEMO_MODEL", str(tmp_path))
+    monkeypatch.setattr(components, "DEMO_MODEL", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="onlinemix pretrain-demo --out"):
         load_components("demo")

@@ -4,11 +4,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_study_runs_every_pair_and_summarises_over_seeds(tmp_path):
     config = dict(dataset="demo", data_dir=str(tmp_path / "world"), metaclass="bird", model="resnet18", img_size=32,
                   batch_size=16, epochs=1, workers=0, device="cpu", gen_device=["cpu"], gen_model="demo",

@@ -1,9 +1,12 @@
 import math
 
-from onlinemix.data import write_toy_dataset
+import pytest
+
+from onlinemix.data.toy import write_toy_dataset
 from onlinemix.examples import timm_train
 
 
+@pytest.mark.slow
 def test_timm_recipe_example_trains_through_the_prefetcher_path(tmp_path):
     """The example's change to timm's train.py: DiffMixCollate where timm builds FastCollateMixup,
     through timm's own create_loader and PrefetchLoader, fed by a live generator process."""
@@ -11,7 +14,7 @@ def test_timm_recipe_example_trains_through_the_prefetcher_path(tmp_path):
     result = timm_train.main([
         "--data-dir", str(tmp_path), "--device", "cpu", "--model", "resnet18", "--img-size", "32",
         "--batch-size", "8", "--workers", "0", "--prefetcher", "--cutmix", "1.0", "--diffmix-p", "0.5",
-        "--gen-device", "cpu", "--gen-model", "tiny", "--strategy", "real-mix", "--gen-steps", "4",
+        "--gen-device", "cpu", "--gen-model", "tiny", "--strategy", "realmix", "--gen-steps", "4",
         "--gen-resolution", "32", "--gen-dtype", "float32", "--gen-batch-size", "4", "--ring-slots", "16",
     ])
     assert len(result["losses"]) == 36 // 8 and all(math.isfinite(v) for v in result["losses"])

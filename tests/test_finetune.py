@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from onlinemix.finetune import Personaliser, StepBatches, main
+from onlinemix.finetune import StepBatches, main
 from onlinemix.generator.components import (EMBEDDINGS, LORA_WEIGHTS, add_tokens, attach_personalisation,
                                             load_components, tiny_components)
 from onlinemix.generator.sampler import Sampler
-from onlinemix.generator.worker import TensorImages
+from onlinemix.personalise import Personaliser
+from tests.helpers import TensorImages
 
 NAMES = ["red disc", "green square", "blue triangle"]
 
@@ -24,7 +25,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from onlinemix.data import write_toy_dataset
+    from onlinemix.data.toy import write_toy_dataset
 
     root = tmp_path_factory.mktemp("toy")
     write_toy_dataset(str(root), classes=3, train_per_class=8, val_per_class=1, test_per_class=1)
@@ -58,6 +59,7 @@ def train_steps(personaliser, steps=3):
         personaliser.restore_frozen_rows()
 
 
+@pytest.mark.slow
 def test_loss_falls_and_the_folder_loads_into_the_generator(base, data_dir, tmp_path):
     out = tmp_path / "tuned"
     result = finetune(base, data_dir, out, "--steps", "120", "--preview-steps", "2")
@@ -81,11 +83,11 @@ def test_loss_falls_and_the_folder_loads_into_the_generator(base, data_dir, tmp_
     after = Sampler(tuned, steps=4).generate(prompt, seed, height=32, width=32)
     assert (before - after).abs().max() > 1e-3, "LoRA and tokens change the images"
 
-    from onlinemix.generator.worker import DiffMixProducer, GeneratorSpec
+    from onlinemix.generator.worker import DiffusionProducerFactory, GeneratorSpec
 
-    spec = GeneratorSpec(model=base, finetuned=str(out), strategy="diff-mix", steps=4, resolution=32, image_size=32,
+    spec = GeneratorSpec(model=base, finetuned=str(out), strategy="diffmix", steps=4, resolution=32, image_size=32,
                          batch_size=3)
-    batch = DiffMixProducer(spec, TensorImages(*images()), [f"class_{c}" for c in range(3)], "shape")("cpu")()
+    batch = DiffusionProducerFactory(spec, TensorImages(*images()), [f"class_{c}" for c in range(3)], "shape")("cpu")()
     assert batch.images.shape == (3, 3, 32, 32) and batch.images.dtype == torch.uint8
 
 
@@ -190,6 +192,7 @@ def test_command_line_usage(capsys):
     assert exit.value.code == 0 and "--method {ti_db,ti,db}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_model(base, data_dir, tmp_path):
     """torchrun on the CPU (gloo): one data-parallel run, not two independent copies."""
     import subprocess
@@ -209,7 +212,7 @@ def test_two_processes_train_one_model(base, data_dir, tmp_path):
 def test_every_finetune_config_parses_and_matches_its_training_config(config):
     import yaml
 
-    from onlinemix.cli import parse_with_config
+    from onlinemix.options import parse_with_config
     from onlinemix.finetune import build_parser
 
     args = parse_with_config(build_parser(), ["--config", os.path.join("configs", "finetune", config)])

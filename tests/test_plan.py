@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from onlinemix.plan import STRATEGIES, Planner, get_strategy, long_tail_weights, placeholder_token
+from onlinemix.plan import ALIASES, STRATEGIES, Planner, get_strategy, long_tail_weights, placeholder_token, strategy_name
 
 CLASSES = ["Laysan Albatross", "Sooty Albatross", "Rhinoceros Auklet", "Gray Catbird"]
 
@@ -9,24 +9,34 @@ CLASSES = ["Laysan Albatross", "Sooty Albatross", "Rhinoceros Auklet", "Gray Cat
 def test_every_strategy_prompts_as_in_the_paper():
     prompts = {name: s.prompt_for(2, CLASSES, "bird") for name, s in STRATEGIES.items()}
     assert prompts == {
-        "diff-mix": "a photo of a <class_2> bird",
-        "diff-aug": "a photo of a <class_2> bird",
-        "diff-gen": "a photo of a <class_2> bird",
-        "real-mix": "a photo of a Rhinoceros Auklet",
-        "real-aug": "a photo of a Rhinoceros Auklet",
-        "real-gen": "a photo of a Rhinoceros Auklet",
-        "real-filtering": "a photo of a Rhinoceros Auklet",
-        "real-guidance": "a photo of a Rhinoceros Auklet",
-        "da-fusion": "a photo of a <class_2>",
+        "diffmix": "a photo of a <class_2> bird",
+        "diffaug": "a photo of a <class_2> bird",
+        "diffgen": "a photo of a <class_2> bird",
+        "realmix": "a photo of a Rhinoceros Auklet",
+        "realaug": "a photo of a Rhinoceros Auklet",
+        "realgen": "a photo of a Rhinoceros Auklet",
+        "realfilter": "a photo of a Rhinoceros Auklet",
+        "realguidance": "a photo of a Rhinoceros Auklet",
+        "dafusion": "a photo of a <class_2>",
     }
-    assert get_strategy("real-guidance").strengths == (0.1,)
-    assert get_strategy("da-fusion").strengths == (0.25, 0.5, 0.75, 1.0)
-    assert get_strategy("diff-mix").strengths == (0.5, 0.7, 0.9)
-    assert [n for n, s in STRATEGIES.items() if s.inter_class] == ["diff-mix", "real-mix"]
-    assert {n for n, s in STRATEGIES.items() if s.personalised} == {"diff-mix", "diff-aug", "diff-gen", "da-fusion"}
-    assert get_strategy("da-fusion").methods == ("ti",), "tokens only"
-    assert [n for n, s in STRATEGIES.items() if s.filtered] == ["real-filtering"]
+    assert get_strategy("realguidance").strengths == (0.1,)
+    assert get_strategy("dafusion").strengths == (0.25, 0.5, 0.75, 1.0)
+    assert get_strategy("diffmix").strengths == (0.5, 0.7, 0.9)
+    assert [n for n, s in STRATEGIES.items() if s.inter_class] == ["diffmix", "realmix"]
+    assert {n for n, s in STRATEGIES.items() if s.personalised} == {"diffmix", "diffaug", "diffgen", "dafusion"}
+    assert get_strategy("dafusion").methods == ("ti",), "tokens only"
+    assert [n for n, s in STRATEGIES.items() if s.filtered] == ["realfilter"]
     assert placeholder_token(11) == "<class_11>"
+
+
+def test_the_papers_spellings_name_the_same_strategies():
+    for alias, name in ALIASES.items():
+        assert strategy_name(alias) == name and get_strategy(alias) is STRATEGIES[name]
+    assert set(ALIASES.values()) == set(STRATEGIES), "every strategy has its paper spelling"
+    y = labels()
+    assert Planner(y, "diff-mix", seed=1).take(5) == Planner(y, "diffmix", seed=1).take(5)
+    with pytest.raises(ValueError, match="Unknown strategy 'diffmix2'"):
+        strategy_name("diffmix2")
 
 
 def labels(per_class=(5, 5, 5, 5)):
@@ -35,7 +45,7 @@ def labels(per_class=(5, 5, 5, 5)):
 
 def test_diff_mix_targets_are_uniform_and_references_uniform_over_images():
     y = labels((3, 4, 5, 6, 7))
-    requests = Planner(y, "diff-mix", seed=1).take(25000)
+    requests = Planner(y, "diffmix", seed=1).take(25000)
     pairs = np.zeros((5, 5))
     for r in requests:
         assert y[r.reference] == r.source
@@ -58,7 +68,7 @@ def test_long_tail_references_follow_the_images_not_the_classes():
     y = labels(counts)
     assert len(y) == 1242
     tail = counts < 5  # CUB-LT's few-shot classes: 123 of 200 classes, 195 of 1242 images
-    requests = Planner(y, "diff-mix", target_weights=long_tail_weights(counts), seed=0).take(20000)
+    requests = Planner(y, "diffmix", target_weights=long_tail_weights(counts), seed=0).take(20000)
     share = np.mean([tail[r.source] for r in requests])
     expected = counts[tail].sum() / counts.sum()
     assert abs(share - expected) < 0.01, f"tail classes supply {share:.3f} of references, their images {expected:.3f}"
@@ -67,14 +77,14 @@ def test_long_tail_references_follow_the_images_not_the_classes():
     np.testing.assert_allclose(targets[tail].sum(), weights[tail].sum() / weights.sum(), atol=0.015)
 
 
-@pytest.mark.parametrize("name", ["diff-aug", "real-aug", "real-guidance", "da-fusion"])
+@pytest.mark.parametrize("name", ["diffaug", "realaug", "realguidance", "dafusion"])
 def test_intra_class_strategies_keep_the_class(name):
     requests = Planner(labels(), name, seed=0).take(500)
     assert all(r.source == r.target for r in requests)
     assert {r.strength for r in requests} == set(get_strategy(name).strengths)
 
 
-@pytest.mark.parametrize("name", ["diff-gen", "real-gen", "real-filtering"])
+@pytest.mark.parametrize("name", ["diffgen", "realgen", "realfilter"])
 def test_text_to_image_has_no_reference(name):
     requests = Planner(labels(), name, seed=0).take(100)
     assert all(r.reference == -1 and r.source == r.target and r.strength == 1.0 for r in requests)
@@ -82,7 +92,7 @@ def test_text_to_image_has_no_reference(name):
 
 def test_referable_class_limit():
     y = labels((4,) * 10)
-    planner = Planner(y, "diff-mix", referable_classes=3, seed=2)
+    planner = Planner(y, "diffmix", referable_classes=3, seed=2)
     requests = planner.take(5000)
     for target in range(10):
         sources = {r.source for r in requests if r.target == target}
@@ -90,9 +100,9 @@ def test_referable_class_limit():
         assert sources == set(planner._sources[target].tolist())
     # the reference stays uniform over the referable classes' images
     y = labels((2, 8, 2, 8))
-    requests = Planner(y, "diff-mix", referable_classes=2, seed=4).take(8000)
+    requests = Planner(y, "diffmix", referable_classes=2, seed=4).take(8000)
     by_target = {t: [r for r in requests if r.target == t] for t in range(4)}
-    planner = Planner(y, "diff-mix", referable_classes=2, seed=4)
+    planner = Planner(y, "diffmix", referable_classes=2, seed=4)
     for target, rs in by_target.items():
         allowed = planner._sources[target]
         share = np.bincount([r.source for r in rs], minlength=4)[allowed] / len(rs)
@@ -104,43 +114,43 @@ def test_weighted_targets_follow_long_tail_weights():
     counts = [40, 10, 2, 1]
     weights = long_tail_weights(counts)
     np.testing.assert_allclose(weights, [1 / 41, 1 / 11, 1 / 3, 1 / 2])
-    requests = Planner(labels(counts), "diff-mix", target_weights=weights, seed=3).take(20000)
+    requests = Planner(labels(counts), "diffmix", target_weights=weights, seed=3).take(20000)
     freq = np.bincount([r.target for r in requests], minlength=4) / 20000
     np.testing.assert_allclose(freq, weights / weights.sum(), atol=0.015)
 
 
 def test_fixed_strength_and_reproducibility():
-    a = Planner(labels(), "diff-mix", strengths=0.7, seed=5)
-    b = Planner(labels(), "diff-mix", strengths=0.7, seed=5)
+    a = Planner(labels(), "diffmix", strengths=0.7, seed=5)
+    b = Planner(labels(), "diffmix", strengths=0.7, seed=5)
     first = a.take(7) + a.take(13)
     assert first == b.take(20), "the stream does not depend on how it is cut"
     assert {r.strength for r in first} == {0.7}
     assert len({r.seed for r in first}) == 20
-    assert Planner(labels(), "diff-mix", seed=6).take(20) != first
-    it = iter(Planner(labels(), "diff-mix", strengths=0.7, seed=5))
+    assert Planner(labels(), "diffmix", seed=6).take(20) != first
+    it = iter(Planner(labels(), "diffmix", strengths=0.7, seed=5))
     assert [next(it) for _ in range(20)] == first
 
 
 def test_classes_without_images_are_never_references():
     y = np.array([0, 0, 2, 2])  # class 1 has no image
-    requests = Planner(y, "diff-mix", num_classes=3, seed=0).take(300)
+    requests = Planner(y, "diffmix", num_classes=3, seed=0).take(300)
     assert all(r.source != 1 for r in requests)
     assert any(r.target == 1 for r in requests), "it can still be a target"
-    assert all(r.target != 1 for r in Planner(y, "diff-aug", num_classes=3).take(300))
+    assert all(r.target != 1 for r in Planner(y, "diffaug", num_classes=3).take(300))
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(strategy="diff-mixx"), "Unknown strategy"),
-        (dict(strategy="diff-mix", strengths=[0.5, 1.2]), r"\(0, 1\]"),
-        (dict(strategy="diff-mix", strengths=0.0), r"\(0, 1\]"),
-        (dict(strategy="diff-gen", strengths=0.5), "always 1.0"),
-        (dict(strategy="diff-mix", referable_classes=9), "referable_classes"),
-        (dict(strategy="diff-aug", referable_classes=2), "inter-class strategies"),
-        (dict(strategy="diff-mix", target_weights=[1, 1]), "target_weights"),
-        (dict(strategy="diff-mix", target_weights=[0, 0, 0, 0]), "every weight is zero"),
-        (dict(strategy="diff-mix", num_classes=2), "num_classes=2"),
+        (dict(strategy="diffmixx"), "Unknown strategy"),
+        (dict(strategy="diffmix", strengths=[0.5, 1.2]), r"\(0, 1\]"),
+        (dict(strategy="diffmix", strengths=0.0), r"\(0, 1\]"),
+        (dict(strategy="diffgen", strengths=0.5), "always 1.0"),
+        (dict(strategy="diffmix", referable_classes=9), "referable_classes"),
+        (dict(strategy="diffaug", referable_classes=2), "inter-class strategies"),
+        (dict(strategy="diffmix", target_weights=[1, 1]), "target_weights"),
+        (dict(strategy="diffmix", target_weights=[0, 0, 0, 0]), "every weight is zero"),
+        (dict(strategy="diffmix", num_classes=2), "num_classes=2"),
     ],
 )
 def test_planner_errors(kwargs, message):

@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-from onlinemix import DiffMix, GeneratorPool, ReplayProducer, ReplaySource, SampleRing
+from onlinemix import DiffMix, GeneratorPool, ReplayProducerFactory, ReplaySource, SampleRing
 from onlinemix.pool import share_cpu_threads
-from onlinemix.ring import SHM_DIR
-from tests.producers import Counting, Failing, Halving, Hanging, ThreadCount
+from onlinemix.segments import SHM_DIR
+from tests.helpers import Counting, Failing, Halving, Hanging, ThreadCount
 from tests.test_sources import CLASSES, ROWS, write_offline_output
 
 
@@ -83,11 +83,12 @@ def test_hung_worker_is_restarted(caplog):
         assert "no heartbeat" in caplog.text
 
 
+@pytest.mark.slow
 def test_workers_exit_when_the_training_process_dies():
     code = (
         "import time\n"
         "from onlinemix import GeneratorPool, SampleRing\n"
-        "from tests.producers import Counting\n"
+        "from tests.helpers import Counting\n"
         "ring = SampleRing.create(8, 8, producers=1, consumers=1)\n"
         "pool = GeneratorPool(ring, Counting(size=8, delay=0.05), 'cpu').start()\n"
         "while pool.stats()['written'] == 0: time.sleep(0.05)\n"
@@ -106,7 +107,7 @@ def test_workers_exit_when_the_training_process_dies():
 
 def test_replay_producer_serves_an_offline_directory_and_recording_round_trips(tmp_path):
     write_offline_output(tmp_path / "offline", ROWS)
-    factory = ReplayProducer(tmp_path / "offline", CLASSES, size=8, batch_size=4)
+    factory = ReplayProducerFactory(tmp_path / "offline", CLASSES, size=8, batch_size=4)
     with SampleRing.create(8, 8, producers=1, consumers=1, max_reuse=1) as ring:
         with GeneratorPool(ring, factory, "cpu", record_dir=str(tmp_path / "recorded"), class_names=CLASSES) as pool:
             batch = ring.take(8, timeout=60)
@@ -146,7 +147,7 @@ def test_ctrl_c_stops_everything_cleanly():
     code = (
         "import time\n"
         "from onlinemix import GeneratorPool, SampleRing\n"
-        "from tests.producers import Counting\n"
+        "from tests.helpers import Counting\n"
         "with SampleRing.create(8, 8, producers=1, consumers=1) as ring:\n"
         "    with GeneratorPool(ring, Counting(size=8), 'cpu') as pool:\n"
         "        ring.take(1, timeout=60)\n"

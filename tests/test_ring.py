@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from onlinemix import DiffMix
-from onlinemix.ring import SHM_DIR, SampleRing
+from onlinemix.ring import SampleRing
+from onlinemix.segments import SHM_DIR
 
 C = 7
 
@@ -291,6 +292,7 @@ class RingReads(Dataset):
 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.slow
 def test_dataloader_workers_attach_and_read_live_data(context):
     with SampleRing.create(32, 4, producers=1, consumers=4, max_reuse=1) as ring:
         producer = SampleRing.attach(ring.name, "producer", 0)

@@ -104,6 +104,7 @@ def diffusers_img2img_start(pipe, steps, strength):
     return (float(timesteps[0]) if len(timesteps) else None), run
 
 
+@pytest.mark.slow
 def test_sdedit_schedule_equals_diffusers_over_the_grid(components):
     """Every (steps 1-50, strength 0.01-1.00) starts where StableDiffusionImg2ImgPipeline starts; check_steps
     refuses exactly the pairs that would run no step. Translating all strengths of one step count in one

@@ -4,9 +4,12 @@ import os
 
 import pytest
 import torch
+from accelerate import PartialState
 
 import train
-from onlinemix.data import load_splits, write_toy_dataset
+from onlinemix.data import SplitImages, load_splits
+from onlinemix.data.toy import write_toy_dataset
+from onlinemix.options import data_options
 from tests.test_sources import write_offline_output
 
 CLASSES = [f"class_{c}" for c in range(3)]
@@ -60,6 +63,7 @@ def test_replay_run_swaps_in_offline_samples(data_dir, tmp_path):
     assert float(row["synthetic_called_target"]) == pytest.approx(calls["target"])
 
 
+@pytest.mark.slow
 def test_live_generator_run_on_cpu(data_dir, tmp_path):
     result = run(data_dir, tmp_path, "--aug", "realmix", "--p", "0.5", "--gen-device", "cpu", "--gen-model", "tiny",
                  "--gen-steps", "4", "--gen-resolution", "32", "--gen-batch-size", "4", "--gen-dtype", "float32",
@@ -152,9 +156,9 @@ def test_bad_input_stops_before_any_work(data_dir, tmp_path):
 @pytest.mark.parametrize("config", sorted(f for f in os.listdir("configs") if f.endswith(".yaml")))
 def test_every_config_parses(config, monkeypatch):
     monkeypatch.setattr(train, "check_device", lambda device, flag: None)  # recipes name GPUs
-    monkeypatch.setattr(train, "check_data_arguments", lambda args: None)  # and data sets not here
+    monkeypatch.setattr(train, "check_data_options", lambda *args, **kw: None)  # and data sets not here
     args = train.parse_args(["--config", os.path.join("configs", config)])
-    assert args.aug in train.AUGS and 0 <= args.p <= 1
+    assert args.aug in train.AUGMENTATIONS and 0 <= args.p <= 1
     if args.gen_model.startswith("stable-diffusion"):  # the paper's recipes
         import timm
 
@@ -170,7 +174,7 @@ def test_timm_style_loop_with_a_live_ring():
     from timm.loss import SoftTargetCrossEntropy
 
     from onlinemix import DiffMix, GeneratorPool, SampleRing
-    from tests.producers import Counting
+    from tests.helpers import Counting
     from tests.test_pool import wait_for
 
     mixup_args = dict(mixup_alpha=0.0, cutmix_alpha=1.0, cutmix_minmax=None, prob=1.0, switch_prob=0.5,
@@ -192,6 +196,7 @@ def test_timm_style_loop_with_a_live_ring():
     assert mixup_fn.stats()["replaced"] > 0
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_share_one_ring(data_dir, tmp_path):
     """torchrun on the CPU (gloo): one ring and generator per node, each rank a consumer."""
     import subprocess
@@ -213,6 +218,7 @@ def test_torchrun_two_ranks_share_one_ring(data_dir, tmp_path):
     assert result["fidelity"]["all"]["count"] == result["augmentation"]["replaced"], "both ranks' calls are counted"
 
 
+@pytest.mark.slow
 def test_hugging_face_dataset_folder_with_a_live_generator(data_dir, tmp_path):
     datasets = pytest.importorskip("datasets")
     from onlinemix.data import ImageFolderSplits
@@ -286,11 +292,11 @@ def test_the_synthetic_crop_is_the_real_one_and_normalisation_follows_the_model(
     import timm
 
     args = train.parse_args(["--data-dir", data_dir, "--aug", "none", "--device", "cpu"])
-    splits = load_splits(args)
+    splits = load_splits(args.data_dir, **data_options(args))
     vit = timm.create_model("vit_tiny_patch16_224.augreg_in21k_ft_in1k", num_classes=3)
     mean, std = train.normalisation(vit)
     assert mean == std == (0.5, 0.5, 0.5), "augreg ViTs expect [-1, 1] inputs"
-    mix, _, _ = train.build_augmentation(args, splits, str(tmp_path), train.Dist(), mean, std)
+    mix, _, _ = train.build_augmentation(args, splits, str(tmp_path), PartialState(cpu=True), mean, std)
     assert mix.mean == mean and mix.std == std
     crop = train.transforms(32, mean, std)[0].transforms[0]
     assert tuple(mix.synthetic_transform.scale) == tuple(crop.scale) and mix.synthetic_transform.flip == 0.5
@@ -308,7 +314,7 @@ def test_mixup_and_cutmix_follow_the_paper_unless_told(data_dir, tmp_path, aug, 
     args = train.parse_args(["--data-dir", data_dir, "--aug", aug, "--device", "cpu", "--gen-device", "cpu",
                              "--gen-model", "tiny", "--gen-resolution", "32", "--gen-steps", "2", *flags])
     args.aug = "cutmix" if aug == "diffmix+cutmix" else aug  # the same mixing; no generator needed here
-    mix, _, _ = train.build_augmentation(args, load_splits(args), str(tmp_path), train.Dist(), (0, 0, 0), (1, 1, 1))
+    mix, _, _ = train.build_augmentation(args, load_splits(args.data_dir, **data_options(args)), str(tmp_path), PartialState(cpu=True), (0, 0, 0), (1, 1, 1))
     assert {k: getattr(mix, k) for k in expected} == expected
     with pytest.raises(ValueError, match="--mixup-prob"):
         train.parse_args(["--data-dir", data_dir, "--aug", "cutmix", "--device", "cpu", "--mixup-prob", "2"])
@@ -316,7 +322,7 @@ def test_mixup_and_cutmix_follow_the_paper_unless_told(data_dir, tmp_path, aug, 
 
 def test_cutmix_mixes_about_a_tenth_of_the_samples(data_dir, tmp_path):
     args = train.parse_args(["--data-dir", data_dir, "--aug", "cutmix", "--device", "cpu", "--smoothing", "0"])
-    mix, _, _ = train.build_augmentation(args, load_splits(args), str(tmp_path), train.Dist(), (0, 0, 0), (1, 1, 1))
+    mix, _, _ = train.build_augmentation(args, load_splits(args.data_dir, **data_options(args)), str(tmp_path), PartialState(cpu=True), (0, 0, 0), (1, 1, 1))
     mixed = 0
     for _ in range(100):
         x, y = torch.rand(16, 3, 16, 16), torch.arange(16) % 3
@@ -325,6 +331,7 @@ def test_cutmix_mixes_about_a_tenth_of_the_samples(data_dir, tmp_path):
     assert 0.06 < mixed / 1600 < 0.14, "the paper's CutMix: probability 0.1 per sample"
 
 
+@pytest.mark.slow
 def test_demo_world_run_reports_counterfactual_groups(tmp_path):
     result = run(str(tmp_path / "world"), tmp_path, "--dataset", "demo", "--aug", "cutmix", "--metaclass", "bird")
     assert (tmp_path / "world" / "world.json").exists(), "--dataset demo wrote the world"
@@ -341,6 +348,7 @@ def test_no_arguments_run_the_demo_config(monkeypatch, capsys):
     assert args.gen_finetuned and os.path.isfile(args.gen_finetune_config)
 
 
+@pytest.mark.slow
 def test_generator_is_personalised_first_then_reused(data_dir, tmp_path):
     config = tmp_path / "finetune.yaml"
     config.write_text(f"model: demo\ndata_dir: {data_dir}\nmetaclass: shape\nsteps: 2\nbatch_size: 2\n"
@@ -382,7 +390,7 @@ def test_top1_counts_images_and_balanced_top1_counts_classes():
     labels = [0] * 8 + [1] * 2 + [2] * 2
     split = FileSplit([""] * len(labels), labels)
     split.image = lambda index: None
-    dataset = train.Images(split, lambda image: torch.zeros(3, 4, 4))
+    dataset = SplitImages(split, lambda image: torch.zeros(3, 4, 4))
     loader = torch.utils.data.DataLoader(dataset, batch_size=5)
     result = train.evaluate(_Predicts(0, 3), loader, torch.device("cpu"), 3, None)
     assert result["top1"] == pytest.approx(8 / 12), "top-1 over images, as papers and timm report it"
@@ -396,18 +404,19 @@ def test_top1_counts_images_and_balanced_top1_counts_classes():
         train.parse_args(["--data-dir", ".", "--aug", "none", "--device", "cpu", "--shot-thresholds", "5", "20"])
 
 
+@pytest.mark.slow
 def test_referable_classes_and_real_filtering_reach_the_generator(data_dir, tmp_path):
-    from onlinemix.generator.clip_filter import tiny_clip
+    from tests.helpers import tiny_clip
 
     generator = ["--gen-device", "cpu", "--gen-model", "tiny", "--gen-steps", "4", "--gen-resolution", "32",
                  "--gen-batch-size", "4", "--gen-dtype", "float32", "--ring-slots", "16"]
     args = train.parse_args(["--data-dir", data_dir, "--aug", "realmix", "--referable-classes", "2",
                              "--device", "cpu", *generator])
-    factory = train.generator_factory(args, load_splits(args), str(tmp_path))
-    assert (factory.spec.strategy, factory.spec.referable_classes) == ("real-mix", 2)
+    factory = train.generator_factory(args, load_splits(args.data_dir, **data_options(args)), str(tmp_path))
+    assert (factory.spec.strategy, factory.spec.referable_classes) == ("realmix", 2)
     args.aug = "realfilter"
     with pytest.raises(ValueError, match="--clip-filter"):
-        train.generator_factory(args, load_splits(args), str(tmp_path))
+        train.generator_factory(args, load_splits(args.data_dir, **data_options(args)), str(tmp_path))
     model, tokenizer = tiny_clip(seed=0)
     model.save_pretrained(tmp_path / "clip")
     tokenizer.save_pretrained(tmp_path / "clip")

@@ -8,7 +8,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from onlinemix import DiffMix, RandomResizedCropFlip, SampleBatch, TensorSource, one_hot, smooth_labels, translation_label
 from onlinemix.transform import crop_box
-from tests.pools import solid_pool
+from tests.helpers import solid_pool
 
 C = 5
 RAW = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # synthetic pixel v arrives as v / 255

@@ -5,7 +5,8 @@ import torch
 from onlinemix import GeneratorPool, SampleRing
 from onlinemix.generator.components import save_personalisation, tiny_components
 from onlinemix.data import FileSplit
-from onlinemix.generator.worker import DiffMixProducer, GeneratorSpec, TensorImages, to_uint8
+from onlinemix.generator.worker import DiffusionProducerFactory, GeneratorSpec, to_uint8
+from tests.helpers import TensorImages
 from onlinemix.plan import Planner, get_strategy, placeholder_token
 
 CLASSES = ["tern", "gull", "dove", "crow"]
@@ -39,13 +40,13 @@ def test_producer_output_matches_its_plan(folders):
     base, tuned = folders
     refs = references()
     np.random.seed(7)
-    producer = DiffMixProducer(spec(base, tuned), refs, CLASSES, "bird")("cpu")
+    producer = DiffusionProducerFactory(spec(base, tuned), refs, CLASSES, "bird")("cpu")
     batch = producer()
     assert batch.images.shape == (4, 3, 24, 24) and batch.images.dtype == torch.uint8
 
     # Re-plan with the same seed and translate by hand: same labels, same images.
     np.random.seed(7)
-    planner = Planner(refs.labels, "diff-mix", num_classes=4, seed=int(np.random.randint(0, 2**31 - 1)))
+    planner = Planner(refs.labels, "diffmix", num_classes=4, seed=int(np.random.randint(0, 2**31 - 1)))
     requests = planner.take(4)
     assert batch.source.tolist() == [r.source for r in requests]
     assert batch.target.tolist() == [r.target for r in requests]
@@ -53,21 +54,22 @@ def test_producer_output_matches_its_plan(folders):
     assert all(refs.labels[r.reference] == r.source for r in requests)
     by_hand = producer.requests_to_images(requests)
     assert torch.equal(to_uint8(by_hand, 24), batch.images)
-    prompts = [get_strategy("diff-mix").prompt_for(r.target, CLASSES, "bird") for r in requests]
+    prompts = [get_strategy("diffmix").prompt_for(r.target, CLASSES, "bird") for r in requests]
     assert prompts[0].startswith("a photo of a <class_") and prompts[0].endswith("> bird")
 
 
-@pytest.mark.parametrize("strategy", ["diff-gen", "real-aug", "real-mix", "da-fusion"])
+@pytest.mark.parametrize("strategy", ["diffgen", "realaug", "realmix", "dafusion"])
 def test_other_strategies_produce_consistent_labels(folders, strategy):
     base, tuned = folders
     finetuned = tuned if get_strategy(strategy).personalised else None
-    batch = DiffMixProducer(spec(base, finetuned, strategy=strategy), references(), CLASSES, "bird")("cpu")()
+    batch = DiffusionProducerFactory(spec(base, finetuned, strategy=strategy), references(), CLASSES, "bird")("cpu")()
     assert len(batch) == 4
     if not get_strategy(strategy).inter_class:
         assert torch.equal(batch.source, batch.target)
     assert {round(s, 4) for s in batch.strength.tolist()} <= set(get_strategy(strategy).strengths)
 
 
+@pytest.mark.slow
 def test_pool_worker_fills_a_ring_with_labelled_samples(folders, tmp_path):
     base, tuned = folders
     paths = []
@@ -76,12 +78,12 @@ def test_pool_worker_fills_a_ring_with_labelled_samples(folders, tmp_path):
     for i in range(8):
         paths.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(refs.images[i].permute(1, 2, 0).numpy()).save(paths[-1])
-    factory = DiffMixProducer(spec(base, tuned, strategy="diff-aug"), FileSplit(paths, refs.labels), CLASSES, "bird")
+    factory = DiffusionProducerFactory(spec(base, tuned, strategy="diffaug"), FileSplit(paths, refs.labels), CLASSES, "bird")
     with SampleRing.create(16, 24, producers=1, consumers=1) as ring:
         with GeneratorPool(ring, factory, "cpu"):
             batch = ring.take(8, timeout=120)
     assert len(batch) == 8
-    assert torch.equal(batch.source, batch.target), "diff-aug keeps the class"
+    assert torch.equal(batch.source, batch.target), "diffaug keeps the class"
     assert {round(s, 4) for s in batch.strength.tolist()} <= {0.5, 0.7, 0.9}
     assert batch.images.float().std() > 1
 
@@ -95,32 +97,32 @@ def test_pool_worker_fills_a_ring_with_labelled_samples(folders, tmp_path):
         (dict(strengths=(0.5, 1.5)), r"\(0, 1\]"),
         (dict(strengths=(0.0,)), r"\(0, 1\]"),
         (dict(dtype="float8"), "dtype"),
-        (dict(strategy="diff-mix", finetuned=None), "needs a personalised generator"),
+        (dict(strategy="diffmix", finetuned=None), "needs a personalised generator"),
         (dict(strategy="nope"), "Unknown strategy"),
     ],
 )
 def test_spec_errors(folders, kwargs, message):
     base, tuned = folders
     with pytest.raises(ValueError, match=message):
-        DiffMixProducer(spec(base, tuned, **kwargs), references(), CLASSES, "bird")
+        DiffusionProducerFactory(spec(base, tuned, **kwargs), references(), CLASSES, "bird")
 
 
 def test_class_count_must_match_the_personalised_generator(folders):
     base, tuned = folders
     with pytest.raises(ValueError, match="knows 4 classes but the data set has 3"):
-        DiffMixProducer(spec(base, tuned), TensorImages(references().images, [0, 0, 1, 1, 2, 2, 2, 2]),
+        DiffusionProducerFactory(spec(base, tuned), TensorImages(references().images, [0, 0, 1, 1, 2, 2, 2, 2]),
                         CLASSES[:3], "bird")
 
 
 def test_too_few_steps_for_a_strength(folders):
     base, tuned = folders
     with pytest.raises(ValueError, match="use at least 10 steps"):
-        DiffMixProducer(spec(base, None, strategy="real-guidance", steps=4), references(), CLASSES, "bird")
+        DiffusionProducerFactory(spec(base, None, strategy="realguidance", steps=4), references(), CLASSES, "bird")
 
 
 def test_non_finite_images_are_dropped_and_counted(folders, caplog):
     base, tuned = folders
-    producer = DiffMixProducer(spec(base, tuned), references(), CLASSES, "bird")("cpu")
+    producer = DiffusionProducerFactory(spec(base, tuned), references(), CLASSES, "bird")("cpu")
     translate = producer.requests_to_images
 
     def one_nan(requests):
@@ -155,39 +157,39 @@ def ti_db(folders, tmp_path_factory):
     return str(folder)
 
 
-@pytest.mark.parametrize("strategy", ["real-mix", "real-aug", "real-gen", "real-guidance"])
+@pytest.mark.parametrize("strategy", ["realmix", "realaug", "realgen", "realguidance"])
 def test_base_model_strategies_ignore_the_personalised_generator(folders, ti_db, strategy):
     base, _ = folders
-    steps = 10 if strategy == "real-guidance" else 4
+    steps = 10 if strategy == "realguidance" else 4
     with pytest.warns(UserWarning, match="un-tuned base model"):
-        factory = DiffMixProducer(spec(base, ti_db, strategy=strategy, steps=steps), references(), CLASSES, "bird")
+        factory = DiffusionProducerFactory(spec(base, ti_db, strategy=strategy, steps=steps), references(), CLASSES, "bird")
     np.random.seed(3)
     producer = factory("cpu")
     components = producer.sampler.components
     assert not getattr(components.unet, "peft_config", None), "no LoRA on the base model"
     assert "<class_0>" not in components.tokenizer.get_vocab(), "no learned tokens"
     np.random.seed(3)
-    plain = DiffMixProducer(spec(base, None, strategy=strategy, steps=steps), references(), CLASSES, "bird")("cpu")
+    plain = DiffusionProducerFactory(spec(base, None, strategy=strategy, steps=steps), references(), CLASSES, "bird")("cpu")
     assert torch.equal(producer().images, plain().images)
 
 
 def test_diff_mix_runs_the_personalised_generator(folders, ti_db):
     base, _ = folders
-    producer = DiffMixProducer(spec(base, ti_db), references(), CLASSES, "bird")("cpu")
+    producer = DiffusionProducerFactory(spec(base, ti_db), references(), CLASSES, "bird")("cpu")
     assert producer.sampler.components.unet.peft_config and producer.tokens[0] == "<class_0>"
 
 
 def test_da_fusion_needs_a_tokens_only_generator(folders, ti_db):
     base, tuned = folders
     with pytest.raises(ValueError, match="made with method 'ti_db'.*onlinemix finetune --method ti"):
-        DiffMixProducer(spec(base, ti_db, strategy="da-fusion"), references(), CLASSES, "bird")
-    DiffMixProducer(spec(base, tuned, strategy="da-fusion"), references(), CLASSES, "bird")  # method ti
+        DiffusionProducerFactory(spec(base, ti_db, strategy="dafusion"), references(), CLASSES, "bird")
+    DiffusionProducerFactory(spec(base, tuned, strategy="dafusion"), references(), CLASSES, "bird")  # method ti
 
 
 def test_real_filtering_needs_the_clip_filter(folders):
     base, _ = folders
     with pytest.raises(ValueError, match="real-gen with the CLIP filter.*--clip-filter"):
-        DiffMixProducer(spec(base, None, strategy="real-filtering"), references(), CLASSES, "bird")
+        DiffusionProducerFactory(spec(base, None, strategy="realfilter"), references(), CLASSES, "bird")
 
 
 def test_a_generator_tuned_on_other_training_images_is_refused(folders, tmp_path):
@@ -202,6 +204,6 @@ def test_a_generator_tuned_on_other_training_images_is_refused(folders, tmp_path
                           "data": {"shots": 1, "data_seed": 0}})
     with pytest.raises(ValueError, match=r"fine-tuned on other training images \(4 images.*than this run trains "
                                          r"on \(4 images.*'shots': 1, 'data_seed': 0"):
-        DiffMixProducer(spec(base, str(tmp_path)), files.subset([1, 2, 4, 6]), CLASSES, "bird")
-    DiffMixProducer(spec(base, str(tmp_path)), files.subset([6, 4, 2, 0]), CLASSES, "bird")  # the same images
-    DiffMixProducer(spec(base, str(tmp_path), strategy="real-mix"), files, CLASSES, "bird")  # base model: no check
+        DiffusionProducerFactory(spec(base, str(tmp_path)), files.subset([1, 2, 4, 6]), CLASSES, "bird")
+    DiffusionProducerFactory(spec(base, str(tmp_path)), files.subset([6, 4, 2, 0]), CLASSES, "bird")  # the same images
+    DiffusionProducerFactory(spec(base, str(tmp_path), strategy="realmix"), files, CLASSES, "bird")  # base model: no check

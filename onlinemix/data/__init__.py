@@ -1,14 +1,13 @@
 """Data sets for training: ImageFolder splits, few-shot and long-tail subsets, a toy set.
 
 Pure index arithmetic lives in free functions (``few_shot_indices``,
-``long_tail_counts``, ``long_tail_indices``, ``validation_indices``, ``shot_groups``);
+``long_tail_counts``, ``long_tail_indices``, ``validation_indices``);
 ``ImageFolderSplits`` reads a ``train/ [val/] [test/] [test_<name>/]`` tree and
 ``DatasetDictSplits`` a Hugging Face ``DatasetDict`` saved to disk;
 ``select_training_images`` applies a few-shot or long-tail subset and carves a
 validation split from what the subset leaves out, all from one data seed, so the
 generator and the classifier see the same training images whatever their training
-seeds; ``write_toy_dataset`` writes a small generated data set for tests and for
-trying the trainer without a download.
+seeds. ``onlinemix.data.toy`` and ``onlinemix.data.demo_world`` write generated data sets.
 
 A split may define groups (e.g. background × class family, as Waterbirds does) for
 per-group and worst-group accuracy: a ``groups.csv`` (``file,group``) in an
@@ -23,9 +22,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+DATASETS = ("folder", "hf", "toy", "demo")
 
 
 def few_shot_indices(labels: Sequence[int], shots: int, seed: int = 0) -> np.ndarray:
@@ -91,17 +91,6 @@ def validation_indices(labels: Sequence[int], fraction: float, seed: int = 0,
         take = int(round(fraction * len(members))) if len(members) > 1 else 0
         val.extend(rng.permutation(members[~taken[members]])[:take].tolist())
     return np.sort(np.asarray(val, dtype=np.int64))
-
-
-def shot_groups(train_counts: Sequence[int], many: int = 20, few: int = 5) -> dict[str, np.ndarray]:
-    """Classes by training images: many (> ``many``), medium, few (< ``few``); the defaults are
-    CUB-LT's thresholds, Flower-LT's are 30 and 10."""
-    counts = np.asarray(train_counts)
-    return {
-        "many": np.flatnonzero(counts > many),
-        "medium": np.flatnonzero((counts <= many) & (counts >= few)),
-        "few": np.flatnonzero(counts < few),
-    }
 
 
 class Split:
@@ -177,6 +166,20 @@ class DatasetSplit(Split):
 
     def image_ids(self) -> list:
         return [f"row {r}" for r in self.rows]
+
+
+class SplitImages(torch.utils.data.Dataset):
+    """A split as a torch ``Dataset`` of ``(transform(image), label)``; ``split`` stays reachable for
+    its groups."""
+
+    def __init__(self, split: Split, transform):
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.split.image(index)), self.split.labels[index]
 
 
 def select_training_images(train: Split, val: Split | None, *, shots: int | None = None,
@@ -294,70 +297,70 @@ class DatasetDictSplits:
         self.tests = {name: split(name) for name in sorted(loaded) if name == "test" or name.startswith("test_")}
 
 
-def add_data_arguments(parser) -> None:
-    """The data set options ``train.py`` and ``onlinemix finetune`` share, on ``parser`` (or a group)."""
-    parser.add_argument("--data-dir", help="ImageFolder root with train/ (val/, test/, test_<name>/ optional)")
-    parser.add_argument("--dataset", choices=["folder", "hf", "toy", "demo"], default="folder",
-                        help="folder: train/<class>/ images; hf: a Hugging Face DatasetDict saved with save_to_disk; "
-                             "toy / demo: write the toy shapes / the demo world of birds (onlinemix.data.demo_world) "
-                             "into --data-dir first if it is missing, then read it as a folder")
-    parser.add_argument("--class-names", help="text file with one class name per line, in label order "
-                                              "(default: the folder or ClassLabel names)")
-    parser.add_argument("--metaclass", default="object", help='what the classes are, for prompts ("bird" ...)')
-    parser.add_argument("--shots", type=int, help="keep K training images per class (drawn with --data-seed)")
-    parser.add_argument("--imbalance-factor", type=float,
-                        help="the paper's long-tail subset with this factor (drawn with --data-seed)")
-    parser.add_argument("--val-fraction", type=float, default=0.1,
-                        help="validation share of each class carved when there is no val/, from the training "
-                             "images a --shots or --imbalance-factor subset leaves out")
-    parser.add_argument("--data-seed", type=int, default=0,
-                        help="seed of the subset and the validation carve; keep it equal for the personalised "
-                             "generator and the classifier, whatever their --seed")
-
-
-def check_data_arguments(args) -> None:
-    """Stop on data options that cannot work, before anything is read or written."""
-    if args.data_dir is None:
+def check_data_options(data_dir, *, dataset: str = "folder", class_names: str | None = None,
+                       shots: int | None = None, imbalance_factor: float | None = None, val_fraction: float = 0.1,
+                       data_seed: int = 0) -> None:
+    """Stop on data options that cannot work, before anything is read or written (``load_splits``'s arguments)."""
+    if data_dir is None:
         raise ValueError("--data-dir is required (or --dataset toy --data-dir FOLDER to generate a toy set).")
-    if args.dataset not in ("toy", "demo") and not os.path.isdir(args.data_dir):
-        raise FileNotFoundError(f"--data-dir {args.data_dir!r} is not a folder; give one that holds "
+    if dataset not in DATASETS:
+        raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}.")
+    if dataset not in ("toy", "demo") and not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"--data-dir {data_dir!r} is not a folder; give one that holds "
                                 "train/<class>/<images> (or a saved Hugging Face DatasetDict with --dataset hf).")
-    if args.class_names and not os.path.isfile(args.class_names):
-        raise FileNotFoundError(f"--class-names {args.class_names!r} is not a file; give one class name per line.")
-    if args.shots is not None and args.shots < 1:
-        raise ValueError(f"--shots must be >= 1, got {args.shots}.")
-    if args.imbalance_factor is not None and args.imbalance_factor < 1:
-        raise ValueError(f"--imbalance-factor must be >= 1, got {args.imbalance_factor}.")
-    if args.shots is not None and args.imbalance_factor is not None:
+    if class_names and not os.path.isfile(class_names):
+        raise FileNotFoundError(f"--class-names {class_names!r} is not a file; give one class name per line.")
+    if shots is not None and shots < 1:
+        raise ValueError(f"--shots must be >= 1, got {shots}.")
+    if imbalance_factor is not None and imbalance_factor < 1:
+        raise ValueError(f"--imbalance-factor must be >= 1, got {imbalance_factor}.")
+    if shots is not None and imbalance_factor is not None:
         raise ValueError("--shots and --imbalance-factor each choose a training subset; pass one of them.")
-    if args.data_seed < 0:
-        raise ValueError(f"--data-seed must be >= 0, got {args.data_seed}.")
-    if not 0 <= args.val_fraction < 1:
-        raise ValueError(f"--val-fraction must lie in [0, 1), got {args.val_fraction}.")
+    if data_seed < 0:
+        raise ValueError(f"--data-seed must be >= 0, got {data_seed}.")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val-fraction must lie in [0, 1), got {val_fraction}.")
 
 
-def load_splits(args):
-    """The splits named by the options of ``add_data_arguments``: the training subset and the
-    validation carve drawn with ``args.data_seed`` (``select_training_images``), ``--class-names`` read."""
-    check_data_arguments(args)
-    if not os.path.isdir(os.path.join(args.data_dir, "train")):
-        if args.dataset == "toy":
-            write_toy_dataset(args.data_dir, seed=args.data_seed)
-        elif args.dataset == "demo":
+def load_splits(data_dir: str, *, dataset: str = "folder", class_names: str | None = None,
+                shots: int | None = None, imbalance_factor: float | None = None, val_fraction: float = 0.1,
+                data_seed: int = 0):
+    """The splits of a run: the training subset and the validation carve drawn with ``data_seed``
+    (``select_training_images``).
+
+    Args:
+        data_dir: The data set's folder.
+        dataset: ``folder`` (``ImageFolderSplits``), ``hf`` (``DatasetDictSplits``), or ``toy`` /
+            ``demo``: write the toy shapes / the demo world into ``data_dir`` first if it is
+            missing, then read it as a folder.
+        class_names: Text file with one class name per line, in label order.
+        shots: Keep this many training images per class.
+        imbalance_factor: The paper's long-tail subset with this factor.
+        val_fraction: Validation share carved per class when the data set has no validation split.
+        data_seed: Seed of the subset and the carve.
+    """
+    check_data_options(data_dir, dataset=dataset, class_names=class_names, shots=shots,
+                       imbalance_factor=imbalance_factor, val_fraction=val_fraction, data_seed=data_seed)
+    if not os.path.isdir(os.path.join(data_dir, "train")):
+        if dataset == "toy":
+            from .toy import write_toy_dataset
+
+            write_toy_dataset(data_dir, seed=data_seed)
+        elif dataset == "demo":
             from .demo_world import write_demo_world
 
-            write_demo_world(args.data_dir)  # one world for every seed: seeds vary the training, not the data
-    if args.dataset == "demo":
+            write_demo_world(data_dir)  # one world for every seed: seeds vary the training, not the data
+    if dataset == "demo":
         from .demo_world import check_demo_world
 
-        check_demo_world(args.data_dir)
-    reader = DatasetDictSplits if args.dataset == "hf" else ImageFolderSplits
-    splits = reader(args.data_dir)
-    if args.class_names:
-        splits.class_names = read_class_names(args.class_names, len(splits.class_names))
+        check_demo_world(data_dir)
+    reader = DatasetDictSplits if dataset == "hf" else ImageFolderSplits
+    splits = reader(data_dir)
+    if class_names:
+        splits.class_names = read_class_names(class_names, len(splits.class_names))
     splits.train, splits.val = select_training_images(
-        splits.train, splits.val, shots=args.shots, imbalance_factor=args.imbalance_factor,
-        val_fraction=args.val_fraction, seed=args.data_seed)
+        splits.train, splits.val, shots=shots, imbalance_factor=imbalance_factor,
+        val_fraction=val_fraction, seed=data_seed)
     return splits
 
 
@@ -368,48 +371,3 @@ def read_class_names(path: str, count: int) -> list:
     if len(names) != count:
         raise ValueError(f"--class-names {path!r} lists {len(names)} names but the data set has {count} classes.")
     return names
-
-
-TOY_COLOURS = [(200, 40, 40), (40, 160, 60), (50, 80, 200), (220, 180, 30), (160, 60, 180), (30, 170, 170)]
-
-
-def write_toy_dataset(root: str, *, classes: int = 6, train_per_class: int = 30, val_per_class: int = 8,
-                      test_per_class: int = 12, size: int = 32, seed: int = 0) -> None:
-    """A small ImageFolder data set of coloured shapes on textured backgrounds.
-
-    Class ``c`` is a shape (disc, square, triangle, bar ...) in colour ``c``, placed
-    at a random position and scale on a random two-tone background. For tests and
-    for trying the trainer without downloading anything.
-    """
-    if classes > len(TOY_COLOURS):
-        raise ValueError(f"The toy data set has at most {len(TOY_COLOURS)} classes.")
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", train_per_class), ("val", val_per_class), ("test", test_per_class)):
-        for c in range(classes):
-            folder = os.path.join(root, split, f"class_{c}")
-            os.makedirs(folder, exist_ok=True)
-            for i in range(count):
-                _toy_image(c, size, rng).save(os.path.join(folder, f"{i:04d}.png"))
-
-
-def _toy_image(c: int, size: int, rng: np.random.Generator) -> Image.Image:
-    background = tuple(int(v) for v in rng.integers(0, 120, 3))
-    image = Image.new("RGB", (size, size), background)
-    draw = ImageDraw.Draw(image)
-    stripe = tuple(int(v) for v in rng.integers(0, 120, 3))
-    for y in range(0, size, int(rng.integers(3, 8))):
-        draw.line([(0, y), (size, y)], fill=stripe)
-    r = int(size * rng.uniform(0.2, 0.35))
-    cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
-    box = [cx - r, cy - r, cx + r, cy + r]
-    colour = TOY_COLOURS[c]
-    shape = c % 4
-    if shape == 0:
-        draw.ellipse(box, fill=colour)
-    elif shape == 1:
-        draw.rectangle(box, fill=colour)
-    elif shape == 2:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
-    else:
-        draw.rectangle([cx - r, cy - r // 3, cx + r, cy + r // 3], fill=colour)
-    return image

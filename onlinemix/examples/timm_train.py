@@ -5,9 +5,9 @@ when the prefetcher is on). With onlinemix, start a generator pool that fills a
 shared-memory ring, then build ``DiffMix`` / ``DiffMixCollate`` in their place, with the
 same ``mixup_args``; the loss stays ``SoftTargetCrossEntropy``::
 
-    ring = SampleRing.create(slots, img_size, producers=workers, consumers=1)
-    pool = GeneratorPool(ring, DiffMixProducer(spec, references, class_names, metaclass), ["cuda:1"]).start()
-    pool.warm_up(batch_size, timeout=60)                                        # optional head start
+    factory = DiffusionProducerFactory(spec, references, class_names, metaclass)
+    ring, pool = create_generator(factory, ["cuda:1"], slots=256, image_size=img_size)   # onlinemix.augmentation
+    pool.start().warm_up(batch_size, timeout=60)                               # optional head start
     mixup_fn = DiffMix(**mixup_args, source=ring, p=0.1, gamma=0.5)            # was Mixup(**mixup_args)
     collate_fn = DiffMixCollate(**mixup_args, source=ring, p=0.1, gamma=0.5)   # was FastCollateMixup(...)
     ...
@@ -18,17 +18,16 @@ that recipe in miniature (timm's data set, loader, model, optimiser, scheduler a
 loss), so it runs as it is::
 
     python -m onlinemix.examples.timm_train --data-dir data/toy --device cpu --model resnet18 \\
-        --img-size 32 --gen-device cpu --gen-model tiny --strategy real-mix --gen-steps 4 \\
+        --img-size 32 --gen-device cpu --gen-model tiny --strategy realmix --gen-steps 4 \\
         --gen-resolution 32 --gen-dtype float32 --diffmix-p 0.3
 
 ``--gen-model tiny`` builds an untrained tiny diffusion model (no download) and
-``real-mix`` needs no personalisation; for the method itself pass a Stable Diffusion 1.5
-folder or hub id, ``--gen-finetuned`` and ``--strategy diff-mix``.
+``realmix`` needs no personalisation; for the method itself pass a Stable Diffusion 1.5
+folder or hub id, ``--gen-finetuned`` and ``--strategy diffmix``.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 
@@ -40,9 +39,10 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from tqdm import tqdm
 
-from onlinemix import DiffMix, DiffMixCollate, FidelityMonitor, GeneratorPool, SampleRing  # onlinemix
+from onlinemix import DiffMix, DiffMixCollate, FidelityMonitor  # onlinemix
+from onlinemix.augmentation import create_generator, generator_model  # onlinemix
 from onlinemix.data import FileSplit  # onlinemix
-from onlinemix.generator.worker import DiffMixProducer, GeneratorSpec  # onlinemix
+from onlinemix.generator.worker import DiffusionProducerFactory, GeneratorSpec  # onlinemix
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     # onlinemix
     parser.add_argument("--diffmix-p", type=float, default=0.1, help="per-sample replacement probability")
     parser.add_argument("--diffmix-gamma", type=float, default=0.5, help="soft-label exponent γ")
-    parser.add_argument("--strategy", default="diff-mix", help="diff-mix, real-mix, ... (onlinemix.plan)")
+    parser.add_argument("--strategy", default="diffmix",
+                        help="diffmix, realmix, ... (onlinemix.plan.STRATEGIES; the paper's diff-mix spellings too)")
     parser.add_argument("--metaclass", default="object", help='what the classes are ("bird" ...)')
     parser.add_argument("--gen-device", nargs="+", default=["cuda:1"])
     parser.add_argument("--gen-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -86,19 +87,12 @@ def start_generator(args, dataset, work_dir: str):  # onlinemix
     reader = dataset.reader
     class_names = sorted(reader.class_to_idx, key=reader.class_to_idx.get)
     references = FileSplit([path for path, _ in reader.samples], [label for _, label in reader.samples])
-    model = args.gen_model
-    if model == "tiny":
-        from onlinemix.generator.components import tiny_components
-
-        model = os.path.join(work_dir, "tiny-generator")
-        tiny_components(seed=0).save(model)
-    spec = GeneratorSpec(model=model, finetuned=args.gen_finetuned, strategy=args.strategy, steps=args.gen_steps,
-                         resolution=args.gen_resolution, image_size=args.img_size, batch_size=args.gen_batch_size,
-                         dtype=args.gen_dtype)
-    factory = DiffMixProducer(spec, references, class_names, args.metaclass)
-    ring = SampleRing.create(args.ring_slots, args.img_size, producers=len(args.gen_device), consumers=1)
-    pool = GeneratorPool(ring, factory, args.gen_device).start()
-    pool.warm_up(args.batch_size, timeout=args.gen_warmup)  # a head start: the first batches find samples
+    spec = GeneratorSpec(model=generator_model(args.gen_model, work_dir), finetuned=args.gen_finetuned,
+                         strategy=args.strategy, steps=args.gen_steps, resolution=args.gen_resolution,
+                         image_size=args.img_size, batch_size=args.gen_batch_size, dtype=args.gen_dtype)
+    factory = DiffusionProducerFactory(spec, references, class_names, args.metaclass)
+    ring, pool = create_generator(factory, args.gen_device, slots=args.ring_slots, image_size=args.img_size)
+    pool.start().warm_up(args.batch_size, timeout=args.gen_warmup)  # a head start: the first batches find samples
     return ring, pool
 
 

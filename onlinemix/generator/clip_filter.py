@@ -16,8 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ClipFilter:
@@ -68,12 +66,14 @@ class ClipFilter:
     @torch.no_grad()
     def score(self, images: torch.Tensor) -> torch.Tensor:
         """P("with a {metaclass}") for float images ``[B, 3, H, W]`` in ``[0, 1]``."""
+        from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
         size = self.model.config.vision_config.image_size
         device, dtype = self.model.device, self.model.dtype
         pixels = F.interpolate(images.to(device, torch.float32), size=(size, size), mode="bicubic",
                                antialias=True).clamp_(0, 1)
-        mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+        mean = torch.tensor(OPENAI_CLIP_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(OPENAI_CLIP_STD, device=device).view(1, 3, 1, 1)
         features = self.model.get_image_features(pixel_values=((pixels - mean) / std).to(dtype))
         features = features if isinstance(features, torch.Tensor) else features.pooler_output
         logits = self.model.logit_scale.exp().float() * F.normalize(features.float(), dim=-1) @ self.text.T
@@ -91,22 +91,3 @@ class ClipFilter:
         self.kept += int(keep.sum())
         self.dropped += int((~keep).sum())
         return keep
-
-
-def tiny_clip(seed: int = 0):
-    """A small CLIP model and tokenizer built in code (tests, demos)."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from .components import tiny_tokenizer
-
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2),
-        projection_dim=16,
-    )
-    return CLIPModel(config).eval(), tokenizer

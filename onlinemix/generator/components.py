@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from importlib import resources
 from typing import Optional, Union
 
 import torch
@@ -103,8 +104,6 @@ def load_components(
         raise ValueError(f"attention must be 'sdpa' or 'xformers', got {attention!r}.")
     model = os.fspath(model)
     if model == "demo":
-        from .demo_model import demo_model_path
-
         model = demo_model_path()
     looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") != 1
     if not os.path.isdir(model) and looks_like_path:
@@ -155,28 +154,15 @@ def set_attention(components: Components, attention: str) -> None:
         components.vae.set_attn_processor(AttnProcessor2_0())
 
 
-def _byte_characters() -> list[str]:
-    # The printable stand-in for each of the 256 bytes used by byte-level BPE
-    # (CLIP's and GPT-2's scheme): printable Latin-1 bytes map to themselves, the
-    # rest to code points from 256 upward.
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in keep:
-            chars[byte] = chr(byte)
-        else:
-            chars[byte] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
 def tiny_tokenizer(size: Optional[int] = None):
     """A CLIP tokenizer whose vocabulary is the 512 byte-level characters (no merges), padded
     with never-produced ``<|unused_k|>`` entries to ``size`` tokens when given (e.g. CLIP's 49 408)."""
     from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # byte-level BPE's printable stand-ins
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in _byte_characters():
+    characters = bytes_to_unicode()
+    for char in (characters[byte] for byte in range(256)):
         vocab[char] = len(vocab)
         vocab[char + "</w>"] = len(vocab)
     while size is not None and len(vocab) < size:
@@ -211,6 +197,20 @@ def tiny_components(seed: int = 0, *, cross_attention_dim: int = 32) -> Componen
     for module in (text_encoder, unet, vae):
         module.requires_grad_(False).eval()
     return components
+
+
+# The shipped demo generator's weights (package data); ``onlinemix.demo_model`` trains them.
+DEMO_MODEL = os.fspath(resources.files("onlinemix.generator") / "demo_model")
+
+
+def demo_model_path() -> str:
+    """The shipped, pretrained demo generator's folder (a diffusers Stable Diffusion folder)."""
+    if not os.path.isfile(os.path.join(DEMO_MODEL, "model_index.json")):
+        raise FileNotFoundError(
+            f"The pretrained demo generator is missing from {DEMO_MODEL!r}; rebuild it with "
+            f"`onlinemix pretrain-demo --out {DEMO_MODEL}` (see the README)."
+        )
+    return DEMO_MODEL
 
 
 PERSONALISATION_JSON = "onlinemix.json"
@@ -358,32 +358,3 @@ def add_tokens(components: Components, embeddings: dict) -> dict:
                                  f"{table.shape[1]}: the personalised folder belongs to another base model.")
             table[tokenizer.convert_tokens_to_ids(words[token])] = row.to(table.dtype)
     return {token: " ".join(ws) for token, ws in words.items()}
-
-
-def sd15_architecture(seed: int = 0) -> Components:
-    """Stable Diffusion 1.5's architecture (860 M-parameter U-Net, its VAE and a CLIP ViT-L/14
-    text encoder) with random weights: the same FLOPs as the real model, for benchmarks only."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = tiny_tokenizer(size=49408)  # CLIP's vocabulary size: the embedding table fine-tuning updates
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768, attention_head_dim=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
-    )
-    components = Components(tokenizer, text_encoder, unet, vae, dpm_solver_scheduler())
-    set_attention(components, "sdpa")
-    for module in (text_encoder, unet, vae):
-        module.requires_grad_(False).eval()
-    return components

@@ -1,9 +1,11 @@
 """The producer a ``GeneratorPool`` worker runs: plan, load references, translate, filter.
 
-``DiffMixProducer(spec, references, class_names, metaclass)`` is a picklable
-factory: the training process builds it (and it checks every setting there,
-before any process starts); each worker calls it with its device to load the
-model once, then calls the returned producer for batch after batch.
+``GeneratorSpec`` holds the settings and checks those that need nothing else.
+``DiffusionProducerFactory(spec, references, class_names, metaclass)`` is the picklable
+factory: the training process builds it (and it checks the settings against the data
+set and the personalised folder there, before any process starts); each worker calls
+it with its device to load the model once, then calls the returned
+``DiffusionProducer`` for batch after batch.
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..plan import Planner, get_strategy
-from ..sources import SampleBatch
+from ..plan import Planner, get_strategy, strategy_name
+from ..batch import SampleBatch
 from .clip_filter import ClipFilter
 from .components import attach_personalisation, load_components, personalisation_info
 from .sampler import Sampler, check_steps
@@ -34,10 +36,10 @@ class GeneratorSpec:
     Attributes:
         model: Base model, a diffusers folder or hub id (Stable Diffusion 1.5 in the paper).
         finetuned: Folder of the personalised generator (LoRA + learned tokens);
-            needed by diff-mix, diff-aug, diff-gen and da-fusion (tokens only, ``ti``).
-            The real-* strategies run the un-tuned base model, as in the paper, and
+            needed by diffmix, diffaug, diffgen and dafusion (tokens only, ``ti``).
+            The real* strategies run the un-tuned base model, as in the paper, and
             ignore it (with a warning).
-        strategy: One of ``onlinemix.plan.STRATEGIES``.
+        strategy: One of ``onlinemix.plan.STRATEGIES`` or its alias (``diff-mix`` for ``diffmix``).
         strengths: Strength set (or one strength); default the strategy's own.
         steps: Denoising steps of the full schedule (25 in the paper).
         guidance: Classifier-free guidance scale (7.5 in the paper).
@@ -47,7 +49,7 @@ class GeneratorSpec:
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
         attention: ``"sdpa"`` or ``"xformers"``.
         clip_model: CLIP folder or hub id for the confidence filter; None: no filter
-            (real-filtering needs one).
+            (realfilter needs one).
         clip_drop: Share of samples the CLIP filter drops.
         referable_classes: Limit of source classes per target class.
         target_weights: Relative target-class weights (e.g. long-tail).
@@ -56,7 +58,7 @@ class GeneratorSpec:
 
     model: str
     finetuned: Optional[str] = None
-    strategy: str = "diff-mix"
+    strategy: str = "diffmix"
     strengths: Optional[tuple] = None
     steps: int = 25
     guidance: float = 7.5
@@ -71,17 +73,27 @@ class GeneratorSpec:
     target_weights: Optional[tuple] = None
     local_files_only: bool = False
 
-
-class TensorImages:
-    """Reference images held in memory: uint8 ``[N, 3, H, W]`` and their labels."""
-
-    def __init__(self, images: torch.Tensor, labels: Sequence[int]):
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3 or len(images) != len(labels):
-            raise ValueError("TensorImages needs uint8 images [N, 3, H, W] and N labels.")
-        self.images, self.labels = images, [int(y) for y in labels]
-
-    def load(self, index: int) -> torch.Tensor:
-        return self.images[index]
+    def __post_init__(self):
+        """Checks that need no data set, model or process; ``DiffusionProducerFactory`` checks the rest."""
+        object.__setattr__(self, "strategy", strategy_name(self.strategy))  # the one spelling, from an alias too
+        strategy = get_strategy(self.strategy)
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}.")
+        if self.guidance < 1:
+            raise ValueError(f"guidance must be >= 1 (1 turns guidance off), got {self.guidance}.")
+        if self.resolution <= 0 or self.resolution % 8:
+            raise ValueError(f"The generation resolution must be a positive multiple of 8, got {self.resolution}.")
+        if self.image_size <= 0 or self.batch_size < 1:
+            raise ValueError(f"image_size and batch_size must be positive, got {self.image_size} and "
+                             f"{self.batch_size}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        if strategy.personalised and not self.finetuned:
+            raise ValueError(f"{strategy.name} needs a personalised generator: pass finetuned= (--gen-finetuned), "
+                             "the output folder of `onlinemix finetune`.")
+        if strategy.filtered and not self.clip_model:
+            raise ValueError(f"{strategy.name} is real-gen with the CLIP filter: pass clip_model= (--clip-filter), "
+                             "a CLIP folder or hub id (the paper's openai/clip-vit-base-patch32).")
 
 
 def to_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -93,13 +105,16 @@ def to_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     return images.mul(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
-class DiffMixProducer:
-    """A ``GeneratorPool`` factory producing samples of one strategy.
+class DiffusionProducerFactory:
+    """A ``GeneratorPool`` factory: ``factory(device)`` loads the generator and returns a ``DiffusionProducer``.
+
+    Built in the training process, where it checks every setting against the data set
+    and the personalised folder before any worker starts; pickled to each worker.
 
     Args:
         spec: The generator settings.
-        references: The training images (``TensorImages``, a split of ``onlinemix.data``
-            such as ``FileSplit``, or anything with ``labels`` and ``load(index) -> uint8 [3, H, W]``).
+        references: The training images (a split of ``onlinemix.data`` such as
+            ``FileSplit``, or anything with ``labels`` and ``load(index) -> uint8 [3, H, W]``).
         class_names: Class names in label order.
         metaclass: What the classes are ("bird" ...), for prompts and the CLIP filter.
     """
@@ -107,42 +122,23 @@ class DiffMixProducer:
     def __init__(self, spec: GeneratorSpec, references, class_names: Sequence[str], metaclass: str):
         self.spec, self.references = spec, references
         self.class_names, self.metaclass = list(class_names), metaclass
-        self.check_inputs()
-
-    def check_inputs(self) -> None:
-        """Every setting checked in the training process, before a worker starts."""
-        spec = self.spec
-        strategy = get_strategy(spec.strategy)
-        if spec.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {spec.steps}.")
-        if spec.guidance < 1:
-            raise ValueError(f"guidance must be >= 1 (1 turns guidance off), got {spec.guidance}.")
-        if spec.resolution <= 0 or spec.resolution % 8:
-            raise ValueError(f"The generation resolution must be a positive multiple of 8, got {spec.resolution}.")
-        if spec.image_size <= 0 or spec.batch_size < 1:
-            raise ValueError(f"image_size and batch_size must be positive, got {spec.image_size} and {spec.batch_size}.")
-        if spec.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {spec.dtype!r}.")
+        self.strategy = get_strategy(spec.strategy)
         if len(self.class_names) < 2:
             raise ValueError(f"Need at least 2 classes, got {len(self.class_names)}.")
-        if strategy.personalised and not spec.finetuned:
-            raise ValueError(f"{spec.strategy} needs a personalised generator: pass finetuned= (--gen-finetuned), "
-                             "the output folder of `onlinemix finetune`.")
-        if spec.finetuned and not strategy.personalised:
-            warnings.warn(f"{spec.strategy} runs the un-tuned base model {spec.model!r}, as in the paper; the "
-                          f"personalised generator {spec.finetuned!r} is ignored.", stacklevel=3)
-        if strategy.personalised:
-            self._check_finetuned(spec.finetuned, strategy)
-        if strategy.filtered and not spec.clip_model:
-            raise ValueError(f"{spec.strategy} is real-gen with the CLIP filter: pass clip_model= (--clip-filter), "
-                             "a CLIP folder or hub id (the paper's openai/clip-vit-base-patch32).")
-        # The planner checks strengths, class weights and the referable-class limit.
-        planner = Planner(self.references.labels, strategy, num_classes=len(self.class_names),
-                          strengths=spec.strengths, referable_classes=spec.referable_classes,
-                          target_weights=spec.target_weights)
-        check_steps(spec.steps, planner.strengths)
+        if spec.finetuned and not self.strategy.personalised:
+            warnings.warn(f"{self.strategy.name} runs the un-tuned base model {spec.model!r}, as in the paper; the "
+                          f"personalised generator {spec.finetuned!r} is ignored.", stacklevel=2)
+        if self.strategy.personalised:
+            self._check_finetuned(spec.finetuned)
+        # The planner checks strengths, class weights and the referable-class limit; each worker
+        # draws its own stream from it (``reseeded``), the referable classes stay shared.
+        self.planner = Planner(references.labels, self.strategy, num_classes=len(self.class_names),
+                               strengths=spec.strengths, referable_classes=spec.referable_classes,
+                               target_weights=spec.target_weights)
+        check_steps(spec.steps, self.planner.strengths)
 
-    def _check_finetuned(self, folder: str, strategy) -> None:
+    def _check_finetuned(self, folder: str) -> None:
+        strategy = self.strategy
         info = personalisation_info(folder)
         names = info.get("class_names")
         if names is not None and len(names) != len(self.class_names):
@@ -162,7 +158,7 @@ class DiffMixProducer:
         if expected is None:
             warnings.warn(f"{folder!r} does not record which training images it was fine-tuned on (made by the "
                           "original Diff-Mix code or an older onlinemix); make sure they are this run's.",
-                          stacklevel=4)
+                          stacklevel=3)
             return
         actual = fingerprint()
         if actual != expected:
@@ -174,34 +170,33 @@ class DiffMixProducer:
                 f"({info.get('data', 'see its onlinemix.json')}), or fine-tune again on this run's options."
             )
 
-    def __call__(self, device: str):
+    def __call__(self, device: str) -> "DiffusionProducer":
         spec = self.spec
-        dtype = DTYPES[spec.dtype]
-        components = load_components(spec.model, dtype=dtype, device=device, local_files_only=spec.local_files_only,
-                                     attention=spec.attention)
+        components = load_components(spec.model, dtype=DTYPES[spec.dtype], device=device,
+                                     local_files_only=spec.local_files_only, attention=spec.attention)
         tokens = None
-        if get_strategy(spec.strategy).personalised:
+        if self.strategy.personalised:
             tokens = attach_personalisation(components, spec.finetuned)["tokens"] or self.class_names
         sampler = Sampler(components, steps=spec.steps, guidance=spec.guidance)
         # The pool seeds NumPy per worker and restart, so each worker plans its own stream.
-        planner = Planner(self.references.labels, spec.strategy, num_classes=len(self.class_names),
-                          strengths=spec.strengths, referable_classes=spec.referable_classes,
-                          target_weights=spec.target_weights, seed=int(np.random.randint(0, 2**31 - 1)))
+        planner = self.planner.reseeded(int(np.random.randint(0, 2**31 - 1)))
         clip = None
         if spec.clip_model:
             clip = ClipFilter.from_pretrained(spec.clip_model, self.metaclass, device=device,
                                               local_files_only=spec.local_files_only, drop_fraction=spec.clip_drop)
-        return _Produce(self, sampler, planner, tokens, clip)
+        return DiffusionProducer(self, sampler, planner, tokens, clip)
 
 
-class _Produce:
-    """One worker's producer: ``producer()`` returns the next ``SampleBatch``."""
+class DiffusionProducer:
+    """One worker's producer (``onlinemix.pool.Producer``): ``producer()`` plans, translates and
+    filters the next ``SampleBatch``; ``dropped`` counts the samples it made but did not hand over."""
 
-    def __init__(self, factory: DiffMixProducer, sampler, planner: Planner, tokens, clip):
+    def __init__(self, factory: DiffusionProducerFactory, sampler: Sampler, planner: Planner, tokens,
+                 clip: Optional[ClipFilter]):
         self.factory, self.sampler, self.planner, self.tokens, self.clip = factory, sampler, planner, tokens, clip
-        self.strategy = get_strategy(factory.spec.strategy)
+        self.strategy = factory.strategy
         self.non_finite = 0
-        self.dropped = 0  # non-finite and CLIP-filtered samples; GeneratorPool.stats() reports it
+        self.dropped = 0  # non-finite and CLIP-filtered samples
 
     def requests_to_images(self, requests) -> torch.Tensor:
         spec, f = self.factory.spec, self.factory

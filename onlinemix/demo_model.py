@@ -18,7 +18,7 @@ it like Stable Diffusion 1.5:
 - a conditional U-Net on the 16x16 latents with cross-attention at 8x8 and 4x4.
 
 Run ``onlinemix pretrain-demo --out FOLDER`` to reproduce the shipped weights
-(``DEMO_MODEL``, saved in float16 to keep the package small).
+(``onlinemix.generator.components.DEMO_MODEL``, saved in float16 to keep the package small).
 """
 from __future__ import annotations
 
@@ -26,26 +26,15 @@ import argparse
 import json
 import os
 import time
-from importlib import resources
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .components import Components, dpm_solver_scheduler, set_attention, tiny_tokenizer
+from .data.demo_world import generic_corpus
+from .generator.components import Components, dpm_solver_scheduler, set_attention, tiny_tokenizer
 
-DEMO_MODEL = os.fspath(resources.files("onlinemix.generator") / "demo_model")
 TEXT_WIDTH = 64
-
-
-def demo_model_path() -> str:
-    """The shipped, pretrained demo generator's folder (a diffusers Stable Diffusion folder)."""
-    if not os.path.isfile(os.path.join(DEMO_MODEL, "model_index.json")):
-        raise FileNotFoundError(
-            f"The pretrained demo generator is missing from {DEMO_MODEL!r}; rebuild it with "
-            f"`onlinemix pretrain-demo --out {DEMO_MODEL}` (see the README)."
-        )
-    return DEMO_MODEL
 
 
 def corpus_tokenizer(captions):
@@ -94,7 +83,6 @@ def demo_architecture(tokenizer, seed: int = 0) -> Components:
 
 def render_corpus(count: int, seed: int):
     """The generic corpus as a uint8 tensor ``[count, 3, 64, 64]`` and its captions."""
-    from ..data.demo_world import generic_corpus
 
     images, captions = [], []
     for image, text in generic_corpus(count, seed=seed):

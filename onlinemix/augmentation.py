@@ -1,0 +1,102 @@
+"""From an augmentation's name to the mixing it runs, and from a producer factory to a running generator.
+
+``train.py``, ``onlinemix.examples.timm_train`` and ``benchmarks/bench_overhead.py`` wire
+their augmentation through these functions:
+
+- ``augmentation_name``: the one spelling of ``--aug`` (``diffmix``), from an alias too (``diff-mix``).
+- ``strategy_of``: the generator strategy an augmentation runs, if any.
+- ``mixing_options``: the Mixup/CutMix an augmentation runs, as ``DiffMix`` keyword arguments,
+  with the paper's probability and mode unless told otherwise.
+- ``generator_model``: a model name as the generator loads it (``tiny`` becomes a folder).
+- ``create_generator``: a ``SampleRing`` and a ``GeneratorPool`` (not started) feeding it,
+  with the CPU threads shared between the trainer and CPU generator workers.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+from .plan import STRATEGIES, strategy_name
+
+MIXING = ("none", "mixup", "cutmix")
+AUGMENTATIONS = MIXING + ("replay",) + tuple(STRATEGIES) + ("diffmix+cutmix",)
+# The paper's baselines, as its code runs them: CutMix per sample with probability 0.1, Mixup per batch with
+# probability 0.3 (both with alpha 1).
+PAPER_MIXING = {"mixup": dict(prob=0.3, mode="batch"), "cutmix": dict(prob=0.1, mode="elem")}
+CUTMIX_ON_TOP = "+cutmix"
+
+
+def augmentation_name(name: str) -> str:
+    """The one spelling of an augmentation; a strategy's alias (``diff-mix``, ``diff-mix+cutmix``) is accepted."""
+    strategy, on_top = (name[: -len(CUTMIX_ON_TOP)], CUTMIX_ON_TOP) if name.endswith(CUTMIX_ON_TOP) else (name, "")
+    if strategy not in MIXING + ("replay",):
+        try:
+            strategy = strategy_name(strategy)
+        except ValueError:
+            pass  # argparse's choices report the unknown name
+    return strategy + on_top
+
+
+def strategy_of(aug: str) -> Optional[str]:
+    """The generator strategy ``aug`` runs (``diffmix+cutmix``: ``diffmix``); None for none, mixup,
+    cutmix and replay."""
+    strategy = aug[: -len(CUTMIX_ON_TOP)] if aug.endswith(CUTMIX_ON_TOP) else aug
+    return None if strategy in MIXING + ("replay",) else strategy_name(strategy)
+
+
+def mixing_options(aug: str, *, mixup_alpha: float = 1.0, cutmix_alpha: float = 1.0, prob: Optional[float] = None,
+                   mode: Optional[str] = None) -> dict:
+    """The ``DiffMix`` keyword arguments of the Mixup or CutMix ``aug`` runs (none: ``{}``).
+
+    Args:
+        aug: An augmentation name; ``mixup``, ``cutmix`` and ``<strategy>+cutmix`` mix.
+        mixup_alpha: Mixup's Beta parameter.
+        cutmix_alpha: CutMix's Beta parameter.
+        prob: Probability of mixing, per batch or per sample by ``mode``; None: the paper's.
+        mode: timm's mixing mode (``batch``, ``pair``, ``elem``); None: the paper's.
+    """
+    kind = "mixup" if aug == "mixup" else "cutmix" if aug == "cutmix" or aug.endswith(CUTMIX_ON_TOP) else None
+    if kind is None:
+        return {}
+    return {f"{kind}_alpha": mixup_alpha if kind == "mixup" else cutmix_alpha,
+            "prob": PAPER_MIXING[kind]["prob"] if prob is None else prob,
+            "mode": mode or PAPER_MIXING[kind]["mode"]}
+
+
+def generator_model(model: str, work_dir: str, *, seed: int = 0) -> str:
+    """``model`` as the generator loads it: ``tiny`` is written once, untrained, to ``work_dir/tiny-generator``
+    (smoke runs only); anything else (a folder, a hub id, ``demo``) is passed through."""
+    if model != "tiny":
+        return model
+    from .generator.components import tiny_components
+
+    folder = os.path.join(work_dir, "tiny-generator")
+    if not os.path.isdir(folder):
+        tiny_components(seed=seed).save(folder)
+    return folder
+
+
+def create_generator(factory, devices: Sequence[str], *, workers_per_device: int = 1, slots: int,
+                     image_size: int, consumers: int = 1, max_reuse: int = 4, seed: int = 0):
+    """A ring and the generator pool that will feed it; start the pool with ``pool.start()``.
+
+    The ring has one producer index per worker (``len(devices) * workers_per_device``) and
+    ``consumers`` consumer indices (every training rank on the node, every DataLoader
+    worker that reads it). Torch's threads are shared between this process and CPU
+    workers (``onlinemix.pool.share_cpu_threads``).
+
+    Returns:
+        ``(ring, pool)``; close the ring after stopping the pool.
+    """
+    from .pool import GeneratorPool, share_cpu_threads
+    from .ring import SampleRing
+
+    ring = SampleRing.create(slots, image_size, producers=len(devices) * workers_per_device, consumers=consumers,
+                             max_reuse=max_reuse)
+    try:
+        pool = GeneratorPool(ring, factory, list(devices), workers_per_device=workers_per_device, seed=seed,
+                             cpu_threads=share_cpu_threads(devices, workers_per_device))
+    except BaseException:
+        ring.close()
+        raise
+    return ring, pool

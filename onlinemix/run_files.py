@@ -1,0 +1,95 @@
+"""What a training run writes besides checkpoints: metrics (JSON lines, CSV, TensorBoard), the
+loss every few steps, and a grid of the synthetic samples it trained on."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def tensorboard(run_dir: str):
+    """A TensorBoard writer in the run directory when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(run_dir)
+
+
+def flat_scalars(result: dict, prefix: str = "") -> dict:
+    """The numbers of a nested metrics dict, keyed like ``val/top1``."""
+    scalars = {}
+    for key, value in result.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            scalars.update(flat_scalars(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+            scalars[name] = value
+    return scalars
+
+
+def log_step(path: str, epoch: int, step: int, loss: float, lr: float) -> None:
+    """Append one row to the step log (``epoch,step,loss,lr``)."""
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["epoch", "step", "loss", "lr"])
+        writer.writerow([epoch, step, f"{loss:.6f}", lr])
+
+
+def write_metrics(result: dict, jsonl: str, csv_path: str) -> None:
+    """Append an epoch's metrics: all of them to ``jsonl``, the headline numbers to ``csv_path``."""
+    with open(jsonl, "a") as f:
+        f.write(json.dumps(result) + "\n")
+    row = {"epoch": result["epoch"], "train_loss": result["train_loss"], "lr": result["lr"],
+           "synthetic_fraction": result["augmentation"]["replaced_fraction"]}
+    if "fidelity" in result:
+        row["synthetic_called_target"] = result["fidelity"]["all"]["target"]
+        row["synthetic_called_source"] = result["fidelity"]["all"]["source"]
+    for split, metrics in result.items():
+        if isinstance(metrics, dict) and "top1" in metrics:
+            row[f"{split}_top1"], row[f"{split}_top5"] = metrics["top1"], metrics["top5"]
+            row[f"{split}_balanced_top1"] = metrics["balanced_top1"]
+            if "worst_group" in metrics:
+                row[f"{split}_worst_group"] = metrics["worst_group"]
+    new = not os.path.exists(csv_path)
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+TILE, CAPTION = 96, 28
+
+
+def save_grid(recent: Optional[tuple], predictions: Optional[Sequence[int]], path: str) -> None:
+    """The latest synthetic images (``DiffMix.recent``: uint8 images and soft labels), up to 16, each
+    captioned with its two largest label entries and, when known, the classifier's top-1 on it
+    (``predictions``, aligned with the images)."""
+    from PIL import Image, ImageDraw
+    from torchvision.transforms.functional import to_pil_image
+    from torchvision.utils import make_grid
+
+    if recent is None:
+        return
+    images, labels = recent[0][:16], recent[1][:16]
+    if predictions is None or len(predictions) != len(recent[1]):
+        predictions = [None] * len(labels)
+    tiles = []
+    for image, label, predicted in zip(images, labels, predictions):
+        canvas = Image.new("RGB", (TILE, TILE + CAPTION), "white")
+        canvas.paste(to_pil_image(image).resize((TILE, TILE)), (0, 0))
+        top = torch.topk(label, 2)
+        draw = ImageDraw.Draw(canvas)
+        draw.text((2, TILE + 2), " ".join(f"{int(c)}:{float(v):.2f}" for v, c in zip(top.values, top.indices)
+                                         if v > 0), fill="black")
+        if predicted is not None:
+            draw.text((2, TILE + 14), f"called {int(predicted)}", fill="black")
+        tiles.append(torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1))
+    to_pil_image(make_grid(tiles, nrow=8, padding=0, pad_value=255)).save(path)

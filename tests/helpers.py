@@ -1,0 +1,122 @@
+"""Helpers shared by several test files: in-memory references and pools, cheap producers, a tiny CLIP.
+
+Producers and their factories are module-level so that spawned pool workers can unpickle them.
+"""
+import os
+import time
+from typing import Sequence
+
+import torch
+
+from onlinemix import SampleBatch, TensorSource
+
+
+class TensorImages:
+    """Reference images held in memory: uint8 ``[N, 3, H, W]`` and their labels (a split's interface)."""
+
+    def __init__(self, images: torch.Tensor, labels: Sequence[int]):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3 or len(images) != len(labels):
+            raise ValueError("TensorImages needs uint8 images [N, 3, H, W] and N labels.")
+        self.images, self.labels = images, [int(y) for y in labels]
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+def solid_pool(num_classes: int, size: int = 8, count: int = 50, seed: int = 1) -> TensorSource:
+    """A pool whose every image is one flat colour that encodes its pool index.
+
+    Pixel value ``200 + i`` marks pool sample ``i`` (``count <= 56``); real test images use
+    values below 200, so a synthetic image can be recognised in a batch.
+    """
+    g = torch.Generator().manual_seed(seed)
+    index = torch.arange(count)
+    images = (200 + index).to(torch.uint8).view(-1, 1, 1, 1).expand(count, 3, size, size).contiguous()
+    source = torch.randint(0, num_classes, (count,), generator=g)
+    target = torch.randint(0, num_classes, (count,), generator=g)
+    strength = torch.tensor([0.5, 0.7, 0.9])[torch.randint(0, 3, (count,), generator=g)]
+    return TensorSource(images, source, target, strength)
+
+
+def tiny_clip(seed: int = 0):
+    """A small CLIP model and tokenizer built in code."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from onlinemix.generator.components import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2),
+        projection_dim=16,
+    )
+    return CLIPModel(config).eval(), tokenizer
+
+
+class FunctionProducer:
+    """A ``Producer`` around a function; ``drop`` samples of each batch are cut and counted in ``dropped``."""
+
+    def __init__(self, produce, drop: int = 0):
+        self.produce, self.drop, self.dropped = produce, drop, 0
+
+    def __call__(self) -> SampleBatch:
+        batch = self.produce()
+        if not self.drop:
+            return batch
+        self.dropped += self.drop
+        return batch.select(slice(0, len(batch) - self.drop))
+
+
+class Counting:
+    """Batches of 4 whose every byte is a running value; ``source`` holds the worker's pid % 7."""
+
+    def __init__(self, size=8, delay=0.0):
+        self.size, self.delay = size, delay
+
+    def __call__(self, device):
+        state = {"value": 0}
+
+        def produce():
+            time.sleep(self.delay)
+            values = [(state["value"] + k) % 200 + 1 for k in range(4)]
+            state["value"] += 4
+            images = torch.tensor(values, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 3, self.size, self.size)
+            return SampleBatch(images.contiguous(), torch.full((4,), os.getpid() % 7), torch.zeros(4, dtype=torch.long),
+                               torch.full((4,), 0.5))
+
+        return FunctionProducer(produce)
+
+
+class Halving:
+    """Like Counting, but drops half of each batch and says so in ``dropped``."""
+
+    def __call__(self, device):
+        return FunctionProducer(Counting()(device), drop=2)
+
+
+class Failing:
+    def __call__(self, device):
+        raise RuntimeError(f"no generator on {device} today")
+
+
+class Hanging:
+    def __call__(self, device):
+        def produce():
+            time.sleep(3600)
+
+        return FunctionProducer(produce)
+
+
+class ThreadCount:
+    """Batches of 4 whose ``source`` is the worker's torch thread count."""
+
+    def __call__(self, device):
+        def produce():
+            return SampleBatch(torch.ones(4, 3, 8, 8, dtype=torch.uint8), torch.full((4,), torch.get_num_threads()),
+                               torch.zeros(4, dtype=torch.long), torch.full((4,), 0.5))
+
+        return FunctionProducer(produce)
