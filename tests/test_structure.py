@@ -1,4 +1,5 @@
 """The package's shape: every module imports on its own, and the light ones stay light."""
+import ast
 import os
 import pkgutil
 import subprocess
@@ -63,3 +64,22 @@ def test_long_modules_say_why_they_are_long():
         if text.count("\n") > 420 and "one module because" not in text.split('"""')[1]:
             long.append(os.path.relpath(path, ROOT))
     assert not long, f"long modules whose docstring does not say why: {long}"
+
+
+def test_the_architecture_map_names_every_module():
+    """Every module file with code in it has its line in ARCHITECTURE.md's module map."""
+    with open(os.path.join(ROOT, "ARCHITECTURE.md")) as f:
+        architecture = f.read()
+    missing = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "onlinemix")):
+        for name in files:
+            path = os.path.join(folder, name)
+            if not name.endswith(".py"):
+                continue
+            with open(path) as f:
+                body = ast.parse(f.read()).body
+            if len(body) > 1 or (body and not isinstance(body[0], ast.Expr)):  # package markers aside
+                relative = os.path.relpath(path, ROOT)
+                if f"`{relative}`" not in architecture:
+                    missing.append(relative)
+    assert not missing, f"ARCHITECTURE.md's module map lacks {missing}"

@@ -320,6 +320,15 @@ def test_mixup_and_cutmix_follow_the_paper_unless_told(data_dir, tmp_path, aug, 
         train.parse_args(["--data-dir", data_dir, "--aug", "cutmix", "--device", "cpu", "--mixup-prob", "2"])
 
 
+def test_aug_takes_one_spelling_and_the_papers_as_an_alias(data_dir):
+    for spelled, name in (("diff-mix", "diffmix"), ("diff-mix+cutmix", "diffmix+cutmix"), ("real-filtering",
+                                                                                            "realfilter")):
+        args = train.parse_args(["--data-dir", data_dir, "--aug", spelled, "--device", "cpu", "--gen-device", "cpu"])
+        assert args.aug == name
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data-dir", data_dir, "--aug", "diff-mixx", "--device", "cpu"])
+
+
 def test_cutmix_mixes_about_a_tenth_of_the_samples(data_dir, tmp_path):
     args = train.parse_args(["--data-dir", data_dir, "--aug", "cutmix", "--device", "cpu", "--smoothing", "0"])
     mix, _, _ = train.build_augmentation(args, load_splits(args.data_dir, **data_options(args)), str(tmp_path), PartialState(cpu=True), (0, 0, 0), (1, 1, 1))
