@@ -34,8 +34,10 @@ from onlinemix.checkpoint import load_checkpoint, rng_state, save_checkpoint, se
 from onlinemix.data import SplitImages, check_data_options, load_splits
 from onlinemix.evaluation import evaluate
 from onlinemix.fidelity import FidelityMonitor
+from onlinemix.feedback import ClosedLoop, FeedbackBlock
 from onlinemix.options import add_data_arguments, data_options, parse_with_config
-from onlinemix.run_files import flat_scalars, log_step, save_grid, tensorboard, write_metrics
+from onlinemix.plan import POLICIES, check_policy
+from onlinemix.run_files import flat_scalars, log_step, save_grid, save_policy_heatmap, tensorboard, write_metrics
 
 # RandomResizedCrop's area range for real training images; synthetic images get the same crop.
 TRAIN_CROP_SCALE = (0.35, 1.0)
@@ -98,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="inter-class strategies: each target class takes references from only this many "
                           "source classes, chosen at random (the paper's Fig. 7b)")
     aug.add_argument("--replay-dir", help="output folder of the offline Diff-Mix sampler (--aug replay)")
+    loop = p.add_argument_group("closed loop: the generator follows the classifier")
+    loop.add_argument("--gen-policy", choices=POLICIES, default="uniform",
+                      help="uniform: the paper's draws; confusion: pairs (target t, source s) in proportion to how "
+                           "often real t is called s; hard-class: targets by the classifier's error on them")
+    loop.add_argument("--gen-policy-floor", type=float, default=0.2,
+                      help="share of requests drawn uniformly whatever the feedback, so no pair starves")
+    loop.add_argument("--strength-schedule", type=float, nargs=2, metavar=("START", "END"),
+                      help="strength moving linearly from START to END over training instead of the strength set")
+    loop.add_argument("--feedback-every", type=int, default=20,
+                      help="steps between publications of the classifier's confusion to the generator")
     gen = p.add_argument_group("generator")
     gen.add_argument("--gen-device", nargs="+", default=["cuda:1"], help="one or more devices, 'cpu' allowed")
     gen.add_argument("--gen-workers-per-device", type=int, default=1)
@@ -166,6 +178,12 @@ def check_args(args) -> None:
             raise FileNotFoundError(f"--gen-finetune-config {args.gen_finetune_config!r} is not a file.")
     if args.epochs < 1 or args.batch_size < 1 or args.eval_every < 1:
         raise ValueError("--epochs, --batch-size and --eval-every must be >= 1.")
+    if strategy_of(args.aug):
+        check_policy(strategy_of(args.aug), args.gen_policy, args.gen_policy_floor, args.strength_schedule)
+    elif args.gen_policy != "uniform" or args.strength_schedule:
+        raise ValueError(f"--gen-policy and --strength-schedule steer a generator; --aug {args.aug} runs none.")
+    if args.feedback_every < 1:
+        raise ValueError(f"--feedback-every must be >= 1, got {args.feedback_every}.")
     many, few = args.shot_thresholds
     if not 0 < few <= many:
         raise ValueError(f"--shot-thresholds MANY FEW needs 0 < FEW <= MANY, got {many} {few}.")
@@ -236,7 +254,8 @@ def loaders(args, splits, state, mean, std):
 
 
 def build_augmentation(args, splits, run_dir, state, mean, std):
-    """The batch transform and, for generator strategies, the ring and generator pool."""
+    """The batch transform and, for generator strategies, the ring, the generator pool and, for a
+    closed loop, the feedback block (on each node's local rank 0)."""
     from onlinemix import DiffMix, RandomResizedCropFlip, ReplaySource, SampleRing
 
     mix = dict(num_classes=len(splits.class_names), label_smoothing=args.smoothing, mean=mean, std=std,
@@ -245,18 +264,23 @@ def build_augmentation(args, splits, run_dir, state, mean, std):
                                 prob=args.mixup_prob, mode=args.mixup_mode))
     if args.aug == "replay":
         source = ReplaySource(args.replay_dir, splits.class_names, size=args.img_size)
-        return DiffMix(**mix, p=args.p, gamma=args.gamma, source=source), None, None
+        return DiffMix(**mix, p=args.p, gamma=args.gamma, source=source), None, None, None
     if not strategy_of(args.aug):
-        return DiffMix(**mix, p=0.0), None, None
-    ring = pool = error = None
+        return DiffMix(**mix, p=0.0), None, None, None
+    ring = pool = feedback = error = None
     if state.is_local_main_process:  # one ring and one generator pool per node, read by every local rank
         try:
+            if args.gen_policy != "uniform" or args.strength_schedule:
+                feedback = FeedbackBlock.create(len(splits.class_names))
             ring, pool = create_generator(
-                generator_factory(args, splits, run_dir), args.gen_device, workers_per_device=args.gen_workers_per_device,
-                slots=args.ring_slots, image_size=args.ring_size or args.img_size, consumers=local_world(state),
-                max_reuse=args.max_reuse, seed=args.seed)
+                generator_factory(args, splits, run_dir, feedback), args.gen_device,
+                workers_per_device=args.gen_workers_per_device, slots=args.ring_slots,
+                image_size=args.ring_size or args.img_size, consumers=local_world(state), max_reuse=args.max_reuse,
+                seed=args.seed)
         except (ValueError, FileNotFoundError) as failure:
             error = failure
+            if feedback is not None:
+                feedback.close()
     shared = gather(state, (ring.name if ring is not None else None, str(error) if error else None))
     if error is not None:
         raise error
@@ -265,7 +289,7 @@ def build_augmentation(args, splits, run_dir, state, mean, std):
         raise ValueError(f"local rank 0 could not set up the generator: {failure}")
     if ring is None:
         ring = SampleRing.attach(name, "consumer")
-    return DiffMix(**mix, p=args.p, gamma=args.gamma, source=ring), ring, pool
+    return DiffMix(**mix, p=args.p, gamma=args.gamma, source=ring), ring, pool, feedback
 
 
 def uses_personalisation(aug: str) -> bool:
@@ -297,7 +321,7 @@ def personalise_first(args, state) -> None:
     finetune(argv)
 
 
-def generator_factory(args, splits, run_dir):
+def generator_factory(args, splits, run_dir, feedback=None):
     """The ``DiffusionProducerFactory`` of ``--aug``'s strategy, from the generator options."""
     from onlinemix.generator.worker import DiffusionProducerFactory, GeneratorSpec
 
@@ -313,8 +337,10 @@ def generator_factory(args, splits, run_dir):
         strengths=tuple(args.strengths) if args.strengths else None, steps=args.gen_steps, guidance=args.guidance,
         resolution=args.gen_resolution, image_size=args.ring_size or args.img_size, batch_size=args.gen_batch_size,
         dtype=args.gen_dtype, clip_model=args.clip_filter, local_files_only=args.local_files_only,
+        policy=args.gen_policy, policy_floor=args.gen_policy_floor,
+        strength_schedule=tuple(args.strength_schedule) if args.strength_schedule else None,
     )
-    return DiffusionProducerFactory(spec, splits.train, splits.class_names, args.metaclass)
+    return DiffusionProducerFactory(spec, splits.train, splits.class_names, args.metaclass, feedback=feedback)
 
 
 # -- model ------------------------------------------------------------------------------------
@@ -389,7 +415,7 @@ def train(args, state) -> dict:
     train_loader, sampler, eval_loaders = loaders(args, splits, state, mean, std)
     if args.gen_finetune_config and uses_personalisation(args.aug):
         personalise_first(args, state)
-    mix, ring, pool = build_augmentation(args, splits, run_dir, state, mean, std)
+    mix, ring, pool, feedback = build_augmentation(args, splits, run_dir, state, mean, std)
     fidelity = FidelityMonitor()
 
     if args.channels_last:
@@ -398,6 +424,10 @@ def train(args, state) -> dict:
                                     momentum=args.momentum)
     warmup = args.warmup_epochs * args.epochs if args.warmup_epochs < 1 else args.warmup_epochs
     steps_per_epoch = len(train_loader)
+    loop = None  # with the uniform policy and no schedule, nothing of the closed loop runs
+    if args.gen_policy != "uniform" or args.strength_schedule:
+        loop = ClosedLoop(num_classes, feedback, every=args.feedback_every, total_steps=args.epochs * steps_per_epoch,
+                          gather=lambda value: gather(state, value))
     scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch,
                                   warmup_t=int(warmup * steps_per_epoch), warmup_lr_init=args.lr * 0.01,
                                   t_in_epochs=False)
@@ -439,6 +469,7 @@ def train(args, state) -> dict:
                        disable=not state.is_main_process)
             for step, (x, y) in enumerate(bar):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                labels = y
                 x, y = mix(x, y)
                 if args.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -446,6 +477,8 @@ def train(args, state) -> dict:
                     logits = forward(x)
                     loss = loss_fn(logits.float(), y)
                 fidelity.update(logits, mix.synthetic)
+                if loop is not None:
+                    loop.step(epoch * steps_per_epoch + step, logits, labels, mix.synthetic)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -457,12 +490,16 @@ def train(args, state) -> dict:
                     log_step(steps_path, epoch, step, losses[-1], optimizer.param_groups[0]["lr"])
             augmentation = gather(state, mix.stats())
             calls = FidelityMonitor.merge(gather(state, fidelity.state()))
+            policy = loop.epoch_state() if loop is not None else None
             fidelity.reset()
             evaluated = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
             if state.is_main_process:
                 result = epoch_report(args, epoch, losses, optimizer, augmentation, calls, ring, pool,
                                       eval_loaders if evaluated else {}, model, device, num_classes, amp_dtype,
                                       train_counts)
+                if policy is not None:
+                    result["policy"] = {"name": args.gen_policy, **{k: v for k, v in policy.items()
+                                                                      if k not in ("confusion", "pairs")}}
             # After evaluation, which draws from the RNG too: a resumed run starts where this one goes on.
             rng = gather(state, rng_state())
             if state.is_main_process:
@@ -477,6 +514,9 @@ def train(args, state) -> dict:
                     save_checkpoint(checkpoint, os.path.join(run_dir, "best.pth"))
                 save_grid(mix.recent, fidelity.recent_predictions,
                           os.path.join(run_dir, f"synthetic-epoch{epoch + 1:03d}.png"))
+                if policy is not None:
+                    save_policy_heatmap(policy["confusion"], policy["pairs"], splits.class_names,
+                                        os.path.join(run_dir, f"policy-epoch{epoch + 1:03d}.png"))
                 write_metrics(result, metrics_path, csv_path)
                 if board is not None:
                     for key, value in flat_scalars(result).items():
@@ -490,6 +530,8 @@ def train(args, state) -> dict:
             pool.stop()
         if ring is not None:
             ring.close()
+        if feedback is not None:
+            feedback.close()
     return result
 
 

@@ -3,7 +3,9 @@
 Part 1, overhead. The same timm model, data and batch size train with no
 augmentation, with timm's Mixup/CutMix (its defaults: Mixup 0.8, CutMix 1.0), and
 with ``DiffMix`` reading a ``SampleRing`` fed by a live generator process on
-``--gen-device`` (a separate CPU process here, another GPU there). The three take
+``--gen-device`` (a separate CPU process here, another GPU there), and with ``DiffMix``
+plus the closed loop's trainer side (``diffmix_loop``: the confusion tracked from each
+step's logits, published to a ``FeedbackBlock`` every 20 steps). The four take
 turns in blocks of ``--block`` steps for ``--rounds`` rounds, the order rotating,
 so the machine's drift hits all alike. Reported: steps/s per mode, the overhead of
 each mode against no augmentation (median over rounds of the paired block-time
@@ -55,9 +57,11 @@ from sd15 import sd15_architecture
 from onlinemix import DiffMix, GeneratorPool, SampleBatch, SampleRing, one_hot, smooth_labels
 from onlinemix.augmentation import create_generator
 from onlinemix.data import FileSplit
+from onlinemix.feedback import ClosedLoop, FeedbackBlock
 from onlinemix.generator.worker import DiffusionProducerFactory, GeneratorSpec
 
-MODES = ("none", "timm_mixup", "diffmix")
+MODES = ("none", "timm_mixup", "diffmix", "diffmix_loop")
+FEEDBACK_EVERY = 20
 SMOOTHING = 0.1
 # The paper's generation throughput: 4 179 Diff-Mix images per GPU-hour on an RTX 3090.
 PAPER_IMAGES_PER_S = 4179 / 3600
@@ -96,6 +100,27 @@ def training_step(model, optimizer, loss_fn):
     return step
 
 
+class LoopedStep:
+    """A training step with ``DiffMix`` and the closed loop's trainer side (``ClosedLoop.step`` after the
+    forward, a publication every ``FEEDBACK_EVERY`` steps); ``loop_seconds`` sums the loop's own time."""
+
+    def __init__(self, model, optimizer, loss_fn, mix: DiffMix, loop: ClosedLoop):
+        self.model, self.optimizer, self.loss_fn, self.mix, self.loop = model, optimizer, loss_fn, mix, loop
+        self.steps, self.loop_seconds = 0, 0.0
+
+    def __call__(self, x, labels):
+        x, y = self.mix(x, labels)
+        logits = self.model(x)
+        loss = self.loss_fn(logits, y)
+        start = time.perf_counter()
+        self.loop.step(self.steps, logits, labels, self.mix.synthetic)
+        self.loop_seconds += time.perf_counter() - start
+        self.steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
 def time_block(step, transform, batches, count: int, device: torch.device) -> float:
     """Seconds for ``count`` training steps, each on a fresh copy of a batch (both mixers write in place)."""
     sync(device)
@@ -130,25 +155,36 @@ def timed_blocks(args, device: torch.device, ring: SampleRing, pool: GeneratorPo
         "none": lambda x, y: (x, smooth_labels(one_hot(y, classes), SMOOTHING)),
         "timm_mixup": Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=SMOOTHING, num_classes=classes),
         "diffmix": diffmix,
+        "diffmix_loop": lambda x, y: (x, y),  # the looped step mixes itself: it needs the hard labels
     }
+    feedback = FeedbackBlock.create(classes)
+    looped = LoopedStep(model, optimizer, SoftTargetCrossEntropy(),
+                        DiffMix(p=args.p, gamma=args.gamma, source=ring, label_smoothing=SMOOTHING,
+                                num_classes=classes),
+                        ClosedLoop(classes, feedback, every=FEEDBACK_EVERY, total_steps=10**9,
+                                   gather=lambda value: [value]))
+    steps = {mode: looped if mode == "diffmix_loop" else step for mode in MODES}
     pool.start().warm_up(args.warm_samples, timeout=args.warm_timeout)
     for mode in MODES:  # kernels, allocator and autotuning settle before any timing
-        time_block(step, transforms[mode], batches, args.warmup_steps, device)
+        time_block(steps[mode], transforms[mode], batches, args.warmup_steps, device)
+    looped.steps, looped.loop_seconds = 0, 0.0
     seconds = {mode: [] for mode in MODES}
     before = diffmix.stats()
     ring_before, pool_before, clock = ring.stats(), pool.stats()["written"], time.monotonic()
     for r in range(args.rounds):
-        for mode in MODES[r % 3:] + MODES[:r % 3]:
-            seconds[mode].append(time_block(step, transforms[mode], batches, args.block, device))
+        for mode in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:
+            seconds[mode].append(time_block(steps[mode], transforms[mode], batches, args.block, device))
         print(f"round {r + 1}/{args.rounds}:",
               ", ".join(f"{m} {args.block / seconds[m][-1]:.2f} steps/s" for m in MODES), flush=True)
     after, ring_after, pool_after = diffmix.stats(), ring.stats(), pool.stats()
     elapsed = time.monotonic() - clock
+    feedback.close()
     samples = after["samples"] - before["samples"]
     replaced = after["replaced"] - before["replaced"]
     steps_per_s = {m: [args.block / s for s in seconds[m]] for m in MODES}
     # Each mode's block time over none's in the same round, minus 1: drift cancels within a round.
     paired = {m: [s / n - 1 for s, n in zip(seconds[m], seconds["none"])] for m in MODES[1:]}
+    loop_paired = [s / d - 1 for s, d in zip(seconds["diffmix_loop"], seconds["diffmix"])]
     diffmix_rate = statistics.median(steps_per_s["diffmix"]) * args.batch_size
     reads = ring_after["read"] - ring_before["read"]
     written = pool_after["written"] - pool_before
@@ -158,6 +194,13 @@ def timed_blocks(args, device: torch.device, ring: SampleRing, pool: GeneratorPo
         "steps_per_s": {m: {"median": statistics.median(v), "blocks": v} for m, v in steps_per_s.items()},
         "overhead_vs_none": {m: statistics.median(v) for m, v in paired.items()},
         "overhead_vs_none_range": {m: [min(v), max(v)] for m, v in paired.items()},
+        # The closed loop's trainer side: its own measured time per step over the looped step's time,
+        # and the paired block-time ratio against DiffMix alone (noisier: it holds the block noise too).
+        "closed_loop": {"feedback_every": FEEDBACK_EVERY, "publications": looped.loop.publication,
+                        "ms_per_step": 1000 * looped.loop_seconds / looped.steps,
+                        "share_of_step": looped.loop_seconds / sum(seconds["diffmix_loop"]),
+                        "overhead_vs_diffmix": statistics.median(loop_paired),
+                        "overhead_vs_diffmix_range": [min(loop_paired), max(loop_paired)]},
         "synthetic_fraction": {"p": args.p, "realised": replaced / samples, "samples": samples,
                                "binomial_se": float(np.sqrt(args.p * (1 - args.p) / samples)),
                                "shortfall": (after["shortfall"] - before["shortfall"])},
@@ -348,6 +391,8 @@ def main() -> None:
                  device=str(device), machine=info, plot=os.path.basename(plot_path))
     o = result["overhead"]
     print(", ".join(f"{m} {o['steps_per_s'][m]['median']:.2f} steps/s" for m in MODES))
+    print(f"closed loop: {o['closed_loop']['ms_per_step']:.3f} ms per step, "
+          f"{o['closed_loop']['share_of_step']:.3%} of the looped step")
     print("overhead vs none:", {m: f"{v:+.1%}" for m, v in o["overhead_vs_none"].items()},
           f"synthetic {o['synthetic_fraction']['realised']:.3f} at p {args.p}, generator "
           f"{o['generator_images_per_s']:.2f} img/s against demand {o['demand_images_per_s']:.2f}")

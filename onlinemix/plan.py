@@ -17,6 +17,8 @@ PAPER_STRENGTHS = (0.5, 0.7, 0.9)
 
 
 PERSONALISATIONS = ("ti_db", "ti", "db")  # onlinemix finetune --method
+# How the closed loop plans (--gen-policy): the paper's uniform draws, or driven by the classifier's confusion.
+POLICIES = ("uniform", "confusion", "hard-class")
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,25 @@ def get_strategy(name: str) -> Strategy:
     return STRATEGIES[strategy_name(name)]
 
 
+def check_policy(strategy, policy: str, floor: float, schedule: Optional[Sequence[float]]) -> None:
+    """Stop on a planning policy, floor or strength schedule that ``strategy`` (a ``Strategy`` or
+    its name) cannot run, with a message that says what to change."""
+    strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+    if policy not in POLICIES:
+        raise ValueError(f"Unknown planning policy {policy!r} (--gen-policy); choose one of {', '.join(POLICIES)}.")
+    if policy == "confusion" and not strategy.inter_class:
+        raise ValueError(f"The confusion policy pairs a target with another class's images; {strategy.name} "
+                         "translates each image toward its own class: use hard-class or uniform.")
+    if not 0 <= floor <= 1:
+        raise ValueError(f"The policy floor (--gen-policy-floor) must lie in [0, 1], got {floor}.")
+    if schedule is not None:
+        values = [float(v) for v in schedule]
+        if len(values) != 2 or not all(0 < v <= 1 for v in values):
+            raise ValueError(f"--strength-schedule takes START END, both in (0, 1], got {list(schedule)}.")
+        if strategy.text_to_image:
+            raise ValueError(f"{strategy.name} generates from text; it has no strength to schedule.")
+
+
 def long_tail_weights(class_counts: Sequence[int]) -> np.ndarray:
     """Target-class weights ∝ 1 / (n_c + 1), the paper's choice for long-tail data."""
     return 1.0 / (np.asarray(class_counts, dtype=np.float64) + 1.0)
@@ -145,6 +166,18 @@ class Planner:
         target_weights: Relative weight of each target class (e.g.
             ``long_tail_weights(counts)``); default uniform.
         seed: Seed of the whole stream.
+        policy: ``uniform`` (the paper's), or a closed-loop policy fed by ``update``:
+            ``confusion`` (inter-class strategies) draws the pair (target t, source s) in
+            proportion to how often the classifier calls real images of class t "s",
+            ``confusion[t, s]``: the sample puts t's foreground on an image of s, the very
+            class t is mistaken for, labelled mostly t; the reference is uniform within
+            class s. ``hard-class`` draws the target in proportion to the classifier's
+            error on it, the source as the strategy says. Target weights multiply both.
+        floor: Share of requests drawn by the uniform policy whatever the feedback, so no
+            pair starves (and the only policy until the first ``update``).
+        strength_schedule: ``(start, end)``: instead of drawing from the strength set, every
+            request takes ``start + (end - start)·progress`` (rounded to 0.01), a curriculum
+            over training progress from ``update``.
     """
 
     def __init__(
@@ -157,8 +190,16 @@ class Planner:
         referable_classes: Optional[int] = None,
         target_weights: Optional[Sequence[float]] = None,
         seed: int = 0,
+        policy: str = "uniform",
+        floor: float = 0.2,
+        strength_schedule: Optional[Sequence[float]] = None,
     ):
         self.strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+        check_policy(self.strategy, policy, floor, strength_schedule)
+        self.policy, self.floor = policy, float(floor)
+        self.strength_schedule = None if strength_schedule is None else tuple(float(v) for v in strength_schedule)
+        self.progress = 0.0
+        self._policy_p = None  # the closed-loop policy's distribution, from the latest ``update``
         labels = np.asarray(labels, dtype=np.int64)
         if labels.ndim != 1 or (len(labels) and labels.min() < 0):
             raise ValueError("labels must be a flat sequence of non-negative class indices.")
@@ -178,6 +219,54 @@ class Planner:
                 if key not in pools:
                     pools[key] = np.flatnonzero(np.isin(labels, sources))
             self._references = [pools[tuple(sources.tolist())] for sources in self._sources]
+
+    def scheduled_strengths(self) -> np.ndarray:
+        """Every strength a request may take: the schedule's range in 0.01 steps, or the strength set."""
+        if self.strength_schedule is None:
+            return self.strengths
+        low, high = sorted(self.strength_schedule)
+        return np.round(np.arange(round(low * 100), round(high * 100) + 1) / 100, 2)
+
+    def update(self, confusion: np.ndarray, progress: float) -> None:
+        """Feed the classifier's latest state: ``confusion[t, p]``, the share of class t's real training
+        images it calls p (rows of unseen classes all zero), and the share of training done."""
+        self.progress = float(progress)
+        if self.policy == "uniform":
+            return
+        confusion = np.asarray(confusion, dtype=np.float64)
+        if confusion.shape != (self.num_classes, self.num_classes):
+            raise ValueError(f"confusion must be {self.num_classes}x{self.num_classes}, got {confusion.shape}.")
+        seen = confusion.sum(1) > 0
+        if self.policy == "hard-class":
+            error = np.where(seen, 1.0 - np.diag(confusion), 0.0).clip(0, None)
+            weights = error * self._target_p
+        else:
+            weights = confusion * (1 - np.eye(self.num_classes)) * self._target_p[:, None]
+            weights *= self._allowed_pairs()
+        self._policy_p = weights.ravel() / weights.sum() if weights.sum() > 0 else None
+
+    def _allowed_pairs(self) -> np.ndarray:
+        """``[t, s]``: whether target t may take references of class s (images exist, referable)."""
+        allowed = np.zeros((self.num_classes, self.num_classes))
+        for target, sources in enumerate(self._sources):
+            allowed[target, sources] = 1.0
+        return allowed
+
+    def policy_state(self) -> dict:
+        """What the policy draws now: ``pairs`` ([target][source] probabilities, confusion) or ``targets``
+        (hard-class), the floor, and the scheduled strength."""
+        state = {"policy": self.policy, "floor": self.floor, "progress": self.progress}
+        if self.strength_schedule is not None:
+            state["strength"] = self._scheduled()
+        if self._policy_p is not None:
+            key = "pairs" if self.policy == "confusion" else "targets"
+            shape = (self.num_classes, self.num_classes) if key == "pairs" else (self.num_classes,)
+            state[key] = np.round(self._policy_p.reshape(shape), 4).tolist()
+        return state
+
+    def _scheduled(self) -> float:
+        start, end = self.strength_schedule
+        return round(start + (end - start) * min(max(self.progress, 0.0), 1.0), 2)
 
     def _check_strengths(self, strengths) -> np.ndarray:
         if self.strategy.text_to_image:
@@ -231,8 +320,10 @@ class Planner:
 
     def _next(self) -> Request:
         rng = self._rng
+        if self._policy_p is not None and rng.random() >= self.floor:
+            return self._next_by_policy()
         target = int(rng.choice(self.num_classes, p=self._target_p))
-        strength = float(self.strengths[rng.integers(len(self.strengths))])
+        strength = self._strength()
         seed = int(rng.integers(0, 2**31 - 1))
         if self.strategy.text_to_image:
             return Request(-1, target, target, 1.0, seed)
@@ -240,6 +331,27 @@ class Planner:
             reference = int(rng.choice(self._references[target]))
             return Request(reference, int(self._labels[reference]), target, strength, seed)
         return Request(int(rng.choice(self._by_class[target])), target, target, strength, seed)
+
+    def _next_by_policy(self) -> Request:
+        rng = self._rng
+        drawn = int(rng.choice(len(self._policy_p), p=self._policy_p))
+        strength = self._strength()
+        seed = int(rng.integers(0, 2**31 - 1))
+        if self.policy == "confusion":
+            target, source = divmod(drawn, self.num_classes)
+            return Request(int(rng.choice(self._by_class[source])), source, target, strength, seed)
+        target = drawn
+        if self.strategy.text_to_image:
+            return Request(-1, target, target, 1.0, seed)
+        if self.strategy.inter_class:
+            reference = int(rng.choice(self._references[target]))
+            return Request(reference, int(self._labels[reference]), target, strength, seed)
+        return Request(int(rng.choice(self._by_class[target])), target, target, strength, seed)
+
+    def _strength(self) -> float:
+        if self.strength_schedule is not None:
+            return self._scheduled()
+        return float(self.strengths[self._rng.integers(len(self.strengths))])
 
     def __iter__(self) -> Iterator[Request]:
         while True:

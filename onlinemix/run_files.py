@@ -93,3 +93,31 @@ def save_grid(recent: Optional[tuple], predictions: Optional[Sequence[int]], pat
             draw.text((2, TILE + 14), f"called {int(predicted)}", fill="black")
         tiles.append(torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1))
     to_pil_image(make_grid(tiles, nrow=8, padding=0, pad_value=255)).save(path)
+
+
+def save_policy_heatmap(confusion: np.ndarray, pairs: np.ndarray, class_names: Sequence[str], path: str) -> None:
+    """The closed loop of one epoch side by side: the classifier's confusion on real images (true ×
+    called) that drove the generator, and the (target × source) pairs the classifier then trained on.
+    Drawn with matplotlib when it is installed (the ``bench`` extra), else skipped."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = min(4 + 0.25 * len(class_names), 14)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), layout="constrained")
+    ticks = range(len(class_names)) if len(class_names) <= 40 else []
+    for ax, matrix, title, ylabel, xlabel in (
+            (axes[0], confusion * (1 - np.eye(len(confusion))), "confusion on real images (diagonal left out)",
+             "true class", "called"),
+            (axes[1], pairs, "synthetic pairs trained on", "target class", "source class (reference image)")):
+        image = ax.imshow(matrix, cmap="viridis")
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel, xticks=ticks, yticks=ticks)
+        if ticks:
+            ax.set_xticklabels(class_names, rotation=90, fontsize=7)
+            ax.set_yticklabels(class_names, fontsize=7)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -296,7 +296,7 @@ def test_the_synthetic_crop_is_the_real_one_and_normalisation_follows_the_model(
     vit = timm.create_model("vit_tiny_patch16_224.augreg_in21k_ft_in1k", num_classes=3)
     mean, std = train.normalisation(vit)
     assert mean == std == (0.5, 0.5, 0.5), "augreg ViTs expect [-1, 1] inputs"
-    mix, _, _ = train.build_augmentation(args, splits, str(tmp_path), PartialState(cpu=True), mean, std)
+    mix, *_ = train.build_augmentation(args, splits, str(tmp_path), PartialState(cpu=True), mean, std)
     assert mix.mean == mean and mix.std == std
     crop = train.transforms(32, mean, std)[0].transforms[0]
     assert tuple(mix.synthetic_transform.scale) == tuple(crop.scale) and mix.synthetic_transform.flip == 0.5
@@ -314,7 +314,8 @@ def test_mixup_and_cutmix_follow_the_paper_unless_told(data_dir, tmp_path, aug, 
     args = train.parse_args(["--data-dir", data_dir, "--aug", aug, "--device", "cpu", "--gen-device", "cpu",
                              "--gen-model", "tiny", "--gen-resolution", "32", "--gen-steps", "2", *flags])
     args.aug = "cutmix" if aug == "diffmix+cutmix" else aug  # the same mixing; no generator needed here
-    mix, _, _ = train.build_augmentation(args, load_splits(args.data_dir, **data_options(args)), str(tmp_path), PartialState(cpu=True), (0, 0, 0), (1, 1, 1))
+    splits = load_splits(args.data_dir, **data_options(args))
+    mix, *_ = train.build_augmentation(args, splits, str(tmp_path), PartialState(cpu=True), (0, 0, 0), (1, 1, 1))
     assert {k: getattr(mix, k) for k in expected} == expected
     with pytest.raises(ValueError, match="--mixup-prob"):
         train.parse_args(["--data-dir", data_dir, "--aug", "cutmix", "--device", "cpu", "--mixup-prob", "2"])
@@ -331,7 +332,8 @@ def test_aug_takes_one_spelling_and_the_papers_as_an_alias(data_dir):
 
 def test_cutmix_mixes_about_a_tenth_of_the_samples(data_dir, tmp_path):
     args = train.parse_args(["--data-dir", data_dir, "--aug", "cutmix", "--device", "cpu", "--smoothing", "0"])
-    mix, _, _ = train.build_augmentation(args, load_splits(args.data_dir, **data_options(args)), str(tmp_path), PartialState(cpu=True), (0, 0, 0), (1, 1, 1))
+    splits = load_splits(args.data_dir, **data_options(args))
+    mix, *_ = train.build_augmentation(args, splits, str(tmp_path), PartialState(cpu=True), (0, 0, 0), (1, 1, 1))
     mixed = 0
     for _ in range(100):
         x, y = torch.rand(16, 3, 16, 16), torch.arange(16) % 3
@@ -433,3 +435,28 @@ def test_referable_classes_and_real_filtering_reach_the_generator(data_dir, tmp_
                  *generator)
     assert result["augmentation"]["replaced"] > 0
     assert result["generator"]["written"] > 0 and result["generator"]["restarts"] == 0
+
+
+def test_closed_loop_flags_stop_before_any_work(data_dir):
+    base = ["--data-dir", data_dir, "--device", "cpu", "--gen-device", "cpu"]
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        train.parse_args([*base, "--aug", "diffmix", "--gen-policy", "uniformish"])
+    with pytest.raises(ValueError, match=r"--gen-policy-floor\) must lie in \[0, 1\]"):
+        train.parse_args([*base, "--aug", "realmix", "--gen-policy", "confusion", "--gen-policy-floor", "-0.1"])
+    with pytest.raises(ValueError, match=r"both in \(0, 1\]"):
+        train.parse_args([*base, "--aug", "realmix", "--strength-schedule", "0.9", "1.5"])
+    with pytest.raises(ValueError, match="--aug cutmix runs none"):
+        train.parse_args([*base, "--aug", "cutmix", "--gen-policy", "hard-class"])
+    with pytest.raises(ValueError, match="use hard-class or uniform"):
+        train.parse_args([*base, "--aug", "diffaug", "--gen-policy", "confusion"])
+
+
+@pytest.mark.slow
+def test_confusion_policy_run_publishes_and_draws_its_heatmaps(data_dir, tmp_path):
+    result = run(data_dir, tmp_path, "--aug", "realmix", "--p", "0.5", "--epochs", "2", "--gen-device", "cpu",
+                 "--gen-model", "tiny", "--gen-steps", "4", "--gen-resolution", "32", "--gen-batch-size", "4",
+                 "--gen-dtype", "float32", "--ring-slots", "16", "--gen-policy", "confusion", "--feedback-every", "2")
+    assert result["policy"]["name"] == "confusion" and result["policy"]["publication"] >= 4
+    assert 0 <= result["policy"]["error"] <= 1 and result["augmentation"]["replaced"] > 0
+    assert (tmp_path / "run" / "policy-epoch002.png").exists()
+    assert not [n for n in os.listdir("/dev/shm") if "feedback" in n and str(os.getpid()) in n], "block unlinked"

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..plan import Planner, get_strategy, strategy_name
+from ..plan import Planner, check_policy, get_strategy, strategy_name
 from ..batch import SampleBatch
+from ..feedback import FeedbackBlock
 from .clip_filter import ClipFilter
 from .components import attach_personalisation, load_components, personalisation_info
 from .sampler import Sampler, check_steps
@@ -54,6 +55,10 @@ class GeneratorSpec:
         referable_classes: Limit of source classes per target class.
         target_weights: Relative target-class weights (e.g. long-tail).
         local_files_only: Never reach a model hub.
+        policy: The planning policy (``onlinemix.plan.POLICIES``): ``uniform`` (the paper's) or a
+            closed-loop one fed by the trainer's ``FeedbackBlock``.
+        policy_floor: Share of requests the uniform policy draws whatever the feedback.
+        strength_schedule: ``(start, end)`` strength over training progress, or None: the strength set.
     """
 
     model: str
@@ -72,6 +77,14 @@ class GeneratorSpec:
     referable_classes: Optional[int] = None
     target_weights: Optional[tuple] = None
     local_files_only: bool = False
+    policy: str = "uniform"
+    policy_floor: float = 0.2
+    strength_schedule: Optional[tuple] = None
+
+    @property
+    def closed_loop(self) -> bool:
+        """Whether the planner follows the trainer's feedback (a policy other than uniform, or a schedule)."""
+        return self.policy != "uniform" or self.strength_schedule is not None
 
     def __post_init__(self):
         """Checks that need no data set, model or process; ``DiffusionProducerFactory`` checks the rest."""
@@ -91,6 +104,7 @@ class GeneratorSpec:
         if strategy.personalised and not self.finetuned:
             raise ValueError(f"{strategy.name} needs a personalised generator: pass finetuned= (--gen-finetuned), "
                              "the output folder of `onlinemix finetune`.")
+        check_policy(strategy, self.policy, self.policy_floor, self.strength_schedule)
         if strategy.filtered and not self.clip_model:
             raise ValueError(f"{strategy.name} is real-gen with the CLIP filter: pass clip_model= (--clip-filter), "
                              "a CLIP folder or hub id (the paper's openai/clip-vit-base-patch32).")
@@ -117,10 +131,15 @@ class DiffusionProducerFactory:
             ``FileSplit``, or anything with ``labels`` and ``load(index) -> uint8 [3, H, W]``).
         class_names: Class names in label order.
         metaclass: What the classes are ("bird" ...), for prompts and the CLIP filter.
+        feedback: The trainer's ``FeedbackBlock``; needed when ``spec.closed_loop``.
     """
 
-    def __init__(self, spec: GeneratorSpec, references, class_names: Sequence[str], metaclass: str):
-        self.spec, self.references = spec, references
+    def __init__(self, spec: GeneratorSpec, references, class_names: Sequence[str], metaclass: str, *,
+                 feedback: Optional[FeedbackBlock] = None):
+        if spec.closed_loop and feedback is None:
+            raise ValueError(f"The {spec.policy} policy{' with a strength schedule' if spec.strength_schedule else ''} "
+                             "follows the trainer: pass feedback=, the trainer's FeedbackBlock.")
+        self.spec, self.references, self.feedback = spec, references, feedback
         self.class_names, self.metaclass = list(class_names), metaclass
         self.strategy = get_strategy(spec.strategy)
         if len(self.class_names) < 2:
@@ -134,8 +153,9 @@ class DiffusionProducerFactory:
         # draws its own stream from it (``reseeded``), the referable classes stay shared.
         self.planner = Planner(references.labels, self.strategy, num_classes=len(self.class_names),
                                strengths=spec.strengths, referable_classes=spec.referable_classes,
-                               target_weights=spec.target_weights)
-        check_steps(spec.steps, self.planner.strengths)
+                               target_weights=spec.target_weights, policy=spec.policy, floor=spec.policy_floor,
+                               strength_schedule=spec.strength_schedule)
+        check_steps(spec.steps, self.planner.scheduled_strengths())
 
     def _check_finetuned(self, folder: str) -> None:
         strategy = self.strategy
@@ -197,6 +217,14 @@ class DiffusionProducer:
         self.strategy = factory.strategy
         self.non_finite = 0
         self.dropped = 0  # non-finite and CLIP-filtered samples
+        self.publication = 0  # the latest feedback the planner follows
+
+    def follow_feedback(self) -> None:
+        """Hand the planner the trainer's latest publication, if it is new."""
+        feedback = self.factory.feedback.read()
+        if feedback.publication != self.publication:
+            self.planner.update(feedback.confusion, feedback.progress)
+            self.publication = feedback.publication
 
     def requests_to_images(self, requests) -> torch.Tensor:
         spec, f = self.factory.spec, self.factory
@@ -212,6 +240,8 @@ class DiffusionProducer:
         return self.sampler.translate(references, prompts, [r.strength for r in requests], seeds)
 
     def __call__(self) -> SampleBatch:
+        if self.factory.spec.closed_loop:
+            self.follow_feedback()
         requests = self.planner.take(self.factory.spec.batch_size)
         images = self.requests_to_images(requests)
         keep = torch.isfinite(images).flatten(1).all(1)
