@@ -16,6 +16,8 @@ what finished.
 
     python benchmarks/demo_study.py                                   # 6 augmentations x 5 seeds
     python benchmarks/demo_study.py --augs none diffmix --seeds 0 -- --epochs 2   # flags after -- go to train.py
+    python benchmarks/demo_study.py --augs diffmix diffmix@confusion diffmix@hard-class \
+        --out benchmarks/results/closed_loop_study.json -- --ring-slots 48 --feedback-every 3   # the closed loop
 
 Writes ``benchmarks/results/demo_study.json`` and ``demo_study.png``.
 """
@@ -33,10 +35,13 @@ from report import RESULTS, machine, pyplot, write_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUGS = ("none", "cutmix", "diffaug", "realmix", "diffmix", "diffmix+cutmix")
+# The closed loop: an augmentation with a planning policy, spelled AUG@POLICY (train.py --gen-policy POLICY).
+POLICY_AUGS = ("diffmix@confusion", "diffmix@hard-class")
 METRICS = {"test": ("test", "top1"), "counterfactual": ("test_counterfactual", "top1"),
            "counterfactual_worst_group": ("test_counterfactual", "worst_group")}
 # What Diff-Mix is compared with, seed by seed.
-PAIRS = (("diffmix", "none"), ("diffmix", "diffaug"), ("diffmix", "realmix"), ("diffmix+cutmix", "cutmix"))
+PAIRS = (("diffmix", "none"), ("diffmix", "diffaug"), ("diffmix", "realmix"), ("diffmix+cutmix", "cutmix"),
+         ("diffmix@confusion", "diffmix"), ("diffmix@hard-class", "diffmix"))
 
 
 def epochs(run_dir: str) -> list:
@@ -52,10 +57,23 @@ def called_target(history: list):
     return sum(c["count"] * c["target"] for c in counts) / total if total else None
 
 
+def policy_summary(history: list) -> dict:
+    """For a closed-loop run: the mean over epochs of the share of synthetic samples on pairs the
+    classifier confuses, and the last epoch's error on real training images (the EMA)."""
+    states = [e["policy"] for e in history if "policy" in e]
+    shares = [s["pairs_on_confusions"] for s in states if s["pairs_on_confusions"] is not None]
+    return {"policy_pairs_on_confusions": float(np.mean(shares)) if shares else None,
+            "policy_train_error": states[-1]["error"] if states else None,
+            "policy_publications": states[-1]["publication"] if states else 0}
+
+
 def run(aug: str, seed: int, args, overrides: list) -> dict:
     name = f"{aug}-seed{seed}"
-    command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", args.config, "--aug", aug,
+    base, _, policy = aug.partition("@")
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", args.config, "--aug", base,
                "--seed", str(seed), "--output", args.runs, "--name", name, *overrides]
+    if policy:
+        command += ["--gen-policy", policy]
     print(f"[{name}]", " ".join(command[1:]), flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)
@@ -69,6 +87,8 @@ def run(aug: str, seed: int, args, overrides: list) -> dict:
     row["counterfactual_images"] = result["test_counterfactual"]["images"]
     if called_target(history) is not None:
         row["synthetic_called_target"] = called_target(history)
+    if policy:
+        row.update(policy_summary(history))
     print(f"[{name}]", {k: row[k] for k in (*METRICS, "synthetic_fraction", "seconds")}, flush=True)
     return row
 
@@ -89,8 +109,9 @@ def summarise(rows: list, augs) -> dict:
         if not mine:
             continue
         summary[aug] = {"seeds": len(mine)}
-        for key in (*METRICS, "synthetic_fraction", "synthetic_called_target"):
-            if all(key in r for r in mine):
+        for key in (*METRICS, "synthetic_fraction", "synthetic_called_target", "policy_pairs_on_confusions",
+                    "policy_train_error"):
+            if all(r.get(key) is not None for r in mine):
                 summary[aug][key] = mean_and_se([r[key] for r in mine])
         for key, images in (("test", "test_images"), ("counterfactual", "counterfactual_images")):
             a, n = summary[aug][key]["mean"], mine[0][images]
@@ -136,7 +157,8 @@ def main(argv=None) -> dict:
     overrides = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--augs", nargs="+", choices=AUGS, default=list(AUGS))
+    p.add_argument("--augs", nargs="+", choices=AUGS + POLICY_AUGS, default=list(AUGS),
+                   help="augmentations; AUG@POLICY runs AUG with train.py --gen-policy POLICY")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "demo-study"), help="where the runs are written")
