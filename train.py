@@ -456,7 +456,7 @@ def train(args, state) -> dict:
     board = tensorboard(run_dir) if state.is_main_process else None
     metrics_path, csv_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "metrics.csv")
     steps_path = os.path.join(run_dir, "steps.csv")
-    result = {}
+    result, heatmap_pairs = {}, None
     try:
         if pool is not None:
             pool.start().warm_up(args.batch_size, timeout=args.gen_warmup)
@@ -515,8 +515,13 @@ def train(args, state) -> dict:
                 save_grid(mix.recent, fidelity.recent_predictions,
                           os.path.join(run_dir, f"synthetic-epoch{epoch + 1:03d}.png"))
                 if policy is not None:
-                    save_policy_heatmap(policy["confusion"], policy["pairs"], splits.class_names,
-                                        os.path.join(run_dir, f"policy-epoch{epoch + 1:03d}.png"))
+                    # Drawn at evaluations only: a figure every epoch would slow the trainer, which gives
+                    # the generator more time and so changes the synthetic budget against uniform runs.
+                    heatmap_pairs = policy["pairs"] + (heatmap_pairs if heatmap_pairs is not None else 0)
+                    if evaluated:
+                        save_policy_heatmap(policy["confusion"], heatmap_pairs, splits.class_names,
+                                            os.path.join(run_dir, f"policy-epoch{epoch + 1:03d}.png"))
+                        heatmap_pairs = None
                 write_metrics(result, metrics_path, csv_path)
                 if board is not None:
                     for key, value in flat_scalars(result).items():

@@ -96,8 +96,8 @@ def save_grid(recent: Optional[tuple], predictions: Optional[Sequence[int]], pat
 
 
 def save_policy_heatmap(confusion: np.ndarray, pairs: np.ndarray, class_names: Sequence[str], path: str) -> None:
-    """The closed loop of one epoch side by side: the classifier's confusion on real images (true ×
-    called) that drove the generator, and the (target × source) pairs the classifier then trained on.
+    """The closed loop side by side: the classifier's confusion on real images (true × called) that
+    drives the generator, and the (target × source) pairs the classifier trained on since the last figure.
     Drawn with matplotlib when it is installed (the ``bench`` extra), else skipped."""
     try:
         import matplotlib
@@ -112,7 +112,7 @@ def save_policy_heatmap(confusion: np.ndarray, pairs: np.ndarray, class_names: S
     for ax, matrix, title, ylabel, xlabel in (
             (axes[0], confusion * (1 - np.eye(len(confusion))), "confusion on real images (diagonal left out)",
              "true class", "called"),
-            (axes[1], pairs, "synthetic pairs trained on", "target class", "source class (reference image)")):
+            (axes[1], pairs, "synthetic pairs trained on since the last figure", "target class", "source class (reference image)")):
         image = ax.imshow(matrix, cmap="viridis")
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel, xticks=ticks, yticks=ticks)
         if ticks:

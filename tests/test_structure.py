@@ -33,7 +33,7 @@ def test_every_module_imports_alone_in_a_fresh_interpreter():
 
 
 @pytest.mark.parametrize("modules", [
-    ("onlinemix.ring", "onlinemix.sources", "onlinemix.labels", "onlinemix.batch"),
+    ("onlinemix.ring", "onlinemix.sources", "onlinemix.labels", "onlinemix.batch", "onlinemix.feedback"),
     ("onlinemix.pool",),
     ("onlinemix",),
 ])

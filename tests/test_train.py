@@ -458,5 +458,5 @@ def test_confusion_policy_run_publishes_and_draws_its_heatmaps(data_dir, tmp_pat
                  "--gen-dtype", "float32", "--ring-slots", "16", "--gen-policy", "confusion", "--feedback-every", "2")
     assert result["policy"]["name"] == "confusion" and result["policy"]["publication"] >= 4
     assert 0 <= result["policy"]["error"] <= 1 and result["augmentation"]["replaced"] > 0
-    assert (tmp_path / "run" / "policy-epoch002.png").exists()
+    assert (tmp_path / "run" / "policy-epoch002.png").exists(), "drawn at the evaluation"
     assert not [n for n in os.listdir("/dev/shm") if "feedback" in n and str(os.getpid()) in n], "block unlinked"
