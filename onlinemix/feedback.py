@@ -25,10 +25,9 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from .segments import (HEADER_WORDS, MAGIC_WORD, OWNER_PID_WORD, OWNER_START_WORD, PREFIX, close_on_sigterm,
-                       create_segment, open_untracked, start_ticks, sweep_stale_segments, unlink)
+from .segments import (FEEDBACK_MAGIC, HEADER_WORDS, MAGIC_WORD, OWNER_PID_WORD, OWNER_START_WORD, PREFIX,
+                       close_on_sigterm, create_segment, open_untracked, start_ticks, sweep_stale_segments, unlink)
 
-_MAGIC = 0x6F6D66656564626B  # "omfeedbk"
 _LAYOUT_VERSION = 1
 _H_LAYOUT, _H_CLASSES = 1, 2
 _VERSION, _PUBLICATION, _STEP, _PROGRESS = range(4)  # the int64/float64 words after the header
@@ -66,7 +65,7 @@ class FeedbackBlock:
     def create(cls, num_classes: int, *, name: Optional[str] = None) -> "FeedbackBlock":
         if int(num_classes) != num_classes or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes}.")
-        sweep_stale_segments(_MAGIC)
+        sweep_stale_segments()
         name = name or f"{PREFIX}feedback-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         size = _size(num_classes)
         shm = create_segment(name, size, lambda available: (
@@ -75,7 +74,7 @@ class FeedbackBlock:
         header[:] = 0
         header[[_H_LAYOUT, _H_CLASSES]] = [_LAYOUT_VERSION, num_classes]
         header[OWNER_PID_WORD], header[OWNER_START_WORD] = os.getpid(), start_ticks(os.getpid()) or 0
-        header[MAGIC_WORD] = _MAGIC
+        header[MAGIC_WORD] = FEEDBACK_MAGIC
         del header
         block = cls(name)
         block._map(shm)
@@ -100,7 +99,7 @@ class FeedbackBlock:
 
     def _map(self, shm) -> None:
         header = np.ndarray((HEADER_WORDS,), np.int64, shm.buf).copy()
-        if header[MAGIC_WORD] != _MAGIC or header[_H_LAYOUT] != _LAYOUT_VERSION:
+        if header[MAGIC_WORD] != FEEDBACK_MAGIC or header[_H_LAYOUT] != _LAYOUT_VERSION:
             shm.close()
             raise ValueError(f"Shared-memory segment {self.name!r} is not an onlinemix FeedbackBlock of this version.")
         self.num_classes = int(header[_H_CLASSES])

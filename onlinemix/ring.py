@@ -38,10 +38,10 @@ import numpy as np
 import torch
 
 from .batch import SampleBatch
-from .segments import (HEADER_WORDS, MAGIC_WORD, OWNER_PID_WORD, OWNER_START_WORD, PREFIX, SHM_DIR, alive,
-                       close_on_sigterm, create_segment, open_untracked, start_ticks, sweep_stale_segments, unlink)
+from .segments import (HEADER_WORDS, MAGIC_WORD, OWNER_PID_WORD, OWNER_START_WORD, PREFIX, RING_MAGIC, SHM_DIR,
+                       alive, close_on_sigterm, create_segment, open_untracked, start_ticks, sweep_stale_segments,
+                       unlink)
 
-_MAGIC = 0x6F6E6C696E656D78  # "onlinemx"
 _LAYOUT_VERSION = 1
 _ALIGN = 64
 _MAX_RETRIES = 8
@@ -143,7 +143,7 @@ class SampleRing:
                 raise ValueError(f"{label} must be a positive integer, got {value}.")
         if slots < producers:
             raise ValueError(f"slots ({slots}) must be at least producers ({producers}): each producer owns slots.")
-        sweep_stale_segments(_MAGIC)
+        sweep_stale_segments()
         offsets, size = _layout(slots, height, width, producers, consumers, _bins(max_reuse, consumers))
         name = name or f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
         shm = create_segment(name, size, lambda available: _space_message(size, available, slots, height, width))
@@ -153,7 +153,7 @@ class SampleRing:
             [_LAYOUT_VERSION, slots, height, width, producers, consumers, max_reuse]
         header[_H_OWNER_PID] = os.getpid()
         header[_H_OWNER_START] = start_ticks(os.getpid()) or 0
-        header[_H_MAGIC] = _MAGIC
+        header[_H_MAGIC] = RING_MAGIC
         del header
         ring = cls(name, "consumer", None)
         ring._map(shm)
@@ -201,7 +201,7 @@ class SampleRing:
 
     def _map(self, shm: shared_memory.SharedMemory) -> None:
         header = np.ndarray((HEADER_WORDS,), np.int64, shm.buf).copy()
-        if header[_H_MAGIC] != _MAGIC or header[_H_LAYOUT] != _LAYOUT_VERSION:
+        if header[_H_MAGIC] != RING_MAGIC or header[_H_LAYOUT] != _LAYOUT_VERSION:
             shm.close()
             raise ValueError(f"Shared-memory segment {self.name!r} is not an onlinemix SampleRing of this version.")
         self.slots, height, width, self.producers, self.consumers, self.max_reuse = (

@@ -10,9 +10,10 @@ what the operating system and CPython need around it:
 - Pages are reserved at creation (``posix_fallocate``): a sparse segment in a small
   ``/dev/shm`` (Docker's 64 MiB default) would die with SIGBUS on first write instead
   of failing with a message.
-- Every segment starts with an int64 header whose word ``MAGIC_WORD`` holds the
-  creator's magic number and words ``OWNER_PID_WORD`` / ``OWNER_START_WORD`` its pid
-  and start time, so ``sweep_stale_segments`` can remove what a ``kill -9`` left.
+- Every segment starts with an int64 header whose word ``MAGIC_WORD`` holds its kind's
+  magic number (``MAGICS``: a ring, a feedback block) and words ``OWNER_PID_WORD`` /
+  ``OWNER_START_WORD`` its creator's pid and start time, so ``sweep_stale_segments`` can
+  remove what a ``kill -9`` left, of every kind, and nothing whose owner still runs.
 - Liveness is read from ``/proc`` with the process start time, so a reused pid does
   not keep a dead owner's segment alive.
 """
@@ -33,6 +34,10 @@ PREFIX = "onlinemix-"
 SHM_DIR = "/dev/shm"
 HEADER_WORDS = 16
 MAGIC_WORD, OWNER_PID_WORD, OWNER_START_WORD = 0, 8, 9
+RING_MAGIC = 0x6F6E6C696E656D78  # "onlinemx"
+FEEDBACK_MAGIC = 0x6F6D66656564626B  # "omfeedbk"
+# Every kind of segment onlinemix makes: a sweep judges each by its owner, whichever kind sweeps.
+MAGICS = (RING_MAGIC, FEEDBACK_MAGIC)
 
 
 def start_ticks(pid: int) -> Optional[int]:
@@ -111,12 +116,12 @@ def create_segment(name: str, size: int, too_small: Callable[[int], str]) -> sha
     return shm
 
 
-def sweep_stale_segments(magic: int) -> list[str]:
+def sweep_stale_segments() -> list[str]:
     """Unlink onlinemix segments whose owner process is gone (e.g. after ``kill -9``).
 
     Only names with the ``onlinemix-`` prefix are considered: those whose header carries
-    ``magic`` and names an owner that no longer runs, and headerless ones older than a
-    minute (a creation that died half-way). Returns the names removed.
+    one of ``MAGICS`` and names an owner that no longer runs, and those without a known
+    header older than a minute (a creation that died half-way). Returns the names removed.
     """
     if not os.path.isdir(SHM_DIR):
         return []
@@ -131,7 +136,7 @@ def sweep_stale_segments(magic: int) -> list[str]:
             young = time.time() - os.stat(path).st_mtime < 60
         except OSError:
             continue
-        if len(header) < HEADER_WORDS or header[MAGIC_WORD] != magic:
+        if len(header) < HEADER_WORDS or int(header[MAGIC_WORD]) not in MAGICS:
             if young:  # possibly being created right now
                 continue
         elif alive(int(header[OWNER_PID_WORD]), int(header[OWNER_START_WORD])):

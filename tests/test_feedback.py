@@ -188,3 +188,22 @@ def test_confusion_needs_an_inter_class_strategy_and_a_feedback_block():
     spec = GeneratorSpec(model="unused", strategy="realmix", policy="hard-class", resolution=32)
     with pytest.raises(ValueError, match="pass feedback="):
         DiffusionProducerFactory(spec, references, list("abcd"), "bird")
+
+
+def test_a_sweep_spares_live_segments_of_every_kind():
+    """A ring's sweep must not take a live feedback block for a half-created segment, nor the reverse."""
+    import time
+
+    from onlinemix import SampleRing
+
+    def age(name):  # older than the minute a segment without a known header is given
+        past = time.time() - 120
+        os.utime(os.path.join(SHM_DIR, name), (past, past))
+
+    with FeedbackBlock.create(3) as block:
+        age(block.name)
+        with SampleRing.create(4, 8, producers=1, consumers=1) as ring:
+            assert os.path.exists(os.path.join(SHM_DIR, block.name)), "the ring's sweep removed a live block"
+            age(ring.name)
+            FeedbackBlock.create(3).close()
+            assert os.path.exists(os.path.join(SHM_DIR, ring.name)), "the block's sweep removed a live ring"
