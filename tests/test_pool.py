@@ -145,7 +145,10 @@ def test_cpu_workers_take_their_thread_share():
 
 def test_ctrl_c_stops_everything_cleanly():
     code = (
-        "import time\n"
+        "import signal, time\n"
+        # A terminal's foreground job has Ctrl-C's default handler; a test run launched as a background
+        # job of a non-interactive shell inherits SIGINT ignored, which would hide what is tested here.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from onlinemix import GeneratorPool, SampleRing\n"
         "from tests.helpers import Counting\n"
         "with SampleRing.create(8, 8, producers=1, consumers=1) as ring:\n"
