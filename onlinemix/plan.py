@@ -321,26 +321,18 @@ class Planner:
     def _next(self) -> Request:
         rng = self._rng
         if self._policy_p is not None and rng.random() >= self.floor:
-            return self._next_by_policy()
-        target = int(rng.choice(self.num_classes, p=self._target_p))
-        strength = self._strength()
-        seed = int(rng.integers(0, 2**31 - 1))
-        if self.strategy.text_to_image:
-            return Request(-1, target, target, 1.0, seed)
-        if self.strategy.inter_class:
-            reference = int(rng.choice(self._references[target]))
-            return Request(reference, int(self._labels[reference]), target, strength, seed)
-        return Request(int(rng.choice(self._by_class[target])), target, target, strength, seed)
+            drawn = int(rng.choice(len(self._policy_p), p=self._policy_p))
+            if self.policy == "confusion":  # a (target, source) pair; the reference uniform within the source
+                target, source = divmod(drawn, self.num_classes)
+                strength, seed = self._strength(), int(rng.integers(0, 2**31 - 1))
+                return Request(int(rng.choice(self._by_class[source])), source, target, strength, seed)
+            return self._request(drawn)  # hard-class: a target
+        return self._request(int(rng.choice(self.num_classes, p=self._target_p)))
 
-    def _next_by_policy(self) -> Request:
+    def _request(self, target: int) -> Request:
+        """The request for ``target``, its reference drawn as the strategy says."""
         rng = self._rng
-        drawn = int(rng.choice(len(self._policy_p), p=self._policy_p))
-        strength = self._strength()
-        seed = int(rng.integers(0, 2**31 - 1))
-        if self.policy == "confusion":
-            target, source = divmod(drawn, self.num_classes)
-            return Request(int(rng.choice(self._by_class[source])), source, target, strength, seed)
-        target = drawn
+        strength, seed = self._strength(), int(rng.integers(0, 2**31 - 1))
         if self.strategy.text_to_image:
             return Request(-1, target, target, 1.0, seed)
         if self.strategy.inter_class:
