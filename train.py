@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, default=7.5)
     gen.add_argument("--gen-resolution", type=int, default=512)
     gen.add_argument("--gen-batch-size", type=int, default=8)
+    gen.add_argument("--gen-continuous", action=argparse.BooleanOptionalAction, default=True,
+                     help="continuous batching: start a request as soon as a slot of the generator batch frees")
+    gen.add_argument("--gen-deep-cache", type=int, default=1, metavar="K",
+                     help="DeepCache: recompute the U-Net's deep features every K-th step only (1: exact)")
+    gen.add_argument("--gen-posterior-cache", type=int, default=1024, metavar="N",
+                     help="VAE posteriors of the last N references each generator worker keeps")
     gen.add_argument("--gen-dtype", choices=["float32", "float16", "bfloat16"], default="float16")
     gen.add_argument("--clip-filter",
                      help="CLIP folder or hub id (the paper's openai/clip-vit-base-patch32): drop the 10%% of "
@@ -336,6 +342,7 @@ def generator_factory(args, splits, run_dir, feedback=None):
         strategy=strategy_of(args.aug), target_weights=weights, referable_classes=args.referable_classes,
         strengths=tuple(args.strengths) if args.strengths else None, steps=args.gen_steps, guidance=args.guidance,
         resolution=args.gen_resolution, image_size=args.ring_size or args.img_size, batch_size=args.gen_batch_size,
+        continuous=args.gen_continuous, deep_cache=args.gen_deep_cache, posterior_cache=args.gen_posterior_cache,
         dtype=args.gen_dtype, clip_model=args.clip_filter, local_files_only=args.local_files_only,
         policy=args.gen_policy, policy_floor=args.gen_policy_floor,
         strength_schedule=tuple(args.strength_schedule) if args.strength_schedule else None,

@@ -16,6 +16,16 @@ Three ways to make ``--batch`` translations at each strength, timed in turn:
 FLOPs); ``--model demo`` the demo generator shipped with the package. Writes
 ``benchmarks/results/generator_<device>_<model>_<dtype>.json`` and a plot of images/s
 against strength (like the paper's Fig. 11) next to it.
+
+``--options`` compares the generator's speed options instead, side by side in one run:
+a ``DiffusionProducer`` (what a pool worker runs) makes Diff-Mix translations of the
+demo data set's training images with the personalised demo generator, mixed strengths
+{0.5, 0.7, 0.9}, under each option set in turn (rounds, the order rotating); raw
+images/s, and *useful* images/s: raw × the share of s = 0.7 translations that the demo
+probe (``demo_generator.py``) calls the target species, measured per option set on
+the same references and seeds.
+
+    python benchmarks/bench_generator.py --options --finetuned runs/demo-ti-db
 """
 from __future__ import annotations
 
@@ -24,6 +34,7 @@ import os
 import statistics
 import time
 
+import numpy as np
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 from report import RESULTS, machine, pyplot, sync, write_report
@@ -83,6 +94,100 @@ def run(size: int, strengths: list, args, components, device) -> dict:
     return result
 
 
+# -- speed options ------------------------------------------------------------------------------------------
+
+OPTION_SETS = {  # GeneratorSpec fields per set, each adding one lever; "today": before continuous batching and caching
+    "today": dict(continuous=False, posterior_cache=0, fuse_lora=False),
+    "fused_lora": dict(continuous=False, posterior_cache=0),
+    "continuous": dict(posterior_cache=0),
+    "continuous+posteriors": dict(),
+    "deep_cache_2": dict(deep_cache=2),
+    "deep_cache_3": dict(deep_cache=3),
+    "deep_cache_2+steps_20": dict(deep_cache=2, steps=20),
+    "deep_cache_3+steps_20": dict(deep_cache=3, steps=20),
+}
+
+
+def option_producers(args, sets: list):
+    """One ``DiffusionProducer`` per option set over the demo training images (diffmix, personalised)."""
+    from onlinemix.data import load_splits
+    from onlinemix.generator.worker import DiffusionProducerFactory, GeneratorSpec
+
+    splits = load_splits(args.data_dir, dataset="demo")
+    producers = {}
+    for name in sets:
+        spec = GeneratorSpec(**{**dict(model="demo", finetuned=args.finetuned, steps=args.steps, guidance=args.guidance,
+                                       resolution=64, image_size=64, batch_size=args.batch, dtype=args.dtype,
+                                       local_files_only=True), **OPTION_SETS[name]})
+        np.random.seed(0)  # every set plans the same stream of requests
+        producers[name] = DiffusionProducerFactory(spec, splits.train, splits.class_names, "bird")(args.device)
+    return producers
+
+
+def stream_rate(producer, images: int, device) -> float:
+    """Images/s of ``producer`` over at least ``images`` images (its batch already in flight)."""
+    sync(device)
+    start, made = time.perf_counter(), 0
+    while made < images:
+        made += len(producer())
+    sync(device)
+    return made / (time.perf_counter() - start)
+
+
+def target_share(producer, probe, references) -> float:
+    """The share of s = 0.7 translations of ``references`` the probe calls the target species."""
+    from demo_generator import batches, personalised_prompts, predict
+
+    refs, targets = references
+    prompts = personalised_prompts({"class_names": producer.factory.class_names, "tokens": producer.tokens})
+    sampler = producer.sampler
+    out = torch.cat([sampler.translate(refs[part], [prompts[t] for t in targets[part].tolist()], [0.7] * len(seeds),
+                                       seeds) for part, seeds in batches(len(refs))])
+    return float((predict(probe, out) == targets).float().mean())
+
+
+def compare_options(args) -> None:
+    from demo_generator import renders, train_probe
+
+    if not args.finetuned or not os.path.isdir(args.finetuned):
+        raise SystemExit(f"--options needs the personalised demo generator, --finetuned {args.finetuned!r} is no "
+                         "folder: make it with `onlinemix finetune --config configs/finetune/demo.yaml --out "
+                         "runs/demo-ti-db` (or `make demo`).")
+    device = torch.device(args.device)
+    sets = args.sets or list(OPTION_SETS)
+    producers = option_producers(args, sets)
+    for producer in producers.values():  # warm-up: a batch in flight, the references' posteriors cached
+        stream_rate(producer, args.batch, device)
+    rates = {name: [] for name in sets}
+    for round_ in range(args.repeats):
+        for name in sets[round_ % len(sets):] + sets[:round_ % len(sets)]:
+            rates[name].append(stream_rate(producers[name], args.images, device))
+            print(f"round {round_}: {name} {rates[name][-1]:.2f} images/s", flush=True)
+    probe_x, probe_y, _, _ = renders(args.probe_train, 0)
+    probe = train_probe(probe_x, probe_y, epochs=15, seed=0)
+    refs, ref_y, _, _ = renders(args.references, 2)
+    rng = np.random.default_rng(0)
+    targets = torch.tensor([int(rng.choice([c for c in range(int(probe_y.max()) + 1) if c != y]))
+                            for y in ref_y.tolist()])
+    references = (refs, targets)
+    runs = []
+    for name in sets:
+        share = target_share(producers[name], probe, references)
+        raw = statistics.median(rates[name])
+        sampler = producers[name].sampler
+        runs.append(dict(options=name, spec=OPTION_SETS[name], images_per_s=raw, rounds=rates[name],
+                         target_share_s07=share, useful_images_per_s=raw * share,
+                         posterior_hits=sampler.posterior_hits, posterior_misses=sampler.posterior_misses))
+    for run_ in runs:
+        run_["speedup_vs_today"] = run_["images_per_s"] / runs[0]["images_per_s"] if sets[0] == "today" else None
+        print(f"{run_['options']}: {run_['images_per_s']:.2f} images/s, target share {run_['target_share_s07']:.3f}, "
+              f"useful {run_['useful_images_per_s']:.2f}/s")
+    out = args.out or os.path.join(RESULTS, f"generator_options_{device.type}_demo_{args.dtype}.json")
+    write_report("bench_generator --options", out, {k: v for k, v in vars(args).items() if k != "out"}, runs,
+                 machine=machine(device), strengths="mixed {0.5, 0.7, 0.9} (diffmix's)", resolution=64,
+                 probe_references=len(refs))
+
+
 def plot(runs: list, path: str, title: str) -> None:
     """Images/s against strength per method and size (lines); mixed strengths as a cross at 0.7."""
     plt = pyplot()
@@ -121,7 +226,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     parser.add_argument("--out", default=None)
+    options = parser.add_argument_group("--options: the generator's speed options on the demo data set")
+    options.add_argument("--options", action="store_true", help="compare the speed options (see above)")
+    options.add_argument("--sets", nargs="+", choices=sorted(OPTION_SETS), help="option sets (default: all)")
+    options.add_argument("--finetuned", default="runs/demo-ti-db", help="the personalised demo generator")
+    options.add_argument("--data-dir", default="data/demo", help="the demo data set (written there if missing)")
+    options.add_argument("--images", type=int, default=48, help="images per timed stretch")
+    options.add_argument("--references", type=int, default=8, help="probe references per species")
+    options.add_argument("--probe-train", type=int, default=150, help="probe training renders per species")
     args = parser.parse_args()
+    if args.options:
+        return compare_options(args)
     device = torch.device(args.device)
     builders = {"tiny": lambda: tiny_components(0), "demo": lambda: load_components("demo"), "sd15": sd15_architecture}
     components = builders[args.model]()

@@ -1,3 +1,5 @@
+from collections import Counter
+
 import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
@@ -86,7 +88,7 @@ def test_sampler_errors(components):
     with pytest.raises(ValueError, match="guidance must be >= 1"):
         Sampler(components, guidance=0.5)
     sampler = Sampler(components, steps=2)
-    with pytest.raises(ValueError, match="one prompt, strength and seed"):
+    with pytest.raises(ValueError, match="one prompt, strength, seed and tag"):
         sampler.translate(references(2), PROMPTS[:1], [0.5, 0.5], SEEDS[:2])
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         sampler.translate(references(1), PROMPTS[:1], [0.0], SEEDS[:1])
@@ -108,11 +110,12 @@ def diffusers_img2img_start(pipe, steps, strength):
 def test_sdedit_schedule_equals_diffusers_over_the_grid(components):
     """Every (steps 1-50, strength 0.01-1.00) starts where StableDiffusionImg2ImgPipeline starts; check_steps
     refuses exactly the pairs that would run no step. Translating all strengths of one step count in one
-    mixed batch, the U-Net sees at each timestep exactly the samples diffusers would have started by then."""
+    mixed batch, each sample meets in the U-Net exactly the timesteps diffusers' img2img runs it through, and the
+    batch takes as many U-Net calls as its longest sample."""
     pipe = components.pipeline(StableDiffusionImg2ImgPipeline)
     calls = []
     hook = components.unet.register_forward_hook(
-        lambda module, args, out: calls.append((float(args[1]), args[0].shape[0])))
+        lambda module, args, out: calls.append([float(t) for t in args[1]]))
     try:
         for steps in range(1, 51):
             expected = {s: diffusers_img2img_start(pipe, steps, s) for s in GRID_STRENGTHS}
@@ -129,10 +132,10 @@ def test_sdedit_schedule_equals_diffusers_over_the_grid(components):
             sampler = Sampler(components, steps=steps, guidance=2.0)
             n = len(runnable)
             sampler.translate(torch.rand(n, 3, 16, 16), ["a bird"] * n, runnable, list(range(n)))
-            want = [(t, 2 * sum(schedule.index(expected[s][0]) <= i for s in runnable))
-                    for i, t in enumerate(schedule)]
-            want = [(t, b) for t, b in want if b]
-            assert calls == want, f"{steps} steps: the samples' first timesteps differ from diffusers' img2img"
+            want = Counter(t for s in runnable for t in 2 * schedule[schedule.index(expected[s][0]):])
+            seen = Counter(t for call in calls for t in call)
+            assert seen == want, f"{steps} steps: the samples' timesteps differ from diffusers' img2img"
+            assert len(calls) == max(expected[s][1] for s in runnable)
     finally:
         hook.remove()
 
@@ -146,3 +149,102 @@ def test_translate_equals_diffusers_where_float32_rounding_used_to_start_late(co
                     guidance_scale=7.5, generator=generators(SEEDS[:2]), output_type="pt").images
     ours = Sampler(components, steps=steps, guidance=7.5).translate(images, PROMPTS[:2], [strength] * 2, SEEDS[:2])
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
+
+
+def unet_inputs(components, n=3, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(n, 4, size, size, generator=g)
+    states = Sampler(components).embed(PROMPTS[:n])
+    return latents, torch.tensor([901, 501, 41][:n]), states
+
+
+@pytest.mark.parametrize("model", ["tiny", "demo"])
+def test_deep_cache_shallow_call_equals_the_full_call_on_the_same_inputs(components, model):
+    from onlinemix.generator.components import load_components
+    from onlinemix.generator.deep_cache import DeepCacheUNet
+
+    components = components if model == "tiny" else load_components("demo")  # cross-attention / plain last block
+    latents, timesteps, states = unet_inputs(components, size=components.unet.config.sample_size)
+    unet = DeepCacheUNet(components.unet)
+    with torch.no_grad():
+        expected = components.unet(latents, timesteps, encoder_hidden_states=states, return_dict=False)[0]
+        full, deep = unet.full(latents, timesteps, states)
+        shallow = unet.shallow(latents, timesteps, states, deep)
+        stale = unet.shallow(latents, timesteps.flip(0), states, deep)
+    torch.testing.assert_close(full, expected, rtol=0, atol=0)
+    torch.testing.assert_close(shallow, expected, rtol=0, atol=1e-5)
+    assert not torch.equal(stale, shallow), "the shallow call uses its own timesteps"
+
+
+def test_deep_cache_refreshes_each_trajectory_on_its_own_phase(components, monkeypatch):
+    from onlinemix.generator.deep_cache import DeepCacheUNet
+
+    calls = {"full": 0, "shallow": 0}
+    for name in calls:
+        def counted(self, *args, _name=name, _method=getattr(DeepCacheUNet, name)):
+            calls[_name] += 1
+            return _method(self, *args)
+
+        monkeypatch.setattr(DeepCacheUNet, name, counted)
+    images, strengths = references(), [0.9, 0.5, 0.7]
+    sampler = Sampler(components, steps=10, deep_cache=3)
+    moments = sampler.encode(images)
+    trajectories = sampler.start_translations(moments[:1], PROMPTS[:1], strengths[:1], SEEDS[:1], [0])
+    sampler.step(trajectories)  # the others join one step later, out of phase
+    trajectories += sampler.start_translations(moments[1:], PROMPTS[1:], strengths[1:], SEEDS[1:], [1, 2])
+    while not all(t.done for t in trajectories):
+        sampler.step(trajectories)
+    tags, mixed = sampler.decode(trajectories)
+    assert tags == [0, 2, 1], "by admission, then by first step"
+    mixed = mixed[[0, 2, 1]]
+    # 9, 5 and 7 steps, the first from step 0, the others from step 1; refreshes at each one's steps 0, 3, 6:
+    # full calls at steps {0, 3, 6} | {1, 4} | {1, 4, 7}, shallow ones at every other step someone is in.
+    assert calls == {"full": 6, "shallow": 8}
+    for i in range(3):  # each trajectory kept its own phase: equal to the sample alone
+        alone = sampler.translate(images[i:i + 1], PROMPTS[i:i + 1], strengths[i:i + 1], SEEDS[i:i + 1])
+        torch.testing.assert_close(mixed[i:i + 1], alone, rtol=0, atol=1e-4)
+    exact = Sampler(components, steps=10).translate(images, PROMPTS, strengths, SEEDS)
+    assert not torch.allclose(mixed, exact, atol=1e-4), "reuse approximates"
+
+
+def test_deep_cache_of_one_is_exact_and_bad_values_are_refused(components):
+    images = references()
+    exact = Sampler(components, steps=6).translate(images, PROMPTS, [0.5, 0.7, 1.0], SEEDS)
+    torch.testing.assert_close(Sampler(components, steps=6, deep_cache=1).translate(
+        images, PROMPTS, [0.5, 0.7, 1.0], SEEDS), exact, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="deep_cache must be >= 1"):
+        Sampler(components, deep_cache=0)
+    with pytest.raises(ValueError, match="posterior_cache must be >= 0"):
+        Sampler(components, posterior_cache=-1)
+
+
+def test_posteriors_are_encoded_once_and_evicted_least_recently_used(components):
+    images = references(4)
+    sampler = Sampler(components, posterior_cache=2)
+    loads = []
+
+    def load(keys):
+        loads.append(list(keys))
+        return images[keys]
+
+    expected = sampler.encode(images)
+    torch.testing.assert_close(sampler.posteriors([0, 1, 0], load), expected[[0, 1, 0]], rtol=0, atol=1e-5)
+    torch.testing.assert_close(sampler.posteriors([1, 2], load), expected[[1, 2]], rtol=0, atol=1e-5)
+    sampler.posteriors([0, 1], load)  # 0 was evicted (least recently used), 1 was kept
+    assert loads == [[0, 1], [2], [0]]
+    assert (sampler.posterior_hits, sampler.posterior_misses) == (3, 4)
+
+
+def test_translation_from_cached_posteriors_equals_translate(components):
+    images = references()
+    sampler = Sampler(components, steps=8, posterior_cache=4)
+    moments = sampler.posteriors([0, 1, 2], lambda keys: images[keys])
+    trajectories = sampler.start_translations(moments, PROMPTS, [0.5, 0.9, 0.5], SEEDS, ["a", "b", "c"])
+    assert [t.tags for t in trajectories] == [["b"], ["a", "c"]], "grouped by first step, the strongest first"
+    while not all(t.done for t in trajectories):
+        sampler.step(trajectories)
+    tags, out = sampler.decode(trajectories)
+    expected = sampler.translate(images, PROMPTS, [0.5, 0.9, 0.5], SEEDS)
+    torch.testing.assert_close(out, expected[[1, 0, 2]], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="finished trajectories"):
+        sampler.decode(sampler.start_translations(moments[:1], PROMPTS[:1], [0.5], SEEDS[:1], ["a"]))

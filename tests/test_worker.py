@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from onlinemix import GeneratorPool, SampleRing
-from onlinemix.generator.components import save_personalisation, tiny_components
+from onlinemix.generator.components import (attach_personalisation, load_components, save_personalisation,
+                                             tiny_components)
 from onlinemix.data import FileSplit
+from onlinemix.generator.sampler import denoising_steps
 from onlinemix.generator.worker import DiffusionProducerFactory, GeneratorSpec, to_uint8
 from tests.helpers import TensorImages
 from onlinemix.plan import Planner, get_strategy, placeholder_token
@@ -40,29 +42,86 @@ def test_producer_output_matches_its_plan(folders):
     base, tuned = folders
     refs = references()
     np.random.seed(7)
-    producer = DiffusionProducerFactory(spec(base, tuned), refs, CLASSES, "bird")("cpu")
+    producer = DiffusionProducerFactory(spec(base, tuned, continuous=False), refs, CLASSES, "bird")("cpu")
+    _, decoded = spy_on_unet_and_decode(producer)
     batch = producer()
+    assert torch.equal(to_uint8(decoded[0][1], 24), batch.images)
     assert batch.images.shape == (4, 3, 24, 24) and batch.images.dtype == torch.uint8
 
     # Re-plan with the same seed and translate by hand: same labels, same images.
     np.random.seed(7)
     planner = Planner(refs.labels, "diffmix", num_classes=4, seed=int(np.random.randint(0, 2**31 - 1)))
     requests = planner.take(4)
+    # Handed over by first step of the schedule (the strongest first), then in plan order.
+    requests = sorted(requests, key=lambda r: -denoising_steps(4, r.strength))
     assert batch.source.tolist() == [r.source for r in requests]
     assert batch.target.tolist() == [r.target for r in requests]
     assert batch.strength.tolist() == pytest.approx([r.strength for r in requests])
     assert all(refs.labels[r.reference] == r.source for r in requests)
-    by_hand = producer.requests_to_images(requests)
-    assert torch.equal(to_uint8(by_hand, 24), batch.images)
-    prompts = [get_strategy("diffmix").prompt_for(r.target, CLASSES, "bird") for r in requests]
+    prompts = [get_strategy("diffmix").prompt_for(r.target, CLASSES, "bird", producer.tokens) for r in requests]
     assert prompts[0].startswith("a photo of a <class_") and prompts[0].endswith("> bird")
+    by_hand = producer.sampler.translate(producer.load_references([r.reference for r in requests]), prompts,
+                                         [r.strength for r in requests], [r.seed for r in requests])
+    torch.testing.assert_close(by_hand, decoded[0][1], rtol=0, atol=1e-4)
+
+
+def spy_on_unet_and_decode(producer):
+    """Record the rows of every U-Net call and what every decode hands back."""
+    rows, decoded = [], []
+    producer.sampler.components.unet.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))
+    decode = producer.sampler.decode
+
+    def recorded(trajectories):
+        decoded.append(decode(trajectories))
+        return decoded[-1]
+
+    producer.sampler.decode = recorded
+    return rows, decoded
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_continuous_batching_fills_every_unet_call_and_keeps_each_sample(folders, continuous):
+    base, tuned = folders
+    np.random.seed(5)
+    producer = DiffusionProducerFactory(spec(base, tuned, steps=10, continuous=continuous), references(), CLASSES,
+                                        "bird")("cpu")
+    rows, decoded = spy_on_unet_and_decode(producer)
+    batches = [producer() for _ in range(6)]
+    if continuous:
+        assert set(rows) == {2 * 4}, "every U-Net call runs the whole batch (twice, under guidance)"
+        assert any(len(b) < 4 for b in batches), "samples are handed over as they finish"
+    else:
+        assert min(rows) < 2 * 4 and all(len(b) == 4 for b in batches)
+    assert sum(len(b) for b in batches) == sum(len(r) for r, _ in decoded)
+    # Each sample equals itself translated alone (the same request, seed and strength).
+    for requests, images in list(decoded[:3]):
+        for request, image in zip(requests, images):
+            prompt = get_strategy("diffmix").prompt_for(request.target, CLASSES, "bird", producer.tokens)
+            alone = producer.sampler.translate(producer.load_references([request.reference]), [prompt],
+                                               [request.strength], [request.seed])
+            torch.testing.assert_close(image[None], alone, rtol=0, atol=1e-4)
+
+
+def test_references_are_encoded_once_per_worker(folders):
+    base, tuned = folders
+    np.random.seed(1)
+    producer = DiffusionProducerFactory(spec(base, tuned, posterior_cache=8), references(), CLASSES, "bird")("cpu")
+    loaded = []
+    load = producer.load_references
+    producer.load_references = lambda indices: (loaded.extend(indices), load(indices))[1]
+    for _ in range(12):
+        producer()
+    sampler = producer.sampler
+    assert len(loaded) == len(set(loaded)) <= 8, "each of the 8 references is loaded and encoded at most once"
+    assert sampler.posterior_hits > 0 and sampler.posterior_hits + sampler.posterior_misses >= 12
 
 
 @pytest.mark.parametrize("strategy", ["diffgen", "realaug", "realmix", "dafusion"])
 def test_other_strategies_produce_consistent_labels(folders, strategy):
     base, tuned = folders
     finetuned = tuned if get_strategy(strategy).personalised else None
-    batch = DiffusionProducerFactory(spec(base, finetuned, strategy=strategy), references(), CLASSES, "bird")("cpu")()
+    batch = DiffusionProducerFactory(spec(base, finetuned, strategy=strategy, continuous=False), references(), CLASSES,
+                                     "bird")("cpu")()
     assert len(batch) == 4
     if not get_strategy(strategy).inter_class:
         assert torch.equal(batch.source, batch.target)
@@ -97,6 +156,8 @@ def test_pool_worker_fills_a_ring_with_labelled_samples(folders, tmp_path):
         (dict(strengths=(0.5, 1.5)), r"\(0, 1\]"),
         (dict(strengths=(0.0,)), r"\(0, 1\]"),
         (dict(dtype="float8"), "dtype"),
+        (dict(deep_cache=0), "deep_cache must be >= 1"),
+        (dict(posterior_cache=-1), "posterior_cache >= 0"),
         (dict(strategy="diffmix", finetuned=None), "needs a personalised generator"),
         (dict(strategy="nope"), "Unknown strategy"),
     ],
@@ -122,15 +183,15 @@ def test_too_few_steps_for_a_strength(folders):
 
 def test_non_finite_images_are_dropped_and_counted(folders, caplog):
     base, tuned = folders
-    producer = DiffusionProducerFactory(spec(base, tuned), references(), CLASSES, "bird")("cpu")
-    translate = producer.requests_to_images
+    producer = DiffusionProducerFactory(spec(base, tuned, continuous=False), references(), CLASSES, "bird")("cpu")
+    decode = producer.sampler.decode
 
-    def one_nan(requests):
-        images = translate(requests)
+    def one_nan(trajectories):
+        requests, images = decode(trajectories)
         images[1, 0, 3, 3] = float("nan")
-        return images
+        return requests, images
 
-    producer.requests_to_images = one_nan
+    producer.sampler.decode = one_nan
     batch = producer()
     assert len(batch) == 3 and producer.non_finite == 1 and producer.dropped == 1
     assert "dropped 1 non-finite" in caplog.text
@@ -176,7 +237,20 @@ def test_base_model_strategies_ignore_the_personalised_generator(folders, ti_db,
 def test_diff_mix_runs_the_personalised_generator(folders, ti_db):
     base, _ = folders
     producer = DiffusionProducerFactory(spec(base, ti_db), references(), CLASSES, "bird")("cpu")
-    assert producer.sampler.components.unet.peft_config and producer.tokens[0] == "<class_0>"
+    assert producer.tokens[0] == "<class_0>"
+    # The LoRA is folded into the U-Net's weights: no adapter layers left, the same outputs as with them.
+    fused = producer.sampler.components.unet
+    assert not getattr(fused, "peft_config", None)
+    assert not any("lora" in name for name, _ in fused.named_parameters())
+    with_adapters = load_components(base)
+    attach_personalisation(with_adapters, ti_db)
+    latents, states = torch.randn(2, 4, 4, 4), torch.randn(2, 77, fused.config.cross_attention_dim)
+    with torch.no_grad():
+        expected = with_adapters.unet(latents, 500, encoder_hidden_states=states).sample
+        torch.testing.assert_close(fused(latents, 500, encoder_hidden_states=states).sample, expected, rtol=0, atol=1e-5)
+        with_adapters.unet.disable_lora()
+        assert not torch.allclose(with_adapters.unet(latents, 500, encoder_hidden_states=states).sample, expected,
+                                  atol=1e-3), "the LoRA changes the U-Net"
 
 
 def test_da_fusion_needs_a_tokens_only_generator(folders, ti_db):

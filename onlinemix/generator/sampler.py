@@ -1,30 +1,37 @@
-"""Batched SDEdit translation with mixed strengths, and batched text-to-image.
+"""SDEdit translation and text-to-image with continuous batching, equal to diffusers' pipelines.
 
 For samples of one strength the result equals diffusers'
 ``StableDiffusionImg2ImgPipeline`` (``StableDiffusionPipeline`` for text-to-image)
 on the same components, settings and per-sample generators: the same posterior
-and noise draws, the same DPM-Solver++ steps. What changes is the batching:
+and noise draws, the same DPM-Solver++ steps. What changes is the batching.
 
-- samples of different strengths share one batch. They all follow the same
-  timestep schedule; a sample of strength ``s`` joins it at step
-  ``steps - denoising_steps(steps, s)``, diffusers' own arithmetic, so at every
-  step the active samples sit at the same timestep and take one U-Net call
-  together. Samples that join at the same step share a scheduler state (solver
-  history), so every sample is stepped exactly as a single-strength run would
-  step it;
-- prompt embeddings, the unconditional one included, are computed once per
-  prompt and cached.
+Every sample lives in a ``Trajectory``: the samples admitted together at the same
+first step of the schedule, with their own scheduler state (the solver's history)
+and their own position in the schedule. ``Sampler.step`` advances every trajectory
+it is given by one step in one U-Net call, each row at its own timestep (the
+diffusers U-Net takes a timestep per sample). So samples of different strengths,
+and samples admitted at different times, share every U-Net call: a caller keeps
+the batch full by admitting new samples as soon as a trajectory finishes
+(``onlinemix.generator.worker``), or drains one batch (``translate``, ``generate``).
+
+What is cached: prompt embeddings (the unconditional one included), once per
+prompt; each reference's VAE posterior, in a bounded LRU keyed by the caller's
+reference key (``posteriors``); and, with ``deep_cache=k``, the U-Net's deep
+features, recomputed every ``k``-th step of each trajectory (``deep_cache.py``;
+an approximation, unlike the others).
 """
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Hashable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .components import Components
+from .deep_cache import DeepCacheUNet
 
 
 def denoising_steps(steps: int, strength: float) -> int:
@@ -50,33 +57,74 @@ def check_steps(steps: int, strengths) -> None:
 
 
 @dataclass
-class _Group:
-    """Samples that join the schedule at the same step: their rows in the batch, scheduler, first step and latents."""
+class Trajectory:
+    """Samples admitted together at one first step: they share a scheduler state and a position.
 
-    rows: torch.Tensor
+    Attributes:
+        tags: The caller's tag per sample (a request, a row index), handed back when done.
+        scheduler: Their DPM-Solver++ state.
+        index: Position in ``scheduler.timesteps`` of the next step.
+        latents: ``[n, C, h, w]``.
+        states: Prompt embeddings ``[n, 77, D]``.
+        taken: Steps taken so far (DeepCache refreshes the deep features when ``taken % k == 0``).
+        deep: Cached deep features ``[copies, n, ...]`` (two copies under guidance: unconditional, conditional).
+    """
+
+    tags: list
     scheduler: object
-    start: int
+    index: int
     latents: torch.Tensor
+    states: torch.Tensor
+    taken: int = 0
+    deep: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.tags)
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.scheduler.timesteps)
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        return self.scheduler.timesteps[self.index]
 
 
 class Sampler:
-    """Translate or generate batches with one set of components.
+    """Translate or generate with one set of components.
 
     Args:
         components: The generator (see ``components.py``).
         steps: Denoising steps of the full schedule (img2img runs ``int(steps·s)`` of them).
         guidance: Classifier-free guidance scale; 1 turns guidance off.
+        deep_cache: Recompute the U-Net's deep features every ``deep_cache``-th step of a
+            trajectory and reuse them in between (DeepCache); 1 (default): never reuse, exact.
+        posterior_cache: How many references' VAE posteriors ``posteriors`` keeps (LRU).
     """
 
-    def __init__(self, components: Components, *, steps: int = 25, guidance: float = 7.5):
+    def __init__(self, components: Components, *, steps: int = 25, guidance: float = 7.5, deep_cache: int = 1,
+                 posterior_cache: int = 0):
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}.")
         if guidance < 1:
             raise ValueError(f"guidance must be >= 1 (1 turns classifier-free guidance off), got {guidance}.")
+        if deep_cache < 1:
+            raise ValueError(f"deep_cache must be >= 1 (1 recomputes every step), got {deep_cache}.")
+        if posterior_cache < 0:
+            raise ValueError(f"posterior_cache must be >= 0, got {posterior_cache}.")
         self.components = components
+        # diffusers finds a model's dtype by walking its parameters (ms each): read once, so move
+        # the components before building a sampler.
+        self.device, self.dtype = components.device, components.dtype
         self.steps = steps
         self.guidance = guidance
+        self.deep_cache = deep_cache
+        self.posterior_cache = posterior_cache
+        self._unet = DeepCacheUNet(components.unet) if deep_cache > 1 else None
         self._embeddings: dict[str, torch.Tensor] = {}
+        self._posteriors: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self.posterior_hits = 0
+        self.posterior_misses = 0
 
     @torch.no_grad()
     def embed(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -86,64 +134,128 @@ class Sampler:
             c = self.components
             ids = c.tokenizer(missing, padding="max_length", max_length=c.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids
-            states = c.text_encoder(ids.to(c.device))[0].to(c.dtype)
+            states = c.text_encoder(ids.to(self.device))[0].to(self.dtype)
             self._embeddings.update(zip(missing, states))
         return torch.stack([self._embeddings[p] for p in prompts])
 
     @torch.no_grad()
-    def translate(self, images: torch.Tensor, prompts: Sequence[str], strengths: Sequence[float],
-                  seeds: Sequence[int]) -> torch.Tensor:
-        """SDEdit each image toward its prompt at its strength.
-
-        Args:
-            images: float ``[B, 3, H, W]`` in ``[0, 1]``, ``H`` and ``W`` multiples of 8.
-            prompts: One prompt per image.
-            strengths: One strength in ``(0, 1]`` per image, as Python floats (see
-                ``denoising_steps``); they may differ.
-            seeds: One seed per image (its posterior sample, then its noise).
-
-        Returns:
-            float32 ``[B, 3, H, W]`` in ``[0, 1]`` on the CPU.
-        """
-        c = self.components
-        self._check(len(images), prompts, strengths, seeds)
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        pixels = (images.to(c.device, c.dtype) * 2 - 1)
-        posterior = c.vae.encode(pixels).latent_dist
-        shape = (1, *posterior.mean.shape[1:])
-        eps = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(c.device, c.dtype)
-        latents = (posterior.mean + posterior.std * eps) * c.vae.config.scaling_factor
-        noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(c.device, c.dtype)
-        groups = []
-        starts = torch.tensor([self.steps - denoising_steps(self.steps, s) for s in strengths])
-        for first in sorted(set(starts.tolist())):
-            rows = torch.nonzero(starts == first).flatten()
-            scheduler, start = self._scheduler(first)
-            t = scheduler.timesteps[start:start + 1].repeat(len(rows))
-            start_latents = scheduler.add_noise(latents[rows], noise[rows], t)
-            groups.append(_Group(rows, scheduler, start, start_latents))
-        return self._denoise(groups, prompts, len(images))
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """VAE posterior moments ``[B, 2C, h, w]`` (mean, log-variance) of float ``[B, 3, H, W]`` images in [0, 1]."""
+        return self.components.vae.encode(images.to(self.device, self.dtype) * 2 - 1).latent_dist.parameters
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int], *, height: int, width: int) -> torch.Tensor:
-        """Text-to-image; returns float32 ``[B, 3, height, width]`` in ``[0, 1]`` on the CPU."""
+    def posteriors(self, keys: Sequence[Hashable], load: Callable[[list], torch.Tensor]) -> torch.Tensor:
+        """Posterior moments of the references ``keys``, from the LRU cache or encoded now.
+
+        Args:
+            keys: One key per reference (its index in the training set, say).
+            load: ``load(missing_keys)`` -> float ``[n, 3, H, W]`` images in [0, 1], called
+                once, only for the keys not in the cache.
+        """
+        missing = [k for k in dict.fromkeys(keys) if k not in self._posteriors]
+        self.posterior_misses += len(missing)
+        self.posterior_hits += len(keys) - len(missing)
+        fresh = dict(zip(missing, self.encode(load(missing)))) if missing else {}
+        moments = torch.stack([fresh[k] if k in fresh else self._posteriors[k] for k in keys])
+        for k in keys:
+            if k in fresh:
+                self._posteriors[k] = fresh[k]
+            if k in self._posteriors:
+                self._posteriors.move_to_end(k)
+        while len(self._posteriors) > self.posterior_cache:
+            self._posteriors.popitem(last=False)
+        return moments
+
+    def start_translations(self, moments: torch.Tensor, prompts: Sequence[str], strengths: Sequence[float],
+                           seeds: Sequence[int], tags: Sequence) -> list[Trajectory]:
+        """Trajectories that SDEdit each posterior toward its prompt at its strength.
+
+        Args:
+            moments: Posterior moments ``[B, 2C, h, w]`` (``encode``, ``posteriors``).
+            prompts: One prompt per sample.
+            strengths: One strength in ``(0, 1]`` per sample, as Python floats (see
+                ``denoising_steps``); they may differ.
+            seeds: One seed per sample (its posterior sample, then its noise).
+            tags: One tag per sample, handed back by ``decode``.
+        """
         c = self.components
-        self._check(len(prompts), prompts, [1.0] * len(prompts), seeds)
+        self._check(len(moments), prompts, strengths, seeds, tags)
+        mean, logvar = moments.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        shape = (1, *mean.shape[1:])
+        eps = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
+        latents = (mean + std * eps) * c.vae.config.scaling_factor
+        noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
+        states = self.embed(prompts)
+        starts = [self.steps - denoising_steps(self.steps, s) for s in strengths]
+        trajectories = []
+        for first in sorted(set(starts)):
+            rows = [i for i, start in enumerate(starts) if start == first]
+            scheduler, index = self._scheduler(first)
+            t = scheduler.timesteps[index:index + 1].repeat(len(rows))
+            trajectories.append(Trajectory([tags[i] for i in rows], scheduler, index,
+                                           scheduler.add_noise(latents[rows], noise[rows], t), states[rows]))
+        return trajectories
+
+    def start_generations(self, prompts: Sequence[str], seeds: Sequence[int], tags: Sequence, *, height: int,
+                          width: int) -> list[Trajectory]:
+        """One trajectory of text-to-image samples from pure noise."""
+        c = self.components
+        self._check(len(prompts), prompts, [1.0] * len(prompts), seeds, tags)
         f = c.vae_scale_factor
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}.")
         shape = (1, c.unet.config.in_channels, height // f, width // f)
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        scheduler, start = self._scheduler(0)
-        latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(c.device, c.dtype)
-        group = _Group(torch.arange(len(prompts)), scheduler, start, latents * scheduler.init_noise_sigma)
-        return self._denoise([group], prompts, len(prompts))
+        scheduler, index = self._scheduler(0)
+        latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
+        return [Trajectory(list(tags), scheduler, index, latents * scheduler.init_noise_sigma, self.embed(prompts))]
 
-    def _check(self, count: int, prompts, strengths, seeds) -> None:
-        if not (len(prompts) == len(strengths) == len(seeds) == count):
+    @torch.no_grad()
+    def step(self, trajectories: Sequence[Trajectory]) -> None:
+        """Advance every unfinished trajectory by one step: one U-Net call over all of them (two with
+        DeepCache when some refresh their deep features and some reuse them)."""
+        active = [t for t in trajectories if not t.done]
+        refresh = [t for t in active if self._unet is None or t.taken % self.deep_cache == 0]
+        reuse = [t for t in active if t not in refresh]
+        for part in (refresh, reuse):
+            if part:
+                self._step(part, reuse=part is reuse)
+
+    @torch.no_grad()
+    def decode(self, trajectories: Sequence[Trajectory]) -> tuple[list, torch.Tensor]:
+        """``(tags, images)`` of finished trajectories: float32 ``[n, 3, H, W]`` in ``[0, 1]`` on the CPU."""
+        if not all(t.done for t in trajectories):
+            raise ValueError("decode() needs finished trajectories; call step() until each is done.")
+        c = self.components
+        latents = torch.cat([t.latents for t in trajectories])
+        images = c.vae.decode(latents / c.vae.config.scaling_factor, return_dict=False)[0]
+        return [tag for t in trajectories for tag in t.tags], (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    def translate(self, images: torch.Tensor, prompts: Sequence[str], strengths: Sequence[float],
+                  seeds: Sequence[int]) -> torch.Tensor:
+        """SDEdit a batch (``start_translations`` on float ``[B, 3, H, W]`` images in ``[0, 1]``,
+        ``H`` and ``W`` multiples of 8), run to the end; float32 ``[B, 3, H, W]`` on the CPU."""
+        rows = range(len(images))
+        self._check(len(images), prompts, strengths, seeds, rows)
+        return self._run(self.start_translations(self.encode(images), prompts, strengths, seeds, rows))
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], *, height: int, width: int) -> torch.Tensor:
+        """Text-to-image; returns float32 ``[B, 3, height, width]`` in ``[0, 1]`` on the CPU."""
+        return self._run(self.start_generations(prompts, seeds, range(len(prompts)), height=height, width=width))
+
+    def _run(self, trajectories: list[Trajectory]) -> torch.Tensor:
+        while not all(t.done for t in trajectories):
+            self.step(trajectories)
+        rows, images = self.decode(trajectories)
+        return images[torch.argsort(torch.tensor(rows))]
+
+    def _check(self, count: int, prompts, strengths, seeds, tags) -> None:
+        if not (len(prompts) == len(strengths) == len(seeds) == len(tags) == count):
             raise ValueError(
-                f"Need one prompt, strength and seed per sample: got {count} samples, {len(prompts)} prompts, "
-                f"{len(strengths)} strengths, {len(seeds)} seeds."
+                f"Need one prompt, strength, seed and tag per sample: got {count} samples, {len(prompts)} prompts, "
+                f"{len(strengths)} strengths, {len(seeds)} seeds, {len(tags)} tags."
             )
         if any(not 0 < float(s) <= 1 for s in strengths):
             raise ValueError(f"strengths must lie in (0, 1], got {list(strengths)}.")
@@ -152,35 +264,34 @@ class Sampler:
     def _scheduler(self, first_step: int):
         """A fresh scheduler positioned at ``first_step`` of the schedule, as diffusers' img2img positions it."""
         scheduler = copy.deepcopy(self.components.scheduler)
-        scheduler.set_timesteps(self.steps, device=self.components.device)
-        start = first_step * scheduler.order
-        scheduler.set_begin_index(start)
-        return scheduler, start
+        scheduler.set_timesteps(self.steps, device=self.device)
+        index = first_step * scheduler.order
+        scheduler.set_begin_index(index)
+        return scheduler, index
 
-    def _denoise(self, groups: list[_Group], prompts: Sequence[str], count: int) -> torch.Tensor:
-        c = self.components
+    def _step(self, trajectories: list[Trajectory], *, reuse: bool) -> None:
         cfg = self.guidance > 1
-        cond = self.embed(prompts)
-        uncond = self.embed([""])
-        timesteps = groups[0].scheduler.timesteps
-        for step, t in enumerate(timesteps):
-            active = [g for g in groups if g.start <= step]
-            if not active:
-                continue
-            latents = torch.cat([g.latents for g in active])
-            states = cond[torch.cat([g.rows for g in active])]
-            if cfg:
-                latents = torch.cat([latents, latents])
-                states = torch.cat([uncond.expand(len(states), -1, -1), states])
-            noise = c.unet(latents, t, encoder_hidden_states=states, return_dict=False)[0]
-            if cfg:
-                noise_uncond, noise_text = noise.chunk(2)
-                noise = noise_uncond + self.guidance * (noise_text - noise_uncond)
-            for group, part in zip(active, noise.split([len(g.rows) for g in active])):
-                group.latents = group.scheduler.step(part, t, group.latents, return_dict=False)[0]
-        first = groups[0].latents
-        latents = torch.empty((count, *first.shape[1:]), dtype=first.dtype, device=first.device)
-        for group in groups:
-            latents[group.rows] = group.latents
-        images = c.vae.decode(latents / c.vae.config.scaling_factor, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+        latents = torch.cat([t.latents for t in trajectories])
+        states = torch.cat([t.states for t in trajectories])
+        timesteps = torch.cat([t.timestep.repeat(len(t)) for t in trajectories])
+        if cfg:
+            latents = torch.cat([latents, latents])
+            states = torch.cat([self.embed([""]).expand(len(states), -1, -1), states])
+            timesteps = torch.cat([timesteps, timesteps])
+        if self._unet is None:
+            noise = self.components.unet(latents, timesteps, encoder_hidden_states=states, return_dict=False)[0]
+        elif reuse:
+            deep = torch.cat([t.deep for t in trajectories], dim=1).flatten(0, 1)
+            noise = self._unet.shallow(latents, timesteps, states, deep)
+        else:
+            noise, deep = self._unet.full(latents, timesteps, states)
+            for t, part in zip(trajectories, deep.unflatten(0, (1 + cfg, -1)).split([len(t) for t in trajectories],
+                                                                                  dim=1)):
+                t.deep = part
+        if cfg:
+            noise_uncond, noise_text = noise.chunk(2)
+            noise = noise_uncond + self.guidance * (noise_text - noise_uncond)
+        for t, part in zip(trajectories, noise.split([len(t) for t in trajectories])):
+            t.latents = t.scheduler.step(part, t.timestep, t.latents, return_dict=False)[0]
+            t.index += 1
+            t.taken += 1

@@ -23,7 +23,7 @@ from ..batch import SampleBatch
 from ..feedback import FeedbackBlock
 from .clip_filter import ClipFilter
 from .components import attach_personalisation, load_components, personalisation_info
-from .sampler import Sampler, check_steps
+from .sampler import Sampler, Trajectory, check_steps
 
 logger = logging.getLogger("onlinemix")
 
@@ -59,6 +59,15 @@ class GeneratorSpec:
             closed-loop one fed by the trainer's ``FeedbackBlock``.
         policy_floor: Share of requests the uniform policy draws whatever the feedback.
         strength_schedule: ``(start, end)`` strength over training progress, or None: the strength set.
+        continuous: Continuous batching: start a new request as soon as a slot of the batch
+            frees, so every U-Net call runs ``batch_size`` samples, and hand each sample over
+            when it is done. False: plan a whole batch, run it to the end, hand it over.
+        deep_cache: Recompute the U-Net's deep features every ``deep_cache``-th step and reuse
+            them in between (DeepCache, an approximation); 1: every step, exact.
+        posterior_cache: How many references' VAE posteriors each worker keeps (LRU); a
+            reference picked again skips loading and encoding.
+        fuse_lora: Fold the personalisation LoRA into the U-Net's weights (the same maps up to
+            rounding, without peft's per-layer detour); False keeps the adapter layers.
     """
 
     model: str
@@ -80,6 +89,10 @@ class GeneratorSpec:
     policy: str = "uniform"
     policy_floor: float = 0.2
     strength_schedule: Optional[tuple] = None
+    continuous: bool = True
+    deep_cache: int = 1
+    posterior_cache: int = 1024
+    fuse_lora: bool = True
 
     @property
     def closed_loop(self) -> bool:
@@ -99,6 +112,9 @@ class GeneratorSpec:
         if self.image_size <= 0 or self.batch_size < 1:
             raise ValueError(f"image_size and batch_size must be positive, got {self.image_size} and "
                              f"{self.batch_size}.")
+        if self.deep_cache < 1 or self.posterior_cache < 0:
+            raise ValueError(f"deep_cache must be >= 1 (1: no reuse) and posterior_cache >= 0 (0: no cache), got "
+                             f"{self.deep_cache} and {self.posterior_cache}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
         if strategy.personalised and not self.finetuned:
@@ -197,7 +213,12 @@ class DiffusionProducerFactory:
         tokens = None
         if self.strategy.personalised:
             tokens = attach_personalisation(components, spec.finetuned)["tokens"] or self.class_names
-        sampler = Sampler(components, steps=spec.steps, guidance=spec.guidance)
+            if spec.fuse_lora and getattr(components.unet, "peft_config", None):
+                # Fold the LoRA into the weights it adapts: the same maps, without peft's per-layer detour.
+                components.unet.fuse_lora()
+                components.unet.unload_lora()
+        sampler = Sampler(components, steps=spec.steps, guidance=spec.guidance, deep_cache=spec.deep_cache,
+                          posterior_cache=spec.posterior_cache)
         # The pool seeds NumPy per worker and restart, so each worker plans its own stream.
         planner = self.planner.reseeded(int(np.random.randint(0, 2**31 - 1)))
         clip = None
@@ -218,6 +239,7 @@ class DiffusionProducer:
         self.non_finite = 0
         self.dropped = 0  # non-finite and CLIP-filtered samples
         self.publication = 0  # the latest feedback the planner follows
+        self.in_flight: list[Trajectory] = []
 
     def follow_feedback(self) -> None:
         """Hand the planner the trainer's latest publication, if it is new."""
@@ -226,24 +248,44 @@ class DiffusionProducer:
             self.planner.update(feedback.confusion, feedback.progress)
             self.publication = feedback.publication
 
-    def requests_to_images(self, requests) -> torch.Tensor:
+    def admit(self) -> None:
+        """Plan requests for the free slots and start them (continuous batching), or, without
+        ``spec.continuous``, a whole batch once the previous one is done."""
         spec, f = self.factory.spec, self.factory
+        free = spec.batch_size - sum(len(t) for t in self.in_flight)
+        if free == 0 or (self.in_flight and not spec.continuous):
+            return
+        if spec.closed_loop:
+            self.follow_feedback()
+        requests = self.planner.take(free)
         prompts = [self.strategy.prompt_for(r.target, f.class_names, f.metaclass, self.tokens) for r in requests]
         seeds = [r.seed for r in requests]
         if self.strategy.text_to_image:
-            return self.sampler.generate(prompts, seeds, height=spec.resolution, width=spec.resolution)
-        size = (spec.resolution, spec.resolution)
-        references = torch.stack([
-            F.interpolate(f.references.load(r.reference)[None].float(), size=size, mode="bilinear",
-                          antialias=True)[0] for r in requests
+            self.in_flight += self.sampler.start_generations(prompts, seeds, requests, height=spec.resolution,
+                                                             width=spec.resolution)
+            return
+        moments = self.sampler.posteriors([r.reference for r in requests], self.load_references)
+        self.in_flight += self.sampler.start_translations(moments, prompts, [r.strength for r in requests], seeds,
+                                                          requests)
+
+    def load_references(self, indices: Sequence[int]) -> torch.Tensor:
+        """Training images ``indices`` stretched to the generation resolution: float ``[n, 3, R, R]`` in [0, 1]."""
+        size = (self.factory.spec.resolution,) * 2
+        return torch.stack([
+            F.interpolate(self.factory.references.load(i)[None].float(), size=size, mode="bilinear",
+                          antialias=True)[0] for i in indices
         ]).div_(255).clamp_(0, 1)
-        return self.sampler.translate(references, prompts, [r.strength for r in requests], seeds)
 
     def __call__(self) -> SampleBatch:
-        if self.factory.spec.closed_loop:
-            self.follow_feedback()
-        requests = self.planner.take(self.factory.spec.batch_size)
-        images = self.requests_to_images(requests)
+        """Fill free slots, step every sample in flight until some finish (all, without continuous batching),
+        return those that pass the filters."""
+        self.admit()
+        ready = any if self.factory.spec.continuous else all
+        while not ready(t.done for t in self.in_flight):
+            self.sampler.step(self.in_flight)
+        finished = [t for t in self.in_flight if t.done]
+        self.in_flight = [t for t in self.in_flight if not t.done]
+        requests, images = self.sampler.decode(finished)
         keep = torch.isfinite(images).flatten(1).all(1)
         if not keep.all():
             self.non_finite += int((~keep).sum())
