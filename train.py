@@ -35,6 +35,8 @@ from onlinemix.data import SplitImages, check_data_options, load_splits
 from onlinemix.evaluation import evaluate
 from onlinemix.fidelity import FidelityMonitor
 from onlinemix.feedback import ClosedLoop, FeedbackBlock
+from onlinemix.generator.components import SCHEDULERS
+from onlinemix.generator.worker import COMPILE_MODES
 from onlinemix.options import add_data_arguments, data_options, parse_with_config
 from onlinemix.plan import POLICIES, check_policy
 from onlinemix.run_files import flat_scalars, log_step, save_grid, save_policy_heatmap, tensorboard, write_metrics
@@ -130,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="DeepCache: recompute the U-Net's deep features every K-th step only (1: exact)")
     gen.add_argument("--gen-posterior-cache", type=int, default=1024, metavar="N",
                      help="VAE posteriors of the last N references each generator worker keeps")
+    gen.add_argument("--gen-scheduler", choices=SCHEDULERS, default="dpm-solver++",
+                     help="sampling scheduler; an acceleration LoRA needs the one it was distilled for")
+    gen.add_argument("--gen-accelerator", metavar="LORA",
+                     help="few-step acceleration LoRA (a .safetensors file, a folder, or org/name/file.safetensors), "
+                          "fused next to the personalisation: Hyper-SD's CFG LoRAs with --gen-scheduler ddim-trailing")
+    gen.add_argument("--gen-accelerator-weight", type=float, default=1.0, help="the acceleration LoRA's weight")
+    gen.add_argument("--gen-channels-last", action="store_true", help="the U-Net in channels-last memory format")
+    gen.add_argument("--gen-compile", choices=COMPILE_MODES, metavar="MODE",
+                     help=f"torch.compile the U-Net in MODE ({', '.join(COMPILE_MODES)}; reduce-overhead adds CUDA "
+                          "graphs)")
     gen.add_argument("--gen-dtype", choices=["float32", "float16", "bfloat16"], default="float16")
     gen.add_argument("--clip-filter",
                      help="CLIP folder or hub id (the paper's openai/clip-vit-base-patch32): drop the 10%% of "
@@ -343,6 +355,8 @@ def generator_factory(args, splits, run_dir, feedback=None):
         strengths=tuple(args.strengths) if args.strengths else None, steps=args.gen_steps, guidance=args.guidance,
         resolution=args.gen_resolution, image_size=args.ring_size or args.img_size, batch_size=args.gen_batch_size,
         continuous=args.gen_continuous, deep_cache=args.gen_deep_cache, posterior_cache=args.gen_posterior_cache,
+        channels_last=args.gen_channels_last, compile=args.gen_compile, scheduler=args.gen_scheduler,
+        accelerator=args.gen_accelerator, accelerator_weight=args.gen_accelerator_weight,
         dtype=args.gen_dtype, clip_model=args.clip_filter, local_files_only=args.local_files_only,
         policy=args.gen_policy, policy_floor=args.gen_policy_floor,
         strength_schedule=tuple(args.strength_schedule) if args.strength_schedule else None,

@@ -30,6 +30,7 @@ the same references and seeds.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -105,87 +106,136 @@ OPTION_SETS = {  # GeneratorSpec fields per set, each adding one lever; "today":
     "deep_cache_3": dict(deep_cache=3),
     "deep_cache_2+steps_20": dict(deep_cache=2, steps=20),
     "deep_cache_3+steps_20": dict(deep_cache=3, steps=20),
+    "steps_8+ddim_trailing": dict(scheduler="ddim-trailing", steps=8),  # an 8-step adapter's speed (fused: free)
+    "channels_last": dict(channels_last=True),
+    "compiled": dict(channels_last=True, compile="default"),
+    "compiled+cuda_graphs": dict(channels_last=True, compile="reduce-overhead"),
 }
 
 
-def option_producers(args, sets: list):
-    """One ``DiffusionProducer`` per option set over the demo training images (diffmix, personalised)."""
-    from onlinemix.data import load_splits
+class RandomReferences:
+    """Random uint8 images standing in for a training set, for models with nothing to recognise (sd15, tiny)."""
+
+    def __init__(self, count: int, size: int, classes: int):
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=g)
+        self.labels = [i % classes for i in range(count)]
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+def option_producers(args, sets: list, device) -> dict:
+    """One ``DiffusionProducer`` per option set. demo: Diff-Mix on the demo training images with the
+    personalised demo generator; sd15 / tiny: realmix (the same SDEdit compute) on random images."""
     from onlinemix.generator.worker import DiffusionProducerFactory, GeneratorSpec
 
-    splits = load_splits(args.data_dir, dataset="demo")
+    if args.model == "demo":
+        from onlinemix.data import load_splits
+
+        splits = load_splits(args.data_dir, dataset="demo")
+        references, names, strategy, finetuned = splits.train, splits.class_names, "diffmix", args.finetuned
+
+        def fresh():  # personalising changes the components: a fresh copy per set
+            return load_components("demo")
+    else:
+        references, names = RandomReferences(48, 64, 12), [f"class_{i}" for i in range(12)]
+        strategy, finetuned = "realmix", None
+        built = {"tiny": lambda: tiny_components(0), "sd15": sd15_architecture}[args.model]()
+
+        def fresh():
+            return copy.deepcopy(built)
     producers = {}
     for name in sets:
-        spec = GeneratorSpec(**{**dict(model="demo", finetuned=args.finetuned, steps=args.steps, guidance=args.guidance,
-                                       resolution=64, image_size=64, batch_size=args.batch, dtype=args.dtype,
-                                       local_files_only=True), **OPTION_SETS[name]})
+        spec = GeneratorSpec(**{**dict(model=args.model, finetuned=finetuned, strategy=strategy, steps=args.steps,
+                                       guidance=args.guidance, resolution=args.resolution, image_size=64,
+                                       batch_size=args.batch, dtype=args.dtype, local_files_only=True),
+                                **OPTION_SETS[name]})
+        factory = DiffusionProducerFactory(spec, references, names, "bird")
         np.random.seed(0)  # every set plans the same stream of requests
-        producers[name] = DiffusionProducerFactory(spec, splits.train, splits.class_names, "bird")(args.device)
+        producers[name] = factory.producer(fresh().to(device=device, dtype=DTYPES[args.dtype]))
     return producers
 
 
-def stream_rate(producer, images: int, device) -> float:
-    """Images/s of ``producer`` over at least ``images`` images (its batch already in flight)."""
+def stream_rate(producer, images: int, device, calls: list | None = None) -> float:
+    """Images/s of ``producer`` over at least ``images`` images (its batch already in flight); the
+    rows of every full U-Net call go to ``calls`` (DeepCache's shallow calls bypass the U-Net's forward)."""
+    unet = producer.sampler.components.unet
+    hook = unet.register_forward_hook(lambda module, args, out: calls.append(len(args[0]))) if calls is not None \
+        else None
     sync(device)
     start, made = time.perf_counter(), 0
     while made < images:
         made += len(producer())
     sync(device)
-    return made / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    if hook is not None:
+        hook.remove()
+    return made / seconds
 
 
-def target_share(producer, probe, references) -> float:
-    """The share of s = 0.7 translations of ``references`` the probe calls the target species."""
-    from demo_generator import batches, personalised_prompts, predict
-
-    refs, targets = references
-    prompts = personalised_prompts({"class_names": producer.factory.class_names, "tokens": producer.tokens})
-    sampler = producer.sampler
-    out = torch.cat([sampler.translate(refs[part], [prompts[t] for t in targets[part].tolist()], [0.7] * len(seeds),
-                                       seeds) for part, seeds in batches(len(refs))])
-    return float((predict(probe, out) == targets).float().mean())
-
-
-def compare_options(args) -> None:
+def probe_references(args):
+    """The demo probe and s = 0.7 translation tasks: rendered references, each toward another species."""
     from demo_generator import renders, train_probe
 
-    if not args.finetuned or not os.path.isdir(args.finetuned):
-        raise SystemExit(f"--options needs the personalised demo generator, --finetuned {args.finetuned!r} is no "
-                         "folder: make it with `onlinemix finetune --config configs/finetune/demo.yaml --out "
-                         "runs/demo-ti-db` (or `make demo`).")
-    device = torch.device(args.device)
-    sets = args.sets or list(OPTION_SETS)
-    producers = option_producers(args, sets)
-    for producer in producers.values():  # warm-up: a batch in flight, the references' posteriors cached
-        stream_rate(producer, args.batch, device)
-    rates = {name: [] for name in sets}
-    for round_ in range(args.repeats):
-        for name in sets[round_ % len(sets):] + sets[:round_ % len(sets)]:
-            rates[name].append(stream_rate(producers[name], args.images, device))
-            print(f"round {round_}: {name} {rates[name][-1]:.2f} images/s", flush=True)
     probe_x, probe_y, _, _ = renders(args.probe_train, 0)
     probe = train_probe(probe_x, probe_y, epochs=15, seed=0)
     refs, ref_y, _, _ = renders(args.references, 2)
     rng = np.random.default_rng(0)
     targets = torch.tensor([int(rng.choice([c for c in range(int(probe_y.max()) + 1) if c != y]))
                             for y in ref_y.tolist()])
-    references = (refs, targets)
+    return probe, refs, targets
+
+
+def target_share(producer, probe, refs, targets) -> float:
+    """The share of s = 0.7 translations of ``refs`` the probe calls their target species."""
+    from demo_generator import batches, personalised_prompts, predict
+
+    prompts = personalised_prompts({"class_names": producer.factory.class_names, "tokens": producer.tokens})
+    out = torch.cat([producer.sampler.translate(refs[part], [prompts[t] for t in targets[part].tolist()],
+                                                [0.7] * len(seeds), seeds) for part, seeds in batches(len(refs))])
+    return float((predict(probe, out) == targets).float().mean())
+
+
+def compare_options(args) -> None:
+    if args.model == "demo" and not os.path.isdir(args.finetuned or ""):
+        raise SystemExit(f"--options on the demo model needs the personalised demo generator; --finetuned "
+                         f"{args.finetuned!r} is no folder: make it with `onlinemix finetune --config "
+                         "configs/finetune/demo.yaml --out runs/demo-ti-db` (or `make demo`).")
+    device = torch.device(args.device)
+    # By default the sets that run on a CPU and whose fidelity the demo probe can judge without an adapter.
+    sets = args.sets or [name for name in OPTION_SETS if "compile" not in name and name not in (
+        "channels_last", "steps_8+ddim_trailing")]
+    producers = option_producers(args, sets, device)
+    for producer in producers.values():  # warm-up (and compilation): a batch in flight, posteriors cached
+        stream_rate(producer, 2 * args.batch, device)
+    rates, calls = {name: [] for name in sets}, {name: [] for name in sets}
+    for round_ in range(args.repeats):
+        for name in sets[round_ % len(sets):] + sets[:round_ % len(sets)]:
+            rates[name].append(stream_rate(producers[name], args.images, device, calls[name]))
+            print(f"round {round_}: {name} {rates[name][-1]:.2f} images/s", flush=True)
     runs = []
     for name in sets:
-        share = target_share(producers[name], probe, references)
-        raw = statistics.median(rates[name])
         sampler = producers[name].sampler
-        runs.append(dict(options=name, spec=OPTION_SETS[name], images_per_s=raw, rounds=rates[name],
-                         target_share_s07=share, useful_images_per_s=raw * share,
-                         posterior_hits=sampler.posterior_hits, posterior_misses=sampler.posterior_misses))
+        runs.append(dict(options=name, spec=OPTION_SETS[name], images_per_s=statistics.median(rates[name]),
+                         rounds=rates[name], full_unet_calls=len(calls[name]),
+                         mean_rows_per_full_call=statistics.mean(calls[name]) if calls[name] else None,
+                         posterior_hits=sampler.posterior_hits,
+                         posterior_misses=sampler.posterior_misses))
+    if args.model == "demo":
+        probe, refs, targets = probe_references(args)
+        for run_ in runs:
+            run_["target_share_s07"] = target_share(producers[run_["options"]], probe, refs, targets)
+            run_["useful_images_per_s"] = run_["images_per_s"] * run_["target_share_s07"]
     for run_ in runs:
-        run_["speedup_vs_today"] = run_["images_per_s"] / runs[0]["images_per_s"] if sets[0] == "today" else None
-        print(f"{run_['options']}: {run_['images_per_s']:.2f} images/s, target share {run_['target_share_s07']:.3f}, "
-              f"useful {run_['useful_images_per_s']:.2f}/s")
-    out = args.out or os.path.join(RESULTS, f"generator_options_{device.type}_demo_{args.dtype}.json")
+        run_["speedup_vs_first"] = run_["images_per_s"] / runs[0]["images_per_s"]
+        useful = f", target share {run_['target_share_s07']:.3f}, useful {run_['useful_images_per_s']:.2f}/s" \
+            if "target_share_s07" in run_ else ""
+        print(f"{run_['options']}: {run_['images_per_s']:.2f} images/s ({run_['speedup_vs_first']:.2f}x){useful}")
+    out = args.out or os.path.join(RESULTS, f"generator_options_{device.type}_{args.model}_{args.dtype}.json")
     write_report("bench_generator --options", out, {k: v for k, v in vars(args).items() if k != "out"}, runs,
-                 machine=machine(device), strengths="mixed {0.5, 0.7, 0.9} (diffmix's)", resolution=64,
-                 probe_references=len(refs))
+                 machine=machine(device), strengths="mixed {0.5, 0.7, 0.9} (the strategy's)",
+                 probe_references=len(refs) if args.model == "demo" else None)
 
 
 def plot(runs: list, path: str, title: str) -> None:
@@ -217,9 +267,12 @@ def plot(runs: list, path: str, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", choices=["tiny", "demo", "sd15"], default="tiny")
+    parser.add_argument("--model", choices=["tiny", "demo", "sd15"],
+                        help="default: tiny; with --options, demo (the only one with a probe)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.7, 0.9],
+                        help="one row per strength, then a row of mixed strengths {0.5, 0.7, 0.9}")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=7.5)
@@ -230,13 +283,16 @@ def main() -> None:
     options.add_argument("--options", action="store_true", help="compare the speed options (see above)")
     options.add_argument("--sets", nargs="+", choices=sorted(OPTION_SETS), help="option sets (default: all)")
     options.add_argument("--finetuned", default="runs/demo-ti-db", help="the personalised demo generator")
+    options.add_argument("--resolution", type=int, default=64, help="generation resolution")
     options.add_argument("--data-dir", default="data/demo", help="the demo data set (written there if missing)")
     options.add_argument("--images", type=int, default=48, help="images per timed stretch")
     options.add_argument("--references", type=int, default=8, help="probe references per species")
     options.add_argument("--probe-train", type=int, default=150, help="probe training renders per species")
     args = parser.parse_args()
     if args.options:
+        args.model = args.model or "demo"
         return compare_options(args)
+    args.model = args.model or "tiny"
     device = torch.device(args.device)
     builders = {"tiny": lambda: tiny_components(0), "demo": lambda: load_components("demo"), "sd15": sd15_architecture}
     components = builders[args.model]()
@@ -245,7 +301,7 @@ def main() -> None:
         components.unet = torch.compile(components.unet)
     mixed = [(0.5, 0.7, 0.9)[i % 3] for i in range(args.batch)]
     runs = [run(size, strengths, args, components, device)
-            for size in args.sizes for strengths in ([0.5] * args.batch, [0.7] * args.batch, [0.9] * args.batch, mixed)]
+            for size in args.sizes for strengths in [[s] * args.batch for s in args.strengths] + [mixed]]
     suffix = "_compiled" if args.compile else ""
     out = args.out or os.path.join(RESULTS, f"generator_{device.type}_{args.model}_{args.dtype}{suffix}.json")
     plot_path = os.path.splitext(out)[0] + ".png"

@@ -158,6 +158,8 @@ def test_pool_worker_fills_a_ring_with_labelled_samples(folders, tmp_path):
         (dict(dtype="float8"), "dtype"),
         (dict(deep_cache=0), "deep_cache must be >= 1"),
         (dict(posterior_cache=-1), "posterior_cache >= 0"),
+        (dict(compile="fast"), "compile must be None or one of"),
+        (dict(compile="default", deep_cache=2), "compile and deep_cache > 1 do not mix"),
         (dict(strategy="diffmix", finetuned=None), "needs a personalised generator"),
         (dict(strategy="nope"), "Unknown strategy"),
     ],
@@ -281,3 +283,105 @@ def test_a_generator_tuned_on_other_training_images_is_refused(folders, tmp_path
         DiffusionProducerFactory(spec(base, str(tmp_path)), files.subset([1, 2, 4, 6]), CLASSES, "bird")
     DiffusionProducerFactory(spec(base, str(tmp_path)), files.subset([6, 4, 2, 0]), CLASSES, "bird")  # the same images
     DiffusionProducerFactory(spec(base, str(tmp_path), strategy="realmix"), files, CLASSES, "bird")  # base model: no check
+
+
+def test_channels_last_keeps_the_outputs(folders):
+    base, tuned = folders
+    batches = []
+    for channels_last in (False, True):
+        np.random.seed(2)
+        producer = DiffusionProducerFactory(spec(base, tuned, continuous=False, channels_last=channels_last),
+                                            references(), CLASSES, "bird")("cpu")
+        _, decoded = spy_on_unet_and_decode(producer)
+        producer()
+        batches.append(decoded[0][1])
+    conv = producer.sampler.components.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    torch.testing.assert_close(batches[1], batches[0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_unet_keeps_the_outputs(folders):
+    base, tuned = folders
+    batches = []
+    for compile_mode in (None, "default"):
+        np.random.seed(2)
+        producer = DiffusionProducerFactory(spec(base, tuned, compile=compile_mode), references(), CLASSES,
+                                            "bird")("cpu")
+        _, decoded = spy_on_unet_and_decode(producer)
+        for _ in range(3):
+            producer()
+        batches.append(torch.cat([images for _, images in decoded]))
+    assert type(producer.sampler.components.unet).__name__ == "OptimizedModule"
+    torch.testing.assert_close(batches[1], batches[0], rtol=0, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def accelerator(tmp_path_factory):
+    """A random LoRA file standing in for a few-step acceleration adapter (other modules than the personalisation's)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = tiny_components(seed=0).unet
+    config = LoraConfig(r=2, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_v", "proj_in"])
+    unet.add_adapter(config)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    folder = tmp_path_factory.mktemp("accelerator")
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(unet)), weight_name="tiny-accelerator.safetensors",
+        unet_lora_adapter_metadata=config.to_dict())
+    return str(folder / "tiny-accelerator.safetensors")
+
+
+@pytest.mark.parametrize("scheduler", ["lcm", "tcd", "ddim-trailing"])
+def test_acceleration_lora_next_to_the_personalisation_equals_diffusers(folders, ti_db, accelerator, scheduler):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from onlinemix.generator.components import attach_accelerator, sampling_scheduler
+
+    base, _ = folders
+    np.random.seed(4)
+    producer = DiffusionProducerFactory(spec(base, ti_db, scheduler=scheduler, accelerator=accelerator,
+                                             accelerator_weight=0.7, steps=4, guidance=2.0), references(), CLASSES,
+                                        "bird")("cpu")
+    assert type(producer.sampler.components.scheduler).__name__ == {
+        "lcm": "LCMScheduler", "tcd": "TCDScheduler", "ddim-trailing": "DDIMScheduler"}[scheduler]
+    # diffusers' pipeline on the same adapters, unfused, with the same scheduler and generators.
+    reference = load_components(base)
+    attach_personalisation(reference, ti_db)
+    attach_accelerator(reference, accelerator, weight=0.7)
+    assert sorted(reference.unet.peft_config) == ["accelerator", "personalised"]
+    reference.scheduler = sampling_scheduler(scheduler, reference.scheduler.config)
+    pipe = reference.pipeline(StableDiffusionImg2ImgPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    images = producer.load_references([0, 5])
+    prompts = [get_strategy("diffmix").prompt_for(t, CLASSES, "bird", producer.tokens) for t in (2, 1)]
+    for strength in (0.5, 0.9):
+        expected = pipe(prompt=prompts, image=images, strength=strength, num_inference_steps=4, guidance_scale=2.0,
+                        generator=[torch.Generator().manual_seed(s) for s in (8, 9)], output_type="pt").images
+        ours = producer.sampler.translate(images, prompts, [strength] * 2, [8, 9])
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
+    # Without the accelerator the translation differs: the adapter is in the fused weights.
+    reference.unet.set_adapters(["personalised"])
+    plain = pipe(prompt=prompts, image=images, strength=0.9, num_inference_steps=4, guidance_scale=2.0,
+                 generator=[torch.Generator().manual_seed(s) for s in (8, 9)], output_type="pt").images
+    assert not torch.allclose(plain, ours, atol=1e-3)
+
+
+def test_accelerator_errors(folders, accelerator, tmp_path):
+    from onlinemix.generator.components import attach_accelerator
+
+    base, _ = folders
+    with pytest.raises(ValueError, match="needs the scheduler it was distilled for"):
+        spec(base, None, strategy="realmix", accelerator=accelerator)
+    with pytest.raises(ValueError, match="scheduler must be one of"):
+        spec(base, None, strategy="realmix", scheduler="euler")
+    with pytest.raises(ValueError, match="accelerator_weight must be > 0"):
+        spec(base, None, strategy="realmix", accelerator=accelerator, scheduler="lcm", accelerator_weight=0)
+    with pytest.raises(FileNotFoundError, match="No acceleration LoRA at"):
+        attach_accelerator(tiny_components(), tmp_path / "missing.safetensors")

@@ -77,6 +77,58 @@ def dpm_solver_scheduler(config: Optional[dict] = None):
     return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
 
 
+SCHEDULERS = ("dpm-solver++", "ddim-trailing", "lcm", "tcd")
+
+
+def sampling_scheduler(name: str, config: dict):
+    """The scheduler ``name`` (``SCHEDULERS``) on the noise schedule of ``config``.
+
+    ``dpm-solver++``: DPM-Solver++ (2M), the paper's; ``ddim-trailing``: DDIM with trailing
+    timestep spacing, what Hyper-SD's LoRAs are distilled for; ``lcm`` / ``tcd``: what LCM-LoRA /
+    TCD-LoRA are distilled for.
+    """
+    from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
+
+    if name == "dpm-solver++":
+        return dpm_solver_scheduler(config)
+    if name == "ddim-trailing":
+        # Latents are not images: never clip them to [-1, 1] (SD 1.5's own config says so; a DPM config is silent).
+        return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=False)
+    if name in ("lcm", "tcd"):
+        return {"lcm": LCMScheduler, "tcd": TCDScheduler}[name].from_config(config)
+    raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {name!r}.")
+
+
+def attach_accelerator(components: Components, source: Union[str, os.PathLike], *, weight: float = 1.0,
+                       local_files_only: bool = False) -> None:
+    """Load a few-step acceleration LoRA (Hyper-SD, LCM-LoRA, TCD) into the U-Net as the adapter
+    ``accelerator``, next to the personalisation's ``personalised`` adapter when there is one.
+
+    Args:
+        source: A LoRA file (``.safetensors``), a folder holding ``pytorch_lora_weights.safetensors``,
+            or ``org/name/file.safetensors`` on a model hub.
+        weight: The adapter's weight (its model card gives it).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    source = os.fspath(source)
+    if os.path.isfile(source):
+        location, kwargs = os.path.dirname(source) or ".", dict(weight_name=os.path.basename(source))
+    elif os.path.isdir(source):
+        location, kwargs = source, dict(weight_name=LORA_WEIGHTS)
+    elif source.count("/") >= 2 and source.endswith(".safetensors") and not source.startswith(("/", ".", "~")):
+        org, name, file = source.split("/", 2)
+        location, kwargs = f"{org}/{name}", dict(weight_name=file, local_files_only=local_files_only)
+    else:
+        raise FileNotFoundError(f"No acceleration LoRA at {source!r}: pass a .safetensors file, a folder with "
+                                f"{LORA_WEIGHTS}, or org/name/file.safetensors on a model hub.")
+    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(location, return_lora_metadata=True, **kwargs)
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=components.unet, adapter_name="accelerator",
+                                                metadata=metadata)
+    names = [name for name in ("personalised", "accelerator") if name in components.unet.peft_config]
+    components.unet.set_adapters(names, weights=[1.0 if name == "personalised" else weight for name in names])
+
+
 def load_components(
     model: Union[str, os.PathLike],
     *,

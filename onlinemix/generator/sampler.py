@@ -23,6 +23,7 @@ an approximation, unlike the others).
 from __future__ import annotations
 
 import copy
+import inspect
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Hashable, Optional, Sequence
@@ -66,6 +67,7 @@ class Trajectory:
         index: Position in ``scheduler.timesteps`` of the next step.
         latents: ``[n, C, h, w]``.
         states: Prompt embeddings ``[n, 77, D]``.
+        generators: The samples' generators, for schedulers that draw noise while stepping (LCM, TCD).
         taken: Steps taken so far (DeepCache refreshes the deep features when ``taken % k == 0``).
         deep: Cached deep features ``[copies, n, ...]`` (two copies under guidance: unconditional, conditional).
     """
@@ -75,6 +77,7 @@ class Trajectory:
     index: int
     latents: torch.Tensor
     states: torch.Tensor
+    generators: list
     taken: int = 0
     deep: Optional[torch.Tensor] = None
 
@@ -121,6 +124,11 @@ class Sampler:
         self.deep_cache = deep_cache
         self.posterior_cache = posterior_cache
         self._unet = DeepCacheUNet(components.unet) if deep_cache > 1 else None
+        # As diffusers' pipelines do: a scheduler whose step takes a generator draws noise with each
+        # sample's, and one whose step takes eta (DDIM, TCD) gets the pipelines' default, 0.
+        accepts = inspect.signature(components.scheduler.step).parameters
+        self._stochastic = "generator" in accepts
+        self._step_kwargs = {"eta": 0.0} if "eta" in accepts else {}
         self._embeddings: dict[str, torch.Tensor] = {}
         self._posteriors: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
         self.posterior_hits = 0
@@ -195,7 +203,8 @@ class Sampler:
             scheduler, index = self._scheduler(first)
             t = scheduler.timesteps[index:index + 1].repeat(len(rows))
             trajectories.append(Trajectory([tags[i] for i in rows], scheduler, index,
-                                           scheduler.add_noise(latents[rows], noise[rows], t), states[rows]))
+                                           scheduler.add_noise(latents[rows], noise[rows], t), states[rows],
+                                           [generators[i] for i in rows]))
         return trajectories
 
     def start_generations(self, prompts: Sequence[str], seeds: Sequence[int], tags: Sequence, *, height: int,
@@ -210,7 +219,8 @@ class Sampler:
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         scheduler, index = self._scheduler(0)
         latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
-        return [Trajectory(list(tags), scheduler, index, latents * scheduler.init_noise_sigma, self.embed(prompts))]
+        return [Trajectory(list(tags), scheduler, index, latents * scheduler.init_noise_sigma, self.embed(prompts),
+                           generators)]
 
     @torch.no_grad()
     def step(self, trajectories: Sequence[Trajectory]) -> None:
@@ -266,12 +276,13 @@ class Sampler:
         scheduler = copy.deepcopy(self.components.scheduler)
         scheduler.set_timesteps(self.steps, device=self.device)
         index = first_step * scheduler.order
-        scheduler.set_begin_index(index)
+        if hasattr(scheduler, "set_begin_index"):  # stateless ones (DDIM) step from the timestep alone
+            scheduler.set_begin_index(index)
         return scheduler, index
 
     def _step(self, trajectories: list[Trajectory], *, reuse: bool) -> None:
         cfg = self.guidance > 1
-        latents = torch.cat([t.latents for t in trajectories])
+        latents = torch.cat([t.scheduler.scale_model_input(t.latents, t.timestep) for t in trajectories])
         states = torch.cat([t.states for t in trajectories])
         timesteps = torch.cat([t.timestep.repeat(len(t)) for t in trajectories])
         if cfg:
@@ -292,6 +303,7 @@ class Sampler:
             noise_uncond, noise_text = noise.chunk(2)
             noise = noise_uncond + self.guidance * (noise_text - noise_uncond)
         for t, part in zip(trajectories, noise.split([len(t) for t in trajectories])):
-            t.latents = t.scheduler.step(part, t.timestep, t.latents, return_dict=False)[0]
+            extra = dict(self._step_kwargs, generator=t.generators) if self._stochastic else self._step_kwargs
+            t.latents = t.scheduler.step(part, t.timestep, t.latents, return_dict=False, **extra)[0]
             t.index += 1
             t.taken += 1

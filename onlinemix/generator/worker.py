@@ -22,12 +22,14 @@ from ..plan import Planner, check_policy, get_strategy, strategy_name
 from ..batch import SampleBatch
 from ..feedback import FeedbackBlock
 from .clip_filter import ClipFilter
-from .components import attach_personalisation, load_components, personalisation_info
-from .sampler import Sampler, Trajectory, check_steps
+from .components import (SCHEDULERS, Components, attach_accelerator, attach_personalisation, load_components,
+                         personalisation_info, sampling_scheduler)
+from .sampler import Sampler, Trajectory, check_steps, denoising_steps
 
 logger = logging.getLogger("onlinemix")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,18 @@ class GeneratorSpec:
             reference picked again skips loading and encoding.
         fuse_lora: Fold the personalisation LoRA into the U-Net's weights (the same maps up to
             rounding, without peft's per-layer detour); False keeps the adapter layers.
+        channels_last: Keep the U-Net's weights in channels-last memory format (faster
+            convolutions on recent GPUs).
+        compile: ``torch.compile`` the U-Net in this mode (``COMPILE_MODES``;
+            ``"reduce-overhead"`` also captures CUDA graphs); None: eager. Continuous
+            batching keeps its input shapes fixed, so it compiles once.
+        scheduler: The sampling scheduler (``components.SCHEDULERS``): ``dpm-solver++`` (the
+            paper's), or what an acceleration LoRA was distilled for.
+        accelerator: A few-step acceleration LoRA (``attach_accelerator``: a file, a folder or
+            ``org/name/file.safetensors``), loaded next to the personalisation as its own adapter
+            and fused with it. Needs its ``scheduler`` and fewer ``steps`` (8 for Hyper-SD's
+            CFG-preserving SD 1.5 LoRA, 4 for LCM-LoRA and TCD), and ``steps · s ≥ 1``.
+        accelerator_weight: The acceleration adapter's weight.
     """
 
     model: str
@@ -93,6 +107,11 @@ class GeneratorSpec:
     deep_cache: int = 1
     posterior_cache: int = 1024
     fuse_lora: bool = True
+    channels_last: bool = False
+    compile: Optional[str] = None
+    scheduler: str = "dpm-solver++"
+    accelerator: Optional[str] = None
+    accelerator_weight: float = 1.0
 
     @property
     def closed_loop(self) -> bool:
@@ -115,6 +134,18 @@ class GeneratorSpec:
         if self.deep_cache < 1 or self.posterior_cache < 0:
             raise ValueError(f"deep_cache must be >= 1 (1: no reuse) and posterior_cache >= 0 (0: no cache), got "
                              f"{self.deep_cache} and {self.posterior_cache}.")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be None or one of {COMPILE_MODES}, got {self.compile!r}.")
+        if self.compile and self.deep_cache > 1:
+            raise ValueError("compile and deep_cache > 1 do not mix: DeepCache's shallow calls bypass the compiled "
+                             "U-Net; pick one.")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}.")
+        if self.accelerator and self.scheduler == "dpm-solver++":
+            raise ValueError("An acceleration LoRA needs the scheduler it was distilled for: scheduler='ddim-trailing' "
+                             "(Hyper-SD), 'lcm' (LCM-LoRA) or 'tcd' (TCD-LoRA), with its step count.")
+        if self.accelerator_weight <= 0:
+            raise ValueError(f"accelerator_weight must be > 0, got {self.accelerator_weight}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
         if strategy.personalised and not self.finetuned:
@@ -124,6 +155,21 @@ class GeneratorSpec:
         if strategy.filtered and not self.clip_model:
             raise ValueError(f"{strategy.name} is real-gen with the CLIP filter: pass clip_model= (--clip-filter), "
                              "a CLIP folder or hub id (the paper's openai/clip-vit-base-patch32).")
+
+
+def warn_coarse_strengths(steps: int, strengths) -> None:
+    """Warn when few steps make an SDEdit run at a strength far from its label's.
+
+    A strength ``s`` runs ``int(steps·s)`` of ``steps`` steps (diffusers' arithmetic), so it
+    noises to ``int(steps·s)/steps``; labels use ``s``. At 25 steps the two differ by < 0.04;
+    at 4 (an LCM or TCD adapter) 0.7 runs as 0.5.
+    """
+    effective = {float(s): denoising_steps(steps, s) / steps for s in strengths}
+    far = {s: e for s, e in effective.items() if abs(s - e) > 0.05}
+    if far:
+        warnings.warn(f"With {steps} steps, strengths {sorted(far)} noise only to {[far[s] for s in sorted(far)]} "
+                      f"(int(steps·s)/steps) while their labels use s; use more steps or strengths that are "
+                      f"multiples of 1/{steps}.", stacklevel=3)
 
 
 def to_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -172,6 +218,8 @@ class DiffusionProducerFactory:
                                target_weights=spec.target_weights, policy=spec.policy, floor=spec.policy_floor,
                                strength_schedule=spec.strength_schedule)
         check_steps(spec.steps, self.planner.scheduled_strengths())
+        if not self.strategy.text_to_image:
+            warn_coarse_strengths(spec.steps, self.planner.scheduled_strengths())
 
     def _check_finetuned(self, folder: str) -> None:
         strategy = self.strategy
@@ -208,24 +256,42 @@ class DiffusionProducerFactory:
 
     def __call__(self, device: str) -> "DiffusionProducer":
         spec = self.spec
-        components = load_components(spec.model, dtype=DTYPES[spec.dtype], device=device,
-                                     local_files_only=spec.local_files_only, attention=spec.attention)
+        return self.producer(load_components(spec.model, dtype=DTYPES[spec.dtype], device=device,
+                                             local_files_only=spec.local_files_only, attention=spec.attention))
+
+    def producer(self, components: Components) -> "DiffusionProducer":
+        """The producer over loaded base ``components`` (personalised here when the strategy needs it)."""
+        spec = self.spec
         tokens = None
         if self.strategy.personalised:
             tokens = attach_personalisation(components, spec.finetuned)["tokens"] or self.class_names
-            if spec.fuse_lora and getattr(components.unet, "peft_config", None):
-                # Fold the LoRA into the weights it adapts: the same maps, without peft's per-layer detour.
-                components.unet.fuse_lora()
-                components.unet.unload_lora()
-        sampler = Sampler(components, steps=spec.steps, guidance=spec.guidance, deep_cache=spec.deep_cache,
-                          posterior_cache=spec.posterior_cache)
+        if spec.accelerator:
+            attach_accelerator(components, spec.accelerator, weight=spec.accelerator_weight,
+                               local_files_only=spec.local_files_only)
+        sampler = build_sampler(components, spec)
         # The pool seeds NumPy per worker and restart, so each worker plans its own stream.
         planner = self.planner.reseeded(int(np.random.randint(0, 2**31 - 1)))
         clip = None
         if spec.clip_model:
-            clip = ClipFilter.from_pretrained(spec.clip_model, self.metaclass, device=device,
+            clip = ClipFilter.from_pretrained(spec.clip_model, self.metaclass, device=components.device,
                                               local_files_only=spec.local_files_only, drop_fraction=spec.clip_drop)
         return DiffusionProducer(self, sampler, planner, tokens, clip)
+
+
+def build_sampler(components: Components, spec: GeneratorSpec) -> Sampler:
+    """The sampler of ``spec`` over loaded (and personalised) ``components``, with its speed options applied."""
+    unet = components.unet
+    components.scheduler = sampling_scheduler(spec.scheduler, components.scheduler.config)
+    if spec.fuse_lora and getattr(unet, "peft_config", None):
+        # Fold the LoRAs into the weights they adapt: the same maps, without peft's per-layer detour.
+        unet.fuse_lora()
+        unet.unload_lora()
+    if spec.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if spec.compile:
+        components.unet = torch.compile(unet, mode=spec.compile)
+    return Sampler(components, steps=spec.steps, guidance=spec.guidance, deep_cache=spec.deep_cache,
+                   posterior_cache=spec.posterior_cache)
 
 
 class DiffusionProducer:
