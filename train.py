@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="few-step acceleration LoRA (a .safetensors file, a folder, or org/name/file.safetensors), "
                           "fused next to the personalisation: Hyper-SD's CFG LoRAs with --gen-scheduler ddim-trailing")
     gen.add_argument("--gen-accelerator-weight", type=float, default=1.0, help="the acceleration LoRA's weight")
+    gen.add_argument("--gen-attention", choices=["sdpa", "xformers"], default="sdpa",
+                     help="the U-Net's attention: PyTorch's SDPA, or xformers (needs the xformers package)")
     gen.add_argument("--gen-channels-last", action="store_true", help="the U-Net in channels-last memory format")
     gen.add_argument("--gen-compile", choices=COMPILE_MODES, metavar="MODE",
                      help=f"torch.compile the U-Net in MODE ({', '.join(COMPILE_MODES)}; reduce-overhead adds CUDA "
@@ -355,7 +357,8 @@ def generator_factory(args, splits, run_dir, feedback=None):
         strengths=tuple(args.strengths) if args.strengths else None, steps=args.gen_steps, guidance=args.guidance,
         resolution=args.gen_resolution, image_size=args.ring_size or args.img_size, batch_size=args.gen_batch_size,
         continuous=args.gen_continuous, deep_cache=args.gen_deep_cache, posterior_cache=args.gen_posterior_cache,
-        channels_last=args.gen_channels_last, compile=args.gen_compile, scheduler=args.gen_scheduler,
+        attention=args.gen_attention, channels_last=args.gen_channels_last, compile=args.gen_compile,
+        scheduler=args.gen_scheduler,
         accelerator=args.gen_accelerator, accelerator_weight=args.gen_accelerator_weight,
         dtype=args.gen_dtype, clip_model=args.clip_filter, local_files_only=args.local_files_only,
         policy=args.gen_policy, policy_floor=args.gen_policy_floor,

@@ -86,7 +86,7 @@ def test_loss_falls_and_the_folder_loads_into_the_generator(base, data_dir, tmp_
     from onlinemix.generator.worker import DiffusionProducerFactory, GeneratorSpec
 
     spec = GeneratorSpec(model=base, finetuned=str(out), strategy="diffmix", steps=4, resolution=32, image_size=32,
-                         batch_size=3)
+                         batch_size=3, continuous=False)
     batch = DiffusionProducerFactory(spec, TensorImages(*images()), [f"class_{c}" for c in range(3)], "shape")("cpu")()
     assert batch.images.shape == (3, 3, 32, 32) and batch.images.dtype == torch.uint8
 

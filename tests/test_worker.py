@@ -159,6 +159,7 @@ def test_pool_worker_fills_a_ring_with_labelled_samples(folders, tmp_path):
         (dict(deep_cache=0), "deep_cache must be >= 1"),
         (dict(posterior_cache=-1), "posterior_cache >= 0"),
         (dict(compile="fast"), "compile must be None or one of"),
+        (dict(attention="flash"), "attention must be 'sdpa' or 'xformers'"),
         (dict(compile="default", deep_cache=2), "compile and deep_cache > 1 do not mix"),
         (dict(strategy="diffmix", finetuned=None), "needs a personalised generator"),
         (dict(strategy="nope"), "Unknown strategy"),
@@ -385,3 +386,13 @@ def test_accelerator_errors(folders, accelerator, tmp_path):
         spec(base, None, strategy="realmix", accelerator=accelerator, scheduler="lcm", accelerator_weight=0)
     with pytest.raises(FileNotFoundError, match="No acceleration LoRA at"):
         attach_accelerator(tiny_components(), tmp_path / "missing.safetensors")
+
+
+def test_xformers_without_the_package_is_refused_before_any_work(folders):
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is not None:
+        pytest.skip("xformers is installed here")
+    base, _ = folders
+    with pytest.raises(ValueError, match=r"needs the xformers package: pip install 'onlinemix\[xformers\]'"):
+        spec(base, None, strategy="realmix", attention="xformers")

@@ -194,7 +194,7 @@ def set_attention(components: Components, attention: str) -> None:
     """Route the U-Net's and VAE's attention through SDPA or xformers."""
     if attention == "xformers":
         try:
-            import xformers  # noqa: F401
+            import xformers  # noqa: F401 - only whether it imports
         except ImportError:
             raise ValueError("attention='xformers' needs the xformers package: pip install 'onlinemix[xformers]'.") from None
         components.unet.enable_xformers_memory_efficient_attention()

@@ -9,6 +9,7 @@ it with its device to load the model once, then calls the returned
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import warnings
 from dataclasses import dataclass
@@ -139,6 +140,11 @@ class GeneratorSpec:
         if self.compile and self.deep_cache > 1:
             raise ValueError("compile and deep_cache > 1 do not mix: DeepCache's shallow calls bypass the compiled "
                              "U-Net; pick one.")
+        if self.attention not in ("sdpa", "xformers"):
+            raise ValueError(f"attention must be 'sdpa' or 'xformers', got {self.attention!r}.")
+        if self.attention == "xformers" and importlib.util.find_spec("xformers") is None:
+            raise ValueError("attention='xformers' needs the xformers package: pip install 'onlinemix[xformers]', or "
+                             "keep PyTorch's SDPA (attention='sdpa', the default).")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}.")
         if self.accelerator and self.scheduler == "dpm-solver++":
