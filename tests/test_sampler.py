@@ -88,7 +88,7 @@ def test_sampler_errors(components):
     with pytest.raises(ValueError, match="guidance must be >= 1"):
         Sampler(components, guidance=0.5)
     sampler = Sampler(components, steps=2)
-    with pytest.raises(ValueError, match="one prompt, strength, seed and tag"):
+    with pytest.raises(ValueError, match=r"one condition \(prompt or tensor\), strength, seed, tag"):
         sampler.translate(references(2), PROMPTS[:1], [0.5, 0.5], SEEDS[:2])
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         sampler.translate(references(1), PROMPTS[:1], [0.0], SEEDS[:1])
@@ -248,3 +248,78 @@ def test_translation_from_cached_posteriors_equals_translate(components):
     torch.testing.assert_close(out, expected[[1, 0, 2]], rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="finished trajectories"):
         sampler.decode(sampler.start_translations(moments[:1], PROMPTS[:1], [0.5], SEEDS[:1], ["a"]))
+
+
+def test_tensor_conditions_and_a_custom_unconditional_input_equal_diffusers(components):
+    """Conditioning given as tensors (here 4 vectors, as an inverted condition) with the unconditional input
+    their mean: equal to diffusers' pipelines given prompt_embeds / negative_prompt_embeds."""
+    g = torch.Generator().manual_seed(2)
+    width = components.unet.config.cross_attention_dim
+    conditions = torch.randn(3, 4, width, generator=g)
+    mean = conditions.mean(0)
+    sampler = Sampler(components, steps=10, guidance=3.0)
+    txt2img = components.pipeline(StableDiffusionPipeline)
+    txt2img.set_progress_bar_config(disable=True)
+    expected = txt2img(prompt_embeds=conditions, negative_prompt_embeds=mean.expand(3, -1, -1), height=32, width=32,
+                       num_inference_steps=10, guidance_scale=3.0, generator=generators(SEEDS), output_type="pt").images
+    ours = sampler.generate(conditions, SEEDS, height=32, width=32, unconditional=mean)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
+    img2img = components.pipeline(StableDiffusionImg2ImgPipeline)
+    img2img.set_progress_bar_config(disable=True)
+    images = references()
+    expected = img2img(prompt_embeds=conditions, negative_prompt_embeds=mean.expand(3, -1, -1), image=images,
+                       strength=0.7, num_inference_steps=10, guidance_scale=3.0, generator=generators(SEEDS),
+                       output_type="pt").images
+    ours = sampler.translate(images, conditions, [0.7] * 3, SEEDS, unconditional=mean)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
+    zeros = sampler.translate(images, conditions, [0.7] * 3, SEEDS, unconditional=torch.zeros(4, width))
+    assert not torch.allclose(ours, zeros, atol=1e-3), "the unconditional input steers the guidance"
+
+
+def test_per_sample_guidance_equals_each_sample_at_its_scale(components):
+    pipe = components.pipeline(StableDiffusionPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    scales = [1.0, 2.5, 7.5]
+    batch = Sampler(components, steps=8).generate(PROMPTS, SEEDS, height=32, width=32, guidance=scales)
+    for i, scale in enumerate(scales):
+        alone = pipe(prompt=PROMPTS[i], height=32, width=32, num_inference_steps=8, guidance_scale=scale,
+                     generator=generators(SEEDS[i:i + 1]), output_type="pt").images
+        torch.testing.assert_close(batch[i:i + 1], alone, rtol=0, atol=1e-4)
+
+
+def test_conditioning_errors(components):
+    sampler = Sampler(components, steps=4)
+    width = components.unet.config.cross_attention_dim
+    with pytest.raises(ValueError, match=r"must be \[B, L, 32\]"):
+        sampler.generate(torch.zeros(2, 4, width + 1), [0, 1], height=32, width=32)
+    with pytest.raises(ValueError, match="unconditional input must be"):
+        sampler.generate(torch.zeros(2, 4, width), [0, 1], height=32, width=32)  # the empty prompt has 77 vectors
+    with pytest.raises(ValueError, match="guidance scales must be >= 1"):
+        sampler.generate(PROMPTS[:2], [0, 1], height=32, width=32, guidance=[2.0, 0.5])
+    with pytest.raises(ValueError, match="guidance scale per sample"):
+        sampler.generate(PROMPTS[:2], [0, 1], height=32, width=32, guidance=[2.0])
+    short = sampler.start_generations(torch.zeros(1, 4, width), [0], [0], height=32, width=32,
+                                      unconditional=torch.zeros(4, width))
+    prompted = sampler.start_generations(PROMPTS[:1], [1], [1], height=32, width=32)
+    with pytest.raises(ValueError, match="conditioning of one length"):
+        sampler.step(short + prompted)
+
+
+def test_deep_cache_with_guided_and_unguided_samples_equals_each_alone(components):
+    """A guided sample (0.5) finishes first; the unguided one (0.9) then reuses the conditional copy of deep
+    features captured in calls that also ran unconditional rows, and a newly admitted guided one forces a refresh."""
+    sampler = Sampler(components, steps=10, deep_cache=2)
+    images = references(3)
+    moments = sampler.encode(images)
+    trajectories = sampler.start_translations(moments[:2], PROMPTS[:2], [0.5, 0.9], SEEDS[:2], [0, 1],
+                                              guidance=[4.0, 1.0])
+    for _ in range(6):  # the guided sample's 5 steps, and one more
+        sampler.step(trajectories)
+    trajectories += sampler.start_translations(moments[2:], PROMPTS[2:], [0.5], SEEDS[2:], [2], guidance=[3.0])
+    while not all(t.done for t in trajectories):
+        sampler.step(trajectories)
+    tags, mixed = sampler.decode(trajectories)
+    for row, tag in enumerate(tags):
+        alone = sampler.translate(images[tag:tag + 1], PROMPTS[tag:tag + 1], [[0.5, 0.9, 0.5][tag]], SEEDS[tag:tag + 1],
+                                  guidance=[[4.0, 1.0, 3.0][tag]])
+        torch.testing.assert_close(mixed[row:row + 1], alone, rtol=0, atol=1e-4)

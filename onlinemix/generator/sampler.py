@@ -66,7 +66,9 @@ class Trajectory:
         scheduler: Their DPM-Solver++ state.
         index: Position in ``scheduler.timesteps`` of the next step.
         latents: ``[n, C, h, w]``.
-        states: Prompt embeddings ``[n, 77, D]``.
+        states: Conditioning ``[n, L, D]`` (prompt embeddings: ``L = 77``).
+        unconditional: The unconditional input of guidance ``[n, L, D]`` (the empty prompt's embedding by default).
+        guidance: Classifier-free guidance scale per sample ``[n]``.
         generators: The samples' generators, for schedulers that draw noise while stepping (LCM, TCD).
         taken: Steps taken so far (DeepCache refreshes the deep features when ``taken % k == 0``).
         deep: Cached deep features ``[copies, n, ...]`` (two copies under guidance: unconditional, conditional).
@@ -77,6 +79,8 @@ class Trajectory:
     index: int
     latents: torch.Tensor
     states: torch.Tensor
+    unconditional: torch.Tensor
+    guidance: torch.Tensor
     generators: list
     taken: int = 0
     deep: Optional[torch.Tensor] = None
@@ -91,6 +95,11 @@ class Trajectory:
     @property
     def timestep(self) -> torch.Tensor:
         return self.scheduler.timesteps[self.index]
+
+    @property
+    def guided(self) -> bool:
+        """Whether a sample needs classifier-free guidance (a scale above 1)."""
+        return bool((self.guidance > 1).any())
 
 
 class Sampler:
@@ -174,20 +183,26 @@ class Sampler:
             self._posteriors.popitem(last=False)
         return moments
 
-    def start_translations(self, moments: torch.Tensor, prompts: Sequence[str], strengths: Sequence[float],
-                           seeds: Sequence[int], tags: Sequence) -> list[Trajectory]:
-        """Trajectories that SDEdit each posterior toward its prompt at its strength.
+    def start_translations(self, moments: torch.Tensor, conditions, strengths: Sequence[float],
+                           seeds: Sequence[int], tags: Sequence, *, guidance: Optional[Sequence[float]] = None,
+                           unconditional: Optional[torch.Tensor] = None) -> list[Trajectory]:
+        """Trajectories that SDEdit each posterior toward its condition at its strength.
 
         Args:
             moments: Posterior moments ``[B, 2C, h, w]`` (``encode``, ``posteriors``).
-            prompts: One prompt per sample.
+            conditions: One prompt per sample, or conditioning tensors ``[B, L, D]`` (``D`` the
+                U-Net's cross-attention width; prompt embeddings have ``L = 77``).
             strengths: One strength in ``(0, 1]`` per sample, as Python floats (see
                 ``denoising_steps``); they may differ.
             seeds: One seed per sample (its posterior sample, then its noise).
             tags: One tag per sample, handed back by ``decode``.
+            guidance: One guidance scale (>= 1) per sample; default the sampler's.
+            unconditional: Guidance's unconditional input, ``[L, D]`` for all samples or
+                ``[B, L, D]``; default the empty prompt's embedding.
         """
         c = self.components
-        self._check(len(moments), prompts, strengths, seeds, tags)
+        states, unconditional, guidance = self._conditioning(len(moments), conditions, strengths, seeds, tags,
+                                                             guidance, unconditional)
         mean, logvar = moments.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -195,7 +210,6 @@ class Sampler:
         eps = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
         latents = (mean + std * eps) * c.vae.config.scaling_factor
         noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
-        states = self.embed(prompts)
         starts = [self.steps - denoising_steps(self.steps, s) for s in strengths]
         trajectories = []
         for first in sorted(set(starts)):
@@ -204,14 +218,16 @@ class Sampler:
             t = scheduler.timesteps[index:index + 1].repeat(len(rows))
             trajectories.append(Trajectory([tags[i] for i in rows], scheduler, index,
                                            scheduler.add_noise(latents[rows], noise[rows], t), states[rows],
-                                           [generators[i] for i in rows]))
+                                           unconditional[rows], guidance[rows], [generators[i] for i in rows]))
         return trajectories
 
-    def start_generations(self, prompts: Sequence[str], seeds: Sequence[int], tags: Sequence, *, height: int,
-                          width: int) -> list[Trajectory]:
-        """One trajectory of text-to-image samples from pure noise."""
+    def start_generations(self, conditions, seeds: Sequence[int], tags: Sequence, *, height: int, width: int,
+                          guidance: Optional[Sequence[float]] = None,
+                          unconditional: Optional[torch.Tensor] = None) -> list[Trajectory]:
+        """One trajectory of text-to-image samples from pure noise (arguments as ``start_translations``)."""
         c = self.components
-        self._check(len(prompts), prompts, [1.0] * len(prompts), seeds, tags)
+        states, unconditional, guidance = self._conditioning(len(seeds), conditions, [1.0] * len(seeds), seeds, tags,
+                                                             guidance, unconditional)
         f = c.vae_scale_factor
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}.")
@@ -219,19 +235,28 @@ class Sampler:
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         scheduler, index = self._scheduler(0)
         latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
-        return [Trajectory(list(tags), scheduler, index, latents * scheduler.init_noise_sigma, self.embed(prompts),
-                           generators)]
+        return [Trajectory(list(tags), scheduler, index, latents * scheduler.init_noise_sigma, states, unconditional,
+                           guidance, generators)]
 
     @torch.no_grad()
     def step(self, trajectories: Sequence[Trajectory]) -> None:
         """Advance every unfinished trajectory by one step: one U-Net call over all of them (two with
-        DeepCache when some refresh their deep features and some reuse them)."""
+        DeepCache when some refresh their deep features and some reuse them). The call runs the
+        unconditional rows too when any sample in it is guided."""
         active = [t for t in trajectories if not t.done]
-        refresh = [t for t in active if self._unet is None or t.taken % self.deep_cache == 0]
-        reuse = [t for t in active if t not in refresh]
+        copies = 2 if any(t.guided for t in active) else 1
+        if len({tuple(t.states.shape[1:]) for t in active}) > 1:
+            raise ValueError("Samples stepped together need conditioning of one length: got "
+                             f"{sorted({tuple(t.states.shape[1:]) for t in active})}.")
+
+        def refreshes(t: Trajectory) -> bool:  # a trajectory without the copies this call needs refreshes too
+            return self._unet is None or t.taken % self.deep_cache == 0 or t.deep is None or len(t.deep) < copies
+
+        refresh = [t for t in active if refreshes(t)]
+        reuse = [t for t in active if not refreshes(t)]
         for part in (refresh, reuse):
             if part:
-                self._step(part, reuse=part is reuse)
+                self._step(part, copies=copies, reuse=part is reuse)
 
     @torch.no_grad()
     def decode(self, trajectories: Sequence[Trajectory]) -> tuple[list, torch.Tensor]:
@@ -243,17 +268,22 @@ class Sampler:
         images = c.vae.decode(latents / c.vae.config.scaling_factor, return_dict=False)[0]
         return [tag for t in trajectories for tag in t.tags], (images.float() / 2 + 0.5).clamp(0, 1).cpu()
 
-    def translate(self, images: torch.Tensor, prompts: Sequence[str], strengths: Sequence[float],
-                  seeds: Sequence[int]) -> torch.Tensor:
+    def translate(self, images: torch.Tensor, conditions, strengths: Sequence[float], seeds: Sequence[int], *,
+                  guidance: Optional[Sequence[float]] = None,
+                  unconditional: Optional[torch.Tensor] = None) -> torch.Tensor:
         """SDEdit a batch (``start_translations`` on float ``[B, 3, H, W]`` images in ``[0, 1]``,
         ``H`` and ``W`` multiples of 8), run to the end; float32 ``[B, 3, H, W]`` on the CPU."""
         rows = range(len(images))
-        self._check(len(images), prompts, strengths, seeds, rows)
-        return self._run(self.start_translations(self.encode(images), prompts, strengths, seeds, rows))
+        self._conditioning(len(images), conditions, strengths, seeds, rows, guidance, unconditional)  # before encoding
+        return self._run(self.start_translations(self.encode(images), conditions, strengths, seeds, rows,
+                                                 guidance=guidance, unconditional=unconditional))
 
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int], *, height: int, width: int) -> torch.Tensor:
+    def generate(self, conditions, seeds: Sequence[int], *, height: int, width: int,
+                 guidance: Optional[Sequence[float]] = None,
+                 unconditional: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Text-to-image; returns float32 ``[B, 3, height, width]`` in ``[0, 1]`` on the CPU."""
-        return self._run(self.start_generations(prompts, seeds, range(len(prompts)), height=height, width=width))
+        return self._run(self.start_generations(conditions, seeds, range(len(seeds)), height=height, width=width,
+                                                guidance=guidance, unconditional=unconditional))
 
     def _run(self, trajectories: list[Trajectory]) -> torch.Tensor:
         while not all(t.done for t in trajectories):
@@ -261,15 +291,39 @@ class Sampler:
         rows, images = self.decode(trajectories)
         return images[torch.argsort(torch.tensor(rows))]
 
-    def _check(self, count: int, prompts, strengths, seeds, tags) -> None:
-        if not (len(prompts) == len(strengths) == len(seeds) == len(tags) == count):
+    def _conditioning(self, count: int, conditions, strengths, seeds, tags, guidance, unconditional):
+        """Check one condition, strength, seed, tag and guidance scale per sample; return the
+        conditioning ``[B, L, D]``, the unconditional input ``[B, L, D]`` and the scales ``[B]``."""
+        if not (len(conditions) == len(strengths) == len(seeds) == len(tags) == count) or (
+                guidance is not None and len(guidance) != count):
             raise ValueError(
-                f"Need one prompt, strength, seed and tag per sample: got {count} samples, {len(prompts)} prompts, "
-                f"{len(strengths)} strengths, {len(seeds)} seeds, {len(tags)} tags."
+                f"Need one condition (prompt or tensor), strength, seed, tag and guidance scale per sample: got {count} "
+                f"samples, {len(conditions)} conditions, {len(strengths)} strengths, {len(seeds)} seeds, {len(tags)} "
+                f"tags{'' if guidance is None else f', {len(guidance)} guidance scales'}."
             )
         if any(not 0 < float(s) <= 1 for s in strengths):
             raise ValueError(f"strengths must lie in (0, 1], got {list(strengths)}.")
         check_steps(self.steps, strengths)
+        scales = torch.tensor([self.guidance] * count if guidance is None else [float(g) for g in guidance])
+        if (scales < 1).any():
+            raise ValueError(f"guidance scales must be >= 1 (1 turns guidance off), got {scales.tolist()}.")
+        width = self.components.unet.config.cross_attention_dim
+        if isinstance(conditions, torch.Tensor):
+            if conditions.dim() != 3 or conditions.shape[-1] != width:
+                raise ValueError(f"Conditioning tensors must be [B, L, {width}] (the U-Net's cross-attention width), "
+                                 f"got {list(conditions.shape)}.")
+            states = conditions.to(self.device, self.dtype)
+        else:
+            states = self.embed(conditions)
+        if unconditional is None:
+            unconditional = self.embed([""])[0]
+        unconditional = unconditional.to(self.device, self.dtype)
+        if unconditional.dim() == 2:
+            unconditional = unconditional.expand(count, -1, -1)
+        if unconditional.shape != states.shape:
+            raise ValueError(f"The unconditional input must be [L, D] or [B, L, D] like the conditioning "
+                             f"{list(states.shape)}, got {list(unconditional.shape)}.")
+        return states, unconditional, scales
 
     def _scheduler(self, first_step: int):
         """A fresh scheduler positioned at ``first_step`` of the schedule, as diffusers' img2img positions it."""
@@ -280,28 +334,28 @@ class Sampler:
             scheduler.set_begin_index(index)
         return scheduler, index
 
-    def _step(self, trajectories: list[Trajectory], *, reuse: bool) -> None:
-        cfg = self.guidance > 1
+    def _step(self, trajectories: list[Trajectory], *, copies: int, reuse: bool) -> None:
         latents = torch.cat([t.scheduler.scale_model_input(t.latents, t.timestep) for t in trajectories])
         states = torch.cat([t.states for t in trajectories])
         timesteps = torch.cat([t.timestep.repeat(len(t)) for t in trajectories])
-        if cfg:
+        if copies == 2:
             latents = torch.cat([latents, latents])
-            states = torch.cat([self.embed([""]).expand(len(states), -1, -1), states])
+            states = torch.cat([torch.cat([t.unconditional for t in trajectories]), states])
             timesteps = torch.cat([timesteps, timesteps])
         if self._unet is None:
             noise = self.components.unet(latents, timesteps, encoder_hidden_states=states, return_dict=False)[0]
         elif reuse:
-            deep = torch.cat([t.deep for t in trajectories], dim=1).flatten(0, 1)
+            deep = torch.cat([t.deep[-copies:] for t in trajectories], dim=1).flatten(0, 1)  # [-1:]: the conditional
             noise = self._unet.shallow(latents, timesteps, states, deep)
         else:
             noise, deep = self._unet.full(latents, timesteps, states)
-            for t, part in zip(trajectories, deep.unflatten(0, (1 + cfg, -1)).split([len(t) for t in trajectories],
-                                                                                  dim=1)):
+            for t, part in zip(trajectories, deep.unflatten(0, (copies, -1)).split([len(t) for t in trajectories],
+                                                                               dim=1)):
                 t.deep = part
-        if cfg:
+        if copies == 2:
             noise_uncond, noise_text = noise.chunk(2)
-            noise = noise_uncond + self.guidance * (noise_text - noise_uncond)
+            scale = torch.cat([t.guidance for t in trajectories]).to(noise.device, noise.dtype).view(-1, 1, 1, 1)
+            noise = noise_uncond + scale * (noise_text - noise_uncond)
         for t, part in zip(trajectories, noise.split([len(t) for t in trajectories])):
             extra = dict(self._step_kwargs, generator=t.generators) if self._stochastic else self._step_kwargs
             t.latents = t.scheduler.step(part, t.timestep, t.latents, return_dict=False, **extra)[0]
