@@ -1,7 +1,8 @@
 """The ``onlinemix`` command.
 
 ``onlinemix finetune ...`` personalises a generator (``onlinemix.finetune``);
-``onlinemix pretrain-demo ...`` rebuilds the demo generator (``onlinemix.demo_model``).
+``onlinemix pretrain-demo ...`` rebuilds the demo generator (``onlinemix.demo_model``);
+``onlinemix invert ...`` learns a condition per training image (``onlinemix.invert``).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 COMMANDS = {
     "finetune": "personalise a generator: textual inversion + LoRA (Diff-Mix's first stage)",
     "pretrain-demo": "pretrain the tiny demo generator on the demo world's generic corpus",
+    "invert": "learn one condition per training image (Diffusion Inversion's first stage)",
 }
 
 
@@ -25,6 +27,10 @@ def main(argv=None) -> None:
             from .finetune import main as finetune
 
             finetune(argv[1:])
+        elif argv[0] == "invert":
+            from .invert import main as invert
+
+            invert(argv[1:])
         else:
             from .demo_model import main as pretrain_demo
 

@@ -20,3 +20,23 @@ def _no_leftover_shared_memory():
     yield
     left = ours() - before
     assert not left, f"tests left shared-memory segments behind: {sorted(left)}"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The tiny model saved as a diffusers folder (the base of fine-tuning and inversion tests)."""
+    from onlinemix.generator.components import tiny_components
+
+    folder = tmp_path_factory.mktemp("base") / "tiny"
+    tiny_components(seed=0).save(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A toy data set of 3 classes, 8 training images each."""
+    from onlinemix.data.toy import write_toy_dataset
+
+    root = tmp_path_factory.mktemp("toy")
+    write_toy_dataset(str(root), classes=3, train_per_class=8, val_per_class=1, test_per_class=1)
+    return str(root)

@@ -16,22 +16,6 @@ from tests.helpers import TensorImages
 NAMES = ["red disc", "green square", "blue triangle"]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("base") / "tiny"
-    tiny_components(seed=0).save(str(folder))
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from onlinemix.data.toy import write_toy_dataset
-
-    root = tmp_path_factory.mktemp("toy")
-    write_toy_dataset(str(root), classes=3, train_per_class=8, val_per_class=1, test_per_class=1)
-    return str(root)
-
-
 def finetune(base, data_dir, out, *extra):
     argv = ["--model", base, "--data-dir", data_dir, "--out", str(out), "--resolution", "32", "--batch-size", "4",
             "--workers", "0", "--lr", "1e-2", "--metaclass", "shape", "--preview-steps", "0", *extra]
