@@ -143,12 +143,35 @@ def save_checkpoint(out: str, step: int, personaliser: Personaliser, optimizer, 
               os.path.join(folder, "trainable.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                 "step": step}, os.path.join(folder, "optimizer.pt"))
+    publish_checkpoint(root, name)
+
+
+def publish_checkpoint(root: str, name: str) -> None:
+    """Point ``root/latest`` at the complete checkpoint folder ``name`` atomically, then drop older ones."""
     with open(os.path.join(root, "latest.tmp"), "w") as f:
         f.write(name)
     os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
     for old in os.listdir(root):
         if old.startswith("step-") and old != name:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+
+
+def command_accelerator(mixed_precision: str):
+    """The accelerate ``Accelerator`` of a command; launched as several processes without a GPU,
+    accelerate would run independent copies unless told CPU."""
+    from accelerate import Accelerator
+
+    several_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=mixed_precision, cpu=several_on_cpu)
+
+
+def checked_loss(accelerator, loss: torch.Tensor, step: int) -> float:
+    """The loss averaged over processes; a non-finite one stops the run before any checkpoint."""
+    value = accelerator.reduce(loss.detach(), reduction="mean").item()
+    if not math.isfinite(value):  # before any checkpoint: the last good one stays the latest
+        raise ValueError(f"The loss became {value} at step {step}; lower --lr or use bf16 instead of fp16, "
+                         "then --resume from the last checkpoint.")
+    return value
 
 
 def load_checkpoint(folder: str, personaliser: Personaliser, optimizer, scaler) -> int:
@@ -170,13 +193,10 @@ def main(argv=None) -> dict:
 
 
 def finetune(args) -> dict:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm import tqdm
 
-    # Launched as several processes without a GPU, accelerate would run independent copies unless told CPU.
-    several_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=several_on_cpu)
+    accelerator = command_accelerator(args.mixed_precision)
     set_seed(args.seed)  # the LoRA initialisation
     main_process = accelerator.is_main_process
     with accelerator.main_process_first():  # the toy set is written once
@@ -225,11 +245,7 @@ def finetune(args) -> dict:
         accelerator.clip_grad_norm_(personaliser.parameters(), 1.0)
         optimizer.step()
         personaliser.restore_frozen_rows()
-        value = accelerator.reduce(loss.detach(), reduction="mean").item()
-        if not math.isfinite(value):  # before any checkpoint: the last good one stays the latest
-            raise ValueError(f"The loss became {value} at step {step + 1}; lower --lr or use bf16 instead of fp16, "
-                             "then --resume from the last checkpoint.")
-        losses[step + 1] = value
+        value = losses[step + 1] = checked_loss(accelerator, loss, step + 1)
         bar.update(1)
         bar.set_postfix(loss=f"{value:.4f}")
         if main_process:

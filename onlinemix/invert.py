@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 
@@ -23,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .data import check_data_options, load_splits
-from .finetune import CHECKPOINTS, append_loss, latest_checkpoint
+from .finetune import (CHECKPOINTS, append_loss, checked_loss, command_accelerator, latest_checkpoint,
+                       publish_checkpoint)
 from .generator.components import load_components
 from .options import add_data_arguments, data_options, parse_with_config
 
@@ -148,12 +148,7 @@ def save_checkpoint(out: str, step: int, inversion: Inversion, optimizer) -> Non
     os.makedirs(os.path.join(root, name), exist_ok=True)
     save_file({"conditions": inversion.conditions.detach().cpu().contiguous()}, os.path.join(root, name, STORE))
     torch.save({"optimizer": optimizer.state_dict(), "step": step}, os.path.join(root, name, "optimizer.pt"))
-    with open(os.path.join(root, "latest.tmp"), "w") as f:
-        f.write(name)
-    os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
-    for old in os.listdir(root):
-        if old.startswith("step-") and old != name:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    publish_checkpoint(root, name)
 
 
 def load_checkpoint(folder: str, inversion: Inversion, optimizer) -> int:
@@ -174,11 +169,9 @@ def main(argv=None) -> dict:
 
 
 def invert(args) -> dict:
-    from accelerate import Accelerator
     from tqdm import tqdm
 
-    several_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=several_on_cpu)
+    accelerator = command_accelerator(args.mixed_precision)
     main_process = accelerator.is_main_process
     with accelerator.main_process_first():  # the demo world is written once
         splits = load_splits(args.data_dir, **data_options(args))
@@ -214,11 +207,7 @@ def invert(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
-        value = accelerator.reduce(loss.detach(), reduction="mean").item()
-        if not math.isfinite(value):
-            raise ValueError(f"The loss became {value} at step {step + 1}; lower --lr or use bf16 instead of fp16, "
-                             "then --resume from the last checkpoint.")
-        losses[step + 1] = value
+        value = losses[step + 1] = checked_loss(accelerator, loss, step + 1)
         bar.update(1)
         bar.set_postfix(loss=f"{value:.4f}")
         if main_process:
