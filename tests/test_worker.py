@@ -386,6 +386,9 @@ def test_accelerator_errors(folders, accelerator, tmp_path):
         spec(base, None, strategy="realmix", accelerator=accelerator, scheduler="lcm", accelerator_weight=0)
     with pytest.raises(FileNotFoundError, match="No acceleration LoRA at"):
         attach_accelerator(tiny_components(), tmp_path / "missing.safetensors")
+    with pytest.raises(FileNotFoundError, match="No acceleration LoRA at"):  # in the training process, before workers
+        DiffusionProducerFactory(spec(base, None, strategy="realmix", scheduler="lcm",
+                                      accelerator=str(tmp_path / "missing.safetensors")), references(), CLASSES, "bird")
 
 
 def test_xformers_without_the_package_is_refused_before_any_work(folders):

@@ -99,6 +99,21 @@ def sampling_scheduler(name: str, config: dict):
     raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {name!r}.")
 
 
+def accelerator_location(source: Union[str, os.PathLike], *, local_files_only: bool = False) -> tuple[str, dict]:
+    """Where diffusers reads an acceleration LoRA from (``attach_accelerator``'s ``source``): its folder or
+    hub repository and the keywords naming the file; raises before any work if a local one is missing."""
+    source = os.fspath(source)
+    if os.path.isfile(source):
+        return os.path.dirname(source) or ".", dict(weight_name=os.path.basename(source))
+    if os.path.isdir(source):
+        return source, dict(weight_name=LORA_WEIGHTS)
+    if source.count("/") >= 2 and source.endswith(".safetensors") and not source.startswith(("/", ".", "~")):
+        org, name, file = source.split("/", 2)
+        return f"{org}/{name}", dict(weight_name=file, local_files_only=local_files_only)
+    raise FileNotFoundError(f"No acceleration LoRA at {source!r}: pass a .safetensors file, a folder with "
+                            f"{LORA_WEIGHTS}, or org/name/file.safetensors on a model hub.")
+
+
 def attach_accelerator(components: Components, source: Union[str, os.PathLike], *, weight: float = 1.0,
                        local_files_only: bool = False) -> None:
     """Load a few-step acceleration LoRA (Hyper-SD, LCM-LoRA, TCD) into the U-Net as the adapter
@@ -111,17 +126,7 @@ def attach_accelerator(components: Components, source: Union[str, os.PathLike], 
     """
     from diffusers import StableDiffusionPipeline
 
-    source = os.fspath(source)
-    if os.path.isfile(source):
-        location, kwargs = os.path.dirname(source) or ".", dict(weight_name=os.path.basename(source))
-    elif os.path.isdir(source):
-        location, kwargs = source, dict(weight_name=LORA_WEIGHTS)
-    elif source.count("/") >= 2 and source.endswith(".safetensors") and not source.startswith(("/", ".", "~")):
-        org, name, file = source.split("/", 2)
-        location, kwargs = f"{org}/{name}", dict(weight_name=file, local_files_only=local_files_only)
-    else:
-        raise FileNotFoundError(f"No acceleration LoRA at {source!r}: pass a .safetensors file, a folder with "
-                                f"{LORA_WEIGHTS}, or org/name/file.safetensors on a model hub.")
+    location, kwargs = accelerator_location(source, local_files_only=local_files_only)
     state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(location, return_lora_metadata=True, **kwargs)
     StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=components.unet, adapter_name="accelerator",
                                                 metadata=metadata)

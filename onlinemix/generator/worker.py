@@ -23,7 +23,7 @@ from ..plan import Planner, check_policy, get_strategy, strategy_name
 from ..batch import SampleBatch
 from ..feedback import FeedbackBlock
 from .clip_filter import ClipFilter
-from .components import (SCHEDULERS, Components, attach_accelerator, attach_personalisation, load_components,
+from .components import (SCHEDULERS, Components, accelerator_location, attach_accelerator, attach_personalisation, load_components,
                          personalisation_info, sampling_scheduler)
 from .sampler import Sampler, Trajectory, check_steps, denoising_steps
 
@@ -224,6 +224,8 @@ class DiffusionProducerFactory:
                                target_weights=spec.target_weights, policy=spec.policy, floor=spec.policy_floor,
                                strength_schedule=spec.strength_schedule)
         check_steps(spec.steps, self.planner.scheduled_strengths())
+        if spec.accelerator:
+            accelerator_location(spec.accelerator, local_files_only=spec.local_files_only)  # a missing file: now
         if not self.strategy.text_to_image:
             warn_coarse_strengths(spec.steps, self.planner.scheduled_strengths())
 
