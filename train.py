@@ -36,9 +36,10 @@ from onlinemix.evaluation import evaluate
 from onlinemix.fidelity import FidelityMonitor
 from onlinemix.feedback import ClosedLoop, FeedbackBlock
 from onlinemix.generator.components import SCHEDULERS
+from onlinemix.generator.conditions import check_inversion_options, read_store_info
 from onlinemix.generator.worker import COMPILE_MODES
 from onlinemix.options import add_data_arguments, data_options, parse_with_config
-from onlinemix.plan import POLICIES, check_policy
+from onlinemix.plan import POLICIES, check_policy, get_strategy
 from onlinemix.run_files import flat_scalars, log_step, save_grid, save_policy_heatmap, tensorboard, write_metrics
 
 # RandomResizedCrop's area range for real training images; synthetic images get the same crop.
@@ -123,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="finetune YAML: if --gen-finetuned holds no personalised generator yet, make it first "
                           "(onlinemix finetune --config FILE --out GEN_FINETUNED); later runs reuse it")
     gen.add_argument("--gen-steps", type=int, default=25)
-    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--guidance", type=float, nargs="+", metavar="SCALE",
+                     help="classifier-free guidance scale, or several that each sample draws one of "
+                          "(default: the strategy's set, diffinversion 2 3 4; else 7.5)")
     gen.add_argument("--gen-resolution", type=int, default=512)
     gen.add_argument("--gen-batch-size", type=int, default=8)
     gen.add_argument("--gen-continuous", action=argparse.BooleanOptionalAction, default=True,
@@ -145,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"torch.compile the U-Net in MODE ({', '.join(COMPILE_MODES)}; reduce-overhead adds CUDA "
                           "graphs)")
     gen.add_argument("--gen-dtype", choices=["float32", "float16", "bfloat16"], default="float16")
+    gen.add_argument("--inversion", metavar="STORE",
+                     help="--aug diffinversion: the condition store of `onlinemix invert` on this run's data")
+    gen.add_argument("--inversion-noise", type=float, default=0.1, metavar="LAMBDA",
+                     help="--aug diffinversion: Gaussian perturbation c + LAMBDA * eps of every condition")
+    gen.add_argument("--inversion-interpolation", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                     help="--aug diffinversion: mix each condition with another of its class, alpha uniform in "
+                          "[LOW, HIGH] (then the noise; --inversion-noise 0 for interpolation alone)")
     gen.add_argument("--clip-filter",
                      help="CLIP folder or hub id (the paper's openai/clip-vit-base-patch32): drop the 10%% of "
                           "samples least confidently showing a --metaclass; needed by --aug realfilter")
@@ -200,6 +210,10 @@ def check_args(args) -> None:
         raise ValueError("--epochs, --batch-size and --eval-every must be >= 1.")
     if strategy_of(args.aug):
         check_policy(strategy_of(args.aug), args.gen_policy, args.gen_policy_floor, args.strength_schedule)
+        check_inversion_options(get_strategy(strategy_of(args.aug)), args.inversion, args.inversion_noise,
+                                args.inversion_interpolation)
+        if args.inversion:
+            read_store_info(args.inversion)
     elif args.gen_policy != "uniform" or args.strength_schedule:
         raise ValueError(f"--gen-policy and --strength-schedule steer a generator; --aug {args.aug} runs none.")
     if args.feedback_every < 1:
@@ -314,8 +328,6 @@ def build_augmentation(args, splits, run_dir, state, mean, std):
 
 def uses_personalisation(aug: str) -> bool:
     """Whether ``--aug`` runs a personalised generator (the real* baselines run the base model)."""
-    from onlinemix.plan import get_strategy
-
     strategy = strategy_of(aug)
     return strategy is not None and get_strategy(strategy).personalised
 
@@ -354,7 +366,8 @@ def generator_factory(args, splits, run_dir, feedback=None):
     spec = GeneratorSpec(
         model=generator_model(args.gen_model, run_dir, seed=args.seed), finetuned=args.gen_finetuned,
         strategy=strategy_of(args.aug), target_weights=weights, referable_classes=args.referable_classes,
-        strengths=tuple(args.strengths) if args.strengths else None, steps=args.gen_steps, guidance=args.guidance,
+        strengths=tuple(args.strengths) if args.strengths else None, steps=args.gen_steps,
+        guidance=None if args.guidance is None else tuple(np.atleast_1d(args.guidance).tolist()),
         resolution=args.gen_resolution, image_size=args.ring_size or args.img_size, batch_size=args.gen_batch_size,
         continuous=args.gen_continuous, deep_cache=args.gen_deep_cache, posterior_cache=args.gen_posterior_cache,
         attention=args.gen_attention, channels_last=args.gen_channels_last, compile=args.gen_compile,
@@ -363,6 +376,8 @@ def generator_factory(args, splits, run_dir, feedback=None):
         dtype=args.gen_dtype, clip_model=args.clip_filter, local_files_only=args.local_files_only,
         policy=args.gen_policy, policy_floor=args.gen_policy_floor,
         strength_schedule=tuple(args.strength_schedule) if args.strength_schedule else None,
+        inversion=args.inversion, inversion_noise=args.inversion_noise,
+        inversion_interpolation=tuple(args.inversion_interpolation) if args.inversion_interpolation else None,
     )
     return DiffusionProducerFactory(spec, splits.train, splits.class_names, args.metaclass, feedback=feedback)
 

@@ -30,7 +30,7 @@ from onlinemix.data import load_splits
 from onlinemix.data.demo_world import SPECIES
 from onlinemix.generator.components import load_components
 from onlinemix.generator.sampler import Sampler
-from onlinemix.invert import STORE, STORE_JSON
+from onlinemix.generator.conditions import STORE, STORE_JSON
 
 
 def main(argv=None) -> dict:

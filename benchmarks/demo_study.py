@@ -3,7 +3,8 @@
 Every (augmentation, seed) pair is one ``python train.py --config configs/demo.yaml --aug AUG
 --seed SEED`` run in its own process, with the generator (where the augmentation uses one)
 in a process of its own on the CPU, as in the quick start. The personalised generator is
-made once (configs/finetune/demo.yaml) and shared by every run. Reported per augmentation:
+made once (configs/finetune/demo.yaml) and shared by every run, and so is Diffusion
+Inversion's condition store (configs/invert/demo.yaml) where ``diffinversion`` runs. Reported per augmentation:
 the last epoch's top-1 accuracy on the in-distribution test set and on the counterfactual
 set (every bird on its other background), the counterfactual worst-group accuracy, the
 realised synthetic fraction and the share of synthetic samples the classifier called their
@@ -14,7 +15,7 @@ differences (Diff-Mix minus each baseline, seed by seed) are reported with their
 error over seeds. The report is rewritten after every run, so a study cut short keeps
 what finished.
 
-    python benchmarks/demo_study.py                                   # 6 augmentations x 5 seeds
+    python benchmarks/demo_study.py                                   # 7 augmentations x 5 seeds
     python benchmarks/demo_study.py --augs none diffmix --seeds 0 -- --epochs 2   # flags after -- go to train.py
     python benchmarks/demo_study.py --augs diffmix diffmix@confusion diffmix@hard-class \
         --out benchmarks/results/closed_loop_study.json -- --ring-slots 48 --feedback-every 3   # the closed loop
@@ -33,15 +34,18 @@ import time
 import numpy as np
 from report import RESULTS, machine, pyplot, write_report
 
+from onlinemix.generator.conditions import STORE_JSON
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AUGS = ("none", "cutmix", "diffaug", "realmix", "diffmix", "diffmix+cutmix")
+AUGS = ("none", "cutmix", "diffaug", "realmix", "diffmix", "diffmix+cutmix", "diffinversion")
 # The closed loop: an augmentation with a planning policy, spelled AUG@POLICY (train.py --gen-policy POLICY).
 POLICY_AUGS = ("diffmix@confusion", "diffmix@hard-class")
 METRICS = {"test": ("test", "top1"), "counterfactual": ("test_counterfactual", "top1"),
            "counterfactual_worst_group": ("test_counterfactual", "worst_group")}
 # What Diff-Mix is compared with, seed by seed.
 PAIRS = (("diffmix", "none"), ("diffmix", "diffaug"), ("diffmix", "realmix"), ("diffmix+cutmix", "cutmix"),
-         ("diffmix@confusion", "diffmix"), ("diffmix@hard-class", "diffmix"))
+         ("diffmix@confusion", "diffmix"), ("diffmix@hard-class", "diffmix"), ("diffinversion", "none"),
+         ("diffinversion", "diffaug"), ("diffmix", "diffinversion"))
 
 
 def epochs(run_dir: str) -> list:
@@ -74,6 +78,8 @@ def run(aug: str, seed: int, args, overrides: list) -> dict:
                "--seed", str(seed), "--output", args.runs, "--name", name, *overrides]
     if policy:
         command += ["--gen-policy", policy]
+    if base == "diffinversion":
+        command += ["--inversion", condition_store(args.invert_config)]
     print(f"[{name}]", " ".join(command[1:]), flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)
@@ -91,6 +97,19 @@ def run(aug: str, seed: int, args, overrides: list) -> dict:
         row.update(policy_summary(history))
     print(f"[{name}]", {k: row[k] for k in (*METRICS, "synthetic_fraction", "seconds")}, flush=True)
     return row
+
+
+def condition_store(config: str) -> str:
+    """The store of ``onlinemix invert --config config``, made first if its folder holds none."""
+    import yaml
+
+    with open(config) as f:
+        out = os.path.join(ROOT, yaml.safe_load(f)["out"])
+    if not os.path.isfile(os.path.join(out, STORE_JSON)):
+        print(f"[store] onlinemix invert --config {config} --out {out}", flush=True)
+        subprocess.run([sys.executable, "-m", "onlinemix.cli", "invert", "--config", config, "--out", out,
+                        "--overwrite"], check=True, cwd=ROOT)
+    return out
 
 
 def mean_and_se(values) -> dict:
@@ -161,6 +180,8 @@ def main(argv=None) -> dict:
                    help="augmentations; AUG@POLICY runs AUG with train.py --gen-policy POLICY")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
+    p.add_argument("--invert-config", default=os.path.join(ROOT, "configs", "invert", "demo.yaml"),
+                   help="`onlinemix invert` config of the condition store diffinversion runs share")
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "demo-study"), help="where the runs are written")
     p.add_argument("--out", default=os.path.join(RESULTS, "demo_study.json"))
     args = p.parse_args(argv)

@@ -25,13 +25,10 @@ from .data import check_data_options, load_splits
 from .finetune import (CHECKPOINTS, append_loss, checked_loss, command_accelerator, latest_checkpoint,
                        publish_checkpoint)
 from .generator.components import load_components
+from .generator.conditions import STORE, STORE_JSON
 from .options import add_data_arguments, data_options, parse_with_config
 
 logger = logging.getLogger("onlinemix")
-
-STORE = "conditions.safetensors"
-STORE_JSON = "inversion.json"
-
 
 class Inversion(torch.nn.Module):
     """One learned condition ``[L, D]`` per training image, and its loss on frozen components.

@@ -8,7 +8,7 @@ code: no processes, no devices.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -37,6 +37,11 @@ class Strategy:
             runs on; empty: the un-tuned base model, whatever personalised folder is at hand.
         strengths: Default SDEdit strengths, drawn uniformly.
         filtered: The strategy includes the CLIP filter (Real-Filtering).
+        inverted: Conditions come from an ``onlinemix invert`` store (Diffusion Inversion), one
+            per training image, instead of prompts: text-to-image from the reference's own,
+            perturbed condition.
+        guidance: The strategy's default classifier-free guidance scales, drawn per sample;
+            empty: the generator's single default (7.5).
     """
 
     name: str
@@ -46,6 +51,8 @@ class Strategy:
     methods: tuple[str, ...]
     strengths: tuple[float, ...]
     filtered: bool = False
+    inverted: bool = False
+    guidance: tuple[float, ...] = ()
 
     @property
     def personalised(self) -> bool:
@@ -56,8 +63,16 @@ class Strategy:
                    tokens: Optional[Sequence[str]] = None) -> str:
         """The prompt that asks for class ``target``; ``tokens`` are the learned tokens in
         class order (default ``<class_i>``)."""
+        if self.inverted:
+            raise ValueError(f"{self.name} is conditioned on learned tensors (an `onlinemix invert` store), "
+                             "not on prompts.")
         token = tokens[target] if tokens is not None else placeholder_token(target)
         return self.prompt.format(token=token, name=class_names[target], metaclass=metaclass)
+
+
+# Diffusion Inversion varies the guidance scale for diversity (its code samples at 2.0 by default and pools
+# runs at several scales); the demo's inverted conditions regenerate their species best at 2-4.
+INVERSION_GUIDANCE = (2.0, 3.0, 4.0)
 
 
 def placeholder_token(class_index: int) -> str:
@@ -77,12 +92,14 @@ STRATEGIES = {
         Strategy("realfilter", False, True, "a photo of a {name}", (), (1.0,), filtered=True),
         Strategy("realguidance", False, False, "a photo of a {name}", (), (0.1,)),
         Strategy("dafusion", False, False, "a photo of a {token}", ("ti",), (0.25, 0.5, 0.75, 1.0)),
+        Strategy("diffinversion", False, True, "", (), (1.0,), inverted=True, guidance=INVERSION_GUIDANCE),
     )
 }
 # The paper's spellings, accepted everywhere a strategy is named.
 ALIASES = {"diff-mix": "diffmix", "diff-aug": "diffaug", "diff-gen": "diffgen", "real-mix": "realmix",
            "real-aug": "realaug", "real-gen": "realgen", "real-filtering": "realfilter",
-           "real-guidance": "realguidance", "da-fusion": "dafusion"}
+           "real-guidance": "realguidance", "da-fusion": "dafusion",
+           "diff-inversion": "diffinversion"}
 
 
 def strategy_name(name: str) -> str:
@@ -118,6 +135,27 @@ def check_policy(strategy, policy: str, floor: float, schedule: Optional[Sequenc
             raise ValueError(f"{strategy.name} generates from text; it has no strength to schedule.")
 
 
+def check_guidance(scales: Sequence[float]) -> tuple[float, ...]:
+    """Guidance scales as a tuple of floats, each >= 1 (1 turns guidance off)."""
+    values = tuple(float(v) for v in np.atleast_1d(scales))
+    if not values or any(not np.isfinite(v) or v < 1 for v in values):
+        raise ValueError(f"Guidance scales must be >= 1 (1 turns guidance off), got {list(values)}.")
+    return values
+
+
+def check_interpolation(strategy, interpolation: Sequence[float]) -> tuple[float, float]:
+    """The interpolation range ``(low, high)`` of an inverted strategy, both in [0, 1]."""
+    strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+    if not strategy.inverted:
+        raise ValueError(f"Interpolating conditions (--inversion-interpolation) needs an inverted strategy "
+                         f"(diffinversion); {strategy.name} has no learned condition per image.")
+    values = [float(v) for v in np.atleast_1d(interpolation)]
+    if len(values) != 2 or not all(0 <= v <= 1 for v in values) or values[0] > values[1]:
+        raise ValueError(f"The interpolation weight alpha is drawn in [LOW, HIGH], 0 <= LOW <= HIGH <= 1 "
+                         f"(--inversion-interpolation LOW HIGH), got {values}.")
+    return values[0], values[1]
+
+
 def long_tail_weights(class_counts: Sequence[int]) -> np.ndarray:
     """Target-class weights ∝ 1 / (n_c + 1), the paper's choice for long-tail data."""
     return 1.0 / (np.asarray(class_counts, dtype=np.float64) + 1.0)
@@ -132,7 +170,11 @@ class Request:
         source: Class of the reference image (equals ``target`` for text-to-image).
         target: Class named in the prompt.
         strength: SDEdit strength in (0, 1]; 1.0 for text-to-image.
-        seed: Seed of the sample's initial noise.
+        seed: Seed of the sample's initial noise (and of an inverted condition's perturbation).
+        partner: Inverted strategies with interpolation: the second image of the class, whose
+            condition is mixed in; -1 for none.
+        alpha: The reference condition's weight in ``alpha·c_reference + (1 - alpha)·c_partner``.
+        guidance: The sample's classifier-free guidance scale; None: the generator's default.
     """
 
     reference: int
@@ -140,6 +182,9 @@ class Request:
     target: int
     strength: float
     seed: int
+    partner: int = -1
+    alpha: float = 1.0
+    guidance: Optional[float] = None
 
 
 class Planner:
@@ -178,6 +223,10 @@ class Planner:
         strength_schedule: ``(start, end)``: instead of drawing from the strength set, every
             request takes ``start + (end - start)·progress`` (rounded to 0.01), a curriculum
             over training progress from ``update``.
+        guidance: Classifier-free guidance scales; with more than one, each request draws its own
+            uniformly (one is every request's). None: the generator's default.
+        interpolation: Inverted strategies: ``(low, high)``, each request also takes a partner image
+            of its class, uniform, and a weight ``alpha`` uniform in ``[low, high]``.
     """
 
     def __init__(
@@ -193,6 +242,8 @@ class Planner:
         policy: str = "uniform",
         floor: float = 0.2,
         strength_schedule: Optional[Sequence[float]] = None,
+        guidance: Optional[Sequence[float]] = None,
+        interpolation: Optional[Sequence[float]] = None,
     ):
         self.strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
         check_policy(self.strategy, policy, floor, strength_schedule)
@@ -207,6 +258,8 @@ class Planner:
         if len(labels) and labels.max() >= self.num_classes:
             raise ValueError(f"labels hold class {labels.max()} but num_classes={self.num_classes}.")
         self.strengths = self._check_strengths(strengths)
+        self.guidance = None if guidance is None else check_guidance(guidance)
+        self.interpolation = None if interpolation is None else check_interpolation(self.strategy, interpolation)
         self._rng = np.random.default_rng(seed)
         self._by_class = [np.flatnonzero(labels == c) for c in range(self.num_classes)]
         self._target_p = self._check_weights(target_weights)
@@ -285,7 +338,7 @@ class Planner:
         weights = np.asarray(weights, dtype=np.float64)
         if weights.shape != (self.num_classes,) or np.any(weights < 0) or not np.isfinite(weights).all():
             raise ValueError(f"target_weights must be {self.num_classes} non-negative numbers.")
-        if not self.strategy.inter_class and not self.strategy.text_to_image:
+        if not self.strategy.inter_class and (self.strategy.inverted or not self.strategy.text_to_image):
             weights = weights * has_images  # intra-class: the target is also the reference's class
         if weights.sum() <= 0:
             raise ValueError("No target class can be generated: every weight is zero or its class has no images.")
@@ -325,7 +378,7 @@ class Planner:
             if self.policy == "confusion":  # a (target, source) pair; the reference uniform within the source
                 target, source = divmod(drawn, self.num_classes)
                 strength, seed = self._strength(), int(rng.integers(0, 2**31 - 1))
-                return Request(int(rng.choice(self._by_class[source])), source, target, strength, seed)
+                return self._guided(Request(int(rng.choice(self._by_class[source])), source, target, strength, seed))
             return self._request(drawn)  # hard-class: a target
         return self._request(int(rng.choice(self.num_classes, p=self._target_p)))
 
@@ -333,12 +386,26 @@ class Planner:
         """The request for ``target``, its reference drawn as the strategy says."""
         rng = self._rng
         strength, seed = self._strength(), int(rng.integers(0, 2**31 - 1))
-        if self.strategy.text_to_image:
-            return Request(-1, target, target, 1.0, seed)
-        if self.strategy.inter_class:
+        if self.strategy.inverted:
+            request = Request(int(rng.choice(self._by_class[target])), target, target, 1.0, seed)
+            if self.interpolation is not None:
+                low, high = self.interpolation
+                request = replace(request, partner=int(rng.choice(self._by_class[target])),
+                                  alpha=float(rng.uniform(low, high)))
+        elif self.strategy.text_to_image:
+            request = Request(-1, target, target, 1.0, seed)
+        elif self.strategy.inter_class:
             reference = int(rng.choice(self._references[target]))
-            return Request(reference, int(self._labels[reference]), target, strength, seed)
-        return Request(int(rng.choice(self._by_class[target])), target, target, strength, seed)
+            request = Request(reference, int(self._labels[reference]), target, strength, seed)
+        else:
+            request = Request(int(rng.choice(self._by_class[target])), target, target, strength, seed)
+        return self._guided(request)
+
+    def _guided(self, request: Request) -> Request:
+        if self.guidance is None:
+            return request
+        scale = self.guidance[0] if len(self.guidance) == 1 else self.guidance[self._rng.integers(len(self.guidance))]
+        return replace(request, guidance=float(scale))
 
     def _strength(self) -> float:
         if self.strength_schedule is not None:

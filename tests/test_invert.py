@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from onlinemix.generator.components import tiny_components
-from onlinemix.invert import STORE, STORE_JSON, main, step_indices
+from onlinemix.generator.conditions import STORE, STORE_JSON
+from onlinemix.invert import main, step_indices
 from tests.test_finetune import losses
 
 
@@ -64,3 +65,15 @@ def test_bad_input_stops_before_any_work(base, data_dir, tmp_path):
     (tmp_path / "busy" / "x").write_text("x")
     with pytest.raises(ValueError, match="is not empty"):
         invert(base, data_dir, tmp_path / "busy")
+
+
+@pytest.mark.parametrize("config", sorted(os.listdir(os.path.join("configs", "invert"))))
+def test_every_invert_config_parses(config):
+    from onlinemix.invert import build_parser, check_args
+    from onlinemix.options import parse_with_config
+
+    args = parse_with_config(build_parser(), ["--config", os.path.join("configs", "invert", config)])
+    args.out = None  # the recipe's own folder may hold a store already
+    with pytest.raises(ValueError, match="--out"):
+        check_args(args)
+    assert args.model and args.resolution % 8 == 0 and 1 <= args.vectors <= 77

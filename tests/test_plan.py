@@ -7,7 +7,7 @@ CLASSES = ["Laysan Albatross", "Sooty Albatross", "Rhinoceros Auklet", "Gray Cat
 
 
 def test_every_strategy_prompts_as_in_the_paper():
-    prompts = {name: s.prompt_for(2, CLASSES, "bird") for name, s in STRATEGIES.items()}
+    prompts = {name: s.prompt_for(2, CLASSES, "bird") for name, s in STRATEGIES.items() if not s.inverted}
     assert prompts == {
         "diffmix": "a photo of a <class_2> bird",
         "diffaug": "a photo of a <class_2> bird",
@@ -27,6 +27,9 @@ def test_every_strategy_prompts_as_in_the_paper():
     assert get_strategy("dafusion").methods == ("ti",), "tokens only"
     assert [n for n, s in STRATEGIES.items() if s.filtered] == ["realfilter"]
     assert placeholder_token(11) == "<class_11>"
+    assert [n for n, s in STRATEGIES.items() if s.inverted] == ["diffinversion"]
+    with pytest.raises(ValueError, match="conditioned on learned tensors"):
+        get_strategy("diffinversion").prompt_for(2, CLASSES, "bird")
 
 
 def test_the_papers_spellings_name_the_same_strategies():

@@ -151,7 +151,7 @@ def test_pool_worker_fills_a_ring_with_labelled_samples(folders, tmp_path):
     "kwargs, message",
     [
         (dict(steps=0), "steps must be >= 1"),
-        (dict(guidance=0.5), "guidance must be >= 1"),
+        (dict(guidance=0.5), "Guidance scales must be >= 1"),
         (dict(resolution=30), "multiple of 8"),
         (dict(strengths=(0.5, 1.5)), r"\(0, 1\]"),
         (dict(strengths=(0.0,)), r"\(0, 1\]"),

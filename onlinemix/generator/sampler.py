@@ -196,7 +196,7 @@ class Sampler:
                 ``denoising_steps``); they may differ.
             seeds: One seed per sample (its posterior sample, then its noise).
             tags: One tag per sample, handed back by ``decode``.
-            guidance: One guidance scale (>= 1) per sample; default the sampler's.
+            guidance: One guidance scale (>= 1) per sample, None for the sampler's; default the sampler's.
             unconditional: Guidance's unconditional input, ``[L, D]`` for all samples or
                 ``[B, L, D]``; default the empty prompt's embedding.
         """
@@ -304,7 +304,7 @@ class Sampler:
         if any(not 0 < float(s) <= 1 for s in strengths):
             raise ValueError(f"strengths must lie in (0, 1], got {list(strengths)}.")
         check_steps(self.steps, strengths)
-        scales = torch.tensor([self.guidance] * count if guidance is None else [float(g) for g in guidance])
+        scales = torch.tensor([self.guidance if g is None else float(g) for g in guidance or [None] * count])
         if (scales < 1).any():
             raise ValueError(f"guidance scales must be >= 1 (1 turns guidance off), got {scales.tolist()}.")
         width = self.components.unet.config.cross_attention_dim

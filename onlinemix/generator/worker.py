@@ -13,16 +13,17 @@ import importlib.util
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..plan import Planner, check_policy, get_strategy, strategy_name
+from ..plan import Planner, check_guidance, check_policy, get_strategy, strategy_name
 from ..batch import SampleBatch
 from ..feedback import FeedbackBlock
 from .clip_filter import ClipFilter
+from .conditions import ConditionStore, check_inversion_options
 from .components import (SCHEDULERS, Components, accelerator_location, attach_accelerator, attach_personalisation, load_components,
                          personalisation_info, sampling_scheduler)
 from .sampler import Sampler, Trajectory, check_steps, denoising_steps
@@ -46,7 +47,8 @@ class GeneratorSpec:
         strategy: One of ``onlinemix.plan.STRATEGIES`` or its alias (``diff-mix`` for ``diffmix``).
         strengths: Strength set (or one strength); default the strategy's own.
         steps: Denoising steps of the full schedule (25 in the paper).
-        guidance: Classifier-free guidance scale (7.5 in the paper).
+        guidance: Classifier-free guidance scale (7.5 in the paper), or a tuple of scales each
+            sample draws one of; None: the strategy's own set, else 7.5.
         resolution: Generation resolution; references are stretched to it.
         image_size: Size of the images handed to the ring (the training resolution).
         batch_size: Samples per generator batch.
@@ -83,6 +85,11 @@ class GeneratorSpec:
             and fused with it. Needs its ``scheduler`` and fewer ``steps`` (8 for Hyper-SD's
             CFG-preserving SD 1.5 LoRA, 4 for LCM-LoRA and TCD), and ``steps · s ≥ 1``.
         accelerator_weight: The acceleration adapter's weight.
+        inversion: The condition store (``onlinemix invert --out``) of an inverted strategy
+            (diffinversion), learned on this run's training images at ``resolution``.
+        inversion_noise: λ of the Gaussian perturbation ``c + λ·ε`` of every inverted condition.
+        inversion_interpolation: ``(low, high)``: mix each condition with another image's of its
+            class, ``α·c₁ + (1 - α)·c₂``, ``α`` uniform in the range (before the noise); None: none.
     """
 
     model: str
@@ -90,7 +97,7 @@ class GeneratorSpec:
     strategy: str = "diffmix"
     strengths: Optional[tuple] = None
     steps: int = 25
-    guidance: float = 7.5
+    guidance: Optional[Union[float, tuple]] = None
     resolution: int = 512
     image_size: int = 224
     batch_size: int = 8
@@ -113,6 +120,16 @@ class GeneratorSpec:
     scheduler: str = "dpm-solver++"
     accelerator: Optional[str] = None
     accelerator_weight: float = 1.0
+    inversion: Optional[str] = None
+    inversion_noise: float = 0.1
+    inversion_interpolation: Optional[tuple] = None
+
+    @property
+    def guidance_scales(self) -> tuple[float, ...]:
+        """The guidance scales samples draw from: ``guidance``, else the strategy's, else 7.5."""
+        if self.guidance is not None:
+            return check_guidance(self.guidance)
+        return get_strategy(self.strategy).guidance or (7.5,)
 
     @property
     def closed_loop(self) -> bool:
@@ -125,8 +142,8 @@ class GeneratorSpec:
         strategy = get_strategy(self.strategy)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}.")
-        if self.guidance < 1:
-            raise ValueError(f"guidance must be >= 1 (1 turns guidance off), got {self.guidance}.")
+        if self.guidance is not None:
+            check_guidance(self.guidance)
         if self.resolution <= 0 or self.resolution % 8:
             raise ValueError(f"The generation resolution must be a positive multiple of 8, got {self.resolution}.")
         if self.image_size <= 0 or self.batch_size < 1:
@@ -158,6 +175,7 @@ class GeneratorSpec:
             raise ValueError(f"{strategy.name} needs a personalised generator: pass finetuned= (--gen-finetuned), "
                              "the output folder of `onlinemix finetune`.")
         check_policy(strategy, self.policy, self.policy_floor, self.strength_schedule)
+        check_inversion_options(strategy, self.inversion, self.inversion_noise, self.inversion_interpolation)
         if strategy.filtered and not self.clip_model:
             raise ValueError(f"{strategy.name} is real-gen with the CLIP filter: pass clip_model= (--clip-filter), "
                              "a CLIP folder or hub id (the paper's openai/clip-vit-base-patch32).")
@@ -222,7 +240,10 @@ class DiffusionProducerFactory:
         self.planner = Planner(references.labels, self.strategy, num_classes=len(self.class_names),
                                strengths=spec.strengths, referable_classes=spec.referable_classes,
                                target_weights=spec.target_weights, policy=spec.policy, floor=spec.policy_floor,
-                               strength_schedule=spec.strength_schedule)
+                               strength_schedule=spec.strength_schedule, guidance=spec.guidance_scales,
+                               interpolation=spec.inversion_interpolation)
+        if self.strategy.inverted:  # a store from another data set or resolution stops here, before any worker
+            ConditionStore.check(spec.inversion, references, self.class_names, spec.resolution)
         check_steps(spec.steps, self.planner.scheduled_strengths())
         if spec.accelerator:
             accelerator_location(spec.accelerator, local_files_only=spec.local_files_only)  # a missing file: now
@@ -283,7 +304,8 @@ class DiffusionProducerFactory:
         if spec.clip_model:
             clip = ClipFilter.from_pretrained(spec.clip_model, self.metaclass, device=components.device,
                                               local_files_only=spec.local_files_only, drop_fraction=spec.clip_drop)
-        return DiffusionProducer(self, sampler, planner, tokens, clip)
+        store = ConditionStore.load(spec.inversion) if self.strategy.inverted else None
+        return DiffusionProducer(self, sampler, planner, tokens, clip, store)
 
 
 def build_sampler(components: Components, spec: GeneratorSpec) -> Sampler:
@@ -298,7 +320,7 @@ def build_sampler(components: Components, spec: GeneratorSpec) -> Sampler:
         unet.to(memory_format=torch.channels_last)
     if spec.compile:
         components.unet = torch.compile(unet, mode=spec.compile)
-    return Sampler(components, steps=spec.steps, guidance=spec.guidance, deep_cache=spec.deep_cache,
+    return Sampler(components, steps=spec.steps, guidance=spec.guidance_scales[0], deep_cache=spec.deep_cache,
                    posterior_cache=spec.posterior_cache)
 
 
@@ -307,8 +329,9 @@ class DiffusionProducer:
     filters the next ``SampleBatch``; ``dropped`` counts the samples it made but did not hand over."""
 
     def __init__(self, factory: DiffusionProducerFactory, sampler: Sampler, planner: Planner, tokens,
-                 clip: Optional[ClipFilter]):
+                 clip: Optional[ClipFilter], store: Optional[ConditionStore] = None):
         self.factory, self.sampler, self.planner, self.tokens, self.clip = factory, sampler, planner, tokens, clip
+        self.store = store
         self.strategy = factory.strategy
         self.non_finite = 0
         self.dropped = 0  # non-finite and CLIP-filtered samples
@@ -332,15 +355,21 @@ class DiffusionProducer:
         if spec.closed_loop:
             self.follow_feedback()
         requests = self.planner.take(free)
-        prompts = [self.strategy.prompt_for(r.target, f.class_names, f.metaclass, self.tokens) for r in requests]
         seeds = [r.seed for r in requests]
+        guidance = [r.guidance for r in requests]
+        if self.strategy.inverted:
+            self.in_flight += self.sampler.start_generations(
+                self.store.perturbed(requests, spec.inversion_noise), seeds, requests, height=spec.resolution,
+                width=spec.resolution, guidance=guidance, unconditional=self.store.mean)
+            return
+        prompts = [self.strategy.prompt_for(r.target, f.class_names, f.metaclass, self.tokens) for r in requests]
         if self.strategy.text_to_image:
             self.in_flight += self.sampler.start_generations(prompts, seeds, requests, height=spec.resolution,
-                                                             width=spec.resolution)
+                                                             width=spec.resolution, guidance=guidance)
             return
         moments = self.sampler.posteriors([r.reference for r in requests], self.load_references)
         self.in_flight += self.sampler.start_translations(moments, prompts, [r.strength for r in requests], seeds,
-                                                          requests)
+                                                          requests, guidance=guidance)
 
     def load_references(self, indices: Sequence[int]) -> torch.Tensor:
         """Training images ``indices`` stretched to the generation resolution: float ``[n, 3, R, R]`` in [0, 1]."""
