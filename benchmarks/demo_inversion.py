@@ -5,7 +5,11 @@ perturbation, λ = 0) by text-to-image from noise, with classifier-free guidance
 unconditional input is the mean of all conditions (the method's choice), at each
 ``--guidance`` scale. The demo probe (``demo_generator.py``'s species CNN, trained on fresh
 renders) says which species each regeneration shows; reported: the share it calls the
-image's own species, next to the probe's accuracy on the training images themselves.
+image's own species, next to the probe's accuracy on the training images themselves and,
+as the reference of what conditioning can do on this model at all, the share for the same
+images generated from their species' description in words (``class_descriptions``: the
+caption words the demo generator was pretrained on) with the empty prompt as guidance's
+unconditional input.
 
     onlinemix invert --model demo --dataset demo --data-dir data/demo --metaclass bird \\
         --resolution 64 --steps 800 --batch-size 32 --lr 1e-2 --out runs/demo-inversion
@@ -27,7 +31,7 @@ from report import RESULTS, machine, write_report
 from safetensors.torch import load_file
 
 from onlinemix.data import load_splits
-from onlinemix.data.demo_world import SPECIES
+from onlinemix.data.demo_world import SPECIES, class_descriptions
 from onlinemix.generator.components import load_components
 from onlinemix.generator.sampler import Sampler
 from onlinemix.generator.conditions import STORE, STORE_JSON
@@ -58,6 +62,15 @@ def main(argv=None) -> dict:
     runs = [dict(images="training images", probe_says_own_species=float((predict(probe, originals) == labels)
                                                                         .float().mean()))]
     sampler = Sampler(load_components(info["base_model"]), steps=args.steps)
+    described = class_descriptions()
+    words = [described[info["class_names"][int(y)]] for y in store["labels"]]
+    for scale in args.guidance:
+        generated = torch.cat([sampler.generate(words[k:k + 16], list(range(k, k + len(words[k:k + 16]))), height=size,
+                                                width=size, guidance=[scale] * len(words[k:k + 16]))
+                               for k in range(0, len(words), 16)])
+        runs.append(dict(images=f"generated from the species' words, guidance {scale}", guidance=scale,
+                         probe_says_own_species=float((predict(probe, generated) == labels).float().mean())))
+        print(runs[-1], flush=True)
     regenerations = {}
     for scale in args.guidance:
         out = []
