@@ -39,7 +39,7 @@ from onlinemix.generator.components import SCHEDULERS
 from onlinemix.generator.conditions import check_inversion_options, read_store_info
 from onlinemix.generator.worker import COMPILE_MODES
 from onlinemix.options import add_data_arguments, data_options, parse_with_config
-from onlinemix.plan import POLICIES, check_policy, get_strategy
+from onlinemix.plan import POLICIES, check_guidance, check_policy, get_strategy
 from onlinemix.run_files import flat_scalars, log_step, save_grid, save_policy_heatmap, tensorboard, write_metrics
 
 # RandomResizedCrop's area range for real training images; synthetic images get the same crop.
@@ -212,6 +212,8 @@ def check_args(args) -> None:
         check_policy(strategy_of(args.aug), args.gen_policy, args.gen_policy_floor, args.strength_schedule)
         check_inversion_options(get_strategy(strategy_of(args.aug)), args.inversion, args.inversion_noise,
                                 args.inversion_interpolation)
+        if args.guidance is not None:  # now, not after personalising the generator first
+            check_guidance(args.guidance)
         if args.inversion:
             read_store_info(args.inversion)
     elif args.gen_policy != "uniform" or args.strength_schedule:

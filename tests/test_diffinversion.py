@@ -145,3 +145,9 @@ def test_train_runs_diffinversion_and_stops_bad_options_first(base, data_dir, st
     assert not (tmp_path / "run" / "last.pth").exists(), "no failed run trained"
     result = train.main([*common, "--inversion", store, "--inversion-noise", "0.2"])
     assert result["augmentation"]["replaced"] > 0
+
+
+def test_train_refuses_a_guidance_scale_below_one_before_any_work(data_dir):
+    with pytest.raises(ValueError, match="Guidance scales must be >= 1"):
+        train.parse_args(["--data-dir", data_dir, "--device", "cpu", "--aug", "diffmix", "--gen-device", "cpu",
+                          "--guidance", "7.5", "0.5"])
