@@ -36,6 +36,7 @@ from onlinemix.evaluation import evaluate
 from onlinemix.fidelity import FidelityMonitor
 from onlinemix.feedback import ClosedLoop, FeedbackBlock
 from onlinemix.generator.components import SCHEDULERS
+from onlinemix.generator.captions import CAPTION_WEIGHTS, CaptionStore, check_caption_options
 from onlinemix.generator.conditions import check_inversion_options, read_store_info
 from onlinemix.generator.worker import COMPILE_MODES
 from onlinemix.options import add_data_arguments, data_options, parse_with_config
@@ -155,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--inversion-interpolation", type=float, nargs=2, metavar=("LOW", "HIGH"),
                      help="--aug diffinversion: mix each condition with another of its class, alpha uniform in "
                           "[LOW, HIGH] (then the noise; --inversion-noise 0 for interpolation alone)")
+    gen.add_argument("--captions", metavar="FILE",
+                     help="--aug sgid: the caption store of `onlinemix caption` (or your own) for this run's images")
+    gen.add_argument("--caption-weights", type=float, nargs=2, default=list(CAPTION_WEIGHTS),
+                     metavar=("CAPTION", "LABEL"),
+                     help="--aug sgid: prompt weights of the caption's and the class name's tokens")
     gen.add_argument("--clip-filter",
                      help="CLIP folder or hub id (the paper's openai/clip-vit-base-patch32): drop the 10%% of "
                           "samples least confidently showing a --metaclass; needed by --aug realfilter")
@@ -216,6 +222,9 @@ def check_args(args) -> None:
             check_guidance(args.guidance)
         if args.inversion:
             read_store_info(args.inversion)
+        check_caption_options(get_strategy(strategy_of(args.aug)), args.captions, args.caption_weights)
+        if args.captions:  # its rows now; whether it covers every training image once the data is loaded
+            CaptionStore.load(args.captions)
     elif args.gen_policy != "uniform" or args.strength_schedule:
         raise ValueError(f"--gen-policy and --strength-schedule steer a generator; --aug {args.aug} runs none.")
     if args.feedback_every < 1:
@@ -380,6 +389,7 @@ def generator_factory(args, splits, run_dir, feedback=None):
         strength_schedule=tuple(args.strength_schedule) if args.strength_schedule else None,
         inversion=args.inversion, inversion_noise=args.inversion_noise,
         inversion_interpolation=tuple(args.inversion_interpolation) if args.inversion_interpolation else None,
+        captions=args.captions, caption_weights=tuple(args.caption_weights),
     )
     return DiffusionProducerFactory(spec, splits.train, splits.class_names, args.metaclass, feedback=feedback)
 

@@ -2,7 +2,8 @@
 
 ``onlinemix finetune ...`` personalises a generator (``onlinemix.finetune``);
 ``onlinemix pretrain-demo ...`` rebuilds the demo generator (``onlinemix.demo_model``);
-``onlinemix invert ...`` learns a condition per training image (``onlinemix.invert``).
+``onlinemix invert ...`` learns a condition per training image (``onlinemix.invert``);
+``onlinemix caption ...`` captions every training image for SGID (``onlinemix.caption``).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ COMMANDS = {
     "finetune": "personalise a generator: textual inversion + LoRA (Diff-Mix's first stage)",
     "pretrain-demo": "pretrain the tiny demo generator on the demo world's generic corpus",
     "invert": "learn one condition per training image (Diffusion Inversion's first stage)",
+    "caption": "the best caption of every training image and its CLIP similarity (SGID's first stage)",
 }
 
 
@@ -31,6 +33,10 @@ def main(argv=None) -> None:
             from .invert import main as invert
 
             invert(argv[1:])
+        elif argv[0] == "caption":
+            from .caption import main as caption
+
+            caption(argv[1:])
         else:
             from .demo_model import main as pretrain_demo
 

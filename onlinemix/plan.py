@@ -3,7 +3,9 @@
 A ``Request`` says which training image to translate (``reference``), its class
 (``source``), the class to translate it toward (``target``), the SDEdit strength
 and the noise seed, so any sample can be regenerated from its metadata. Pure
-code: no processes, no devices.
+code: no processes, no devices. It is one module because a strategy's fields and the
+planner's draws change together: each field (inter-class pairing, text-to-image, inverted,
+captioned, guidance sets) is read by the planner and nowhere else in this layer.
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ class Strategy:
             perturbed condition.
         guidance: The strategy's default classifier-free guidance scales, drawn per sample;
             empty: the generator's single default (7.5).
+        captioned: Prompts come from a caption store (``onlinemix caption``), one caption per
+            training image, joined to the class name with weights (SGID,
+            ``onlinemix.generator.captions``); each sample's guidance scales with its caption's similarity.
     """
 
     name: str
@@ -53,6 +58,7 @@ class Strategy:
     filtered: bool = False
     inverted: bool = False
     guidance: tuple[float, ...] = ()
+    captioned: bool = False
 
     @property
     def personalised(self) -> bool:
@@ -66,6 +72,9 @@ class Strategy:
         if self.inverted:
             raise ValueError(f"{self.name} is conditioned on learned tensors (an `onlinemix invert` store), "
                              "not on prompts.")
+        if self.captioned:
+            raise ValueError(f"{self.name} prompts with each image's caption: use "
+                             "onlinemix.generator.captions.captioned_prompt.")
         token = tokens[target] if tokens is not None else placeholder_token(target)
         return self.prompt.format(token=token, name=class_names[target], metaclass=metaclass)
 
@@ -93,6 +102,8 @@ STRATEGIES = {
         Strategy("realguidance", False, False, "a photo of a {name}", (), (0.1,)),
         Strategy("dafusion", False, False, "a photo of a {token}", ("ti",), (0.25, 0.5, 0.75, 1.0)),
         Strategy("diffinversion", False, True, "", (), (1.0,), inverted=True, guidance=INVERSION_GUIDANCE),
+        # SGID's prompt, "{caption}. A picture of {name}", is built by captions.captioned_prompt.
+        Strategy("sgid", False, False, "", (), (0.3,), captioned=True),
     )
 }
 # The paper's spellings, accepted everywhere a strategy is named.

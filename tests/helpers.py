@@ -57,6 +57,32 @@ def tiny_clip(seed: int = 0):
     return CLIPModel(config).eval(), tokenizer
 
 
+def save_tiny_blip(folder, seed: int = 0) -> str:
+    """A small BLIP captioner (random weights, a word-level vocabulary) and its processor, saved to ``folder``."""
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor)
+
+    words = "a the bird photo of on with red blue green water land wings head small sitting branch".split()
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *words, ".", ","]) + "\n")
+    tokenizer = BertTokenizer(os.path.join(folder, "vocab.txt"), bos_token="[DEC]")
+    torch.manual_seed(seed)
+    special = dict(bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
+                   eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=64, encoder_hidden_size=32, **special),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2),
+        projection_dim=16,
+    )
+    BlipForConditionalGeneration(config).save_pretrained(folder)
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(folder)
+    return str(folder)
+
+
 class FunctionProducer:
     """A ``Producer`` around a function; ``drop`` samples of each batch are cut and counted in ``dropped``."""
 

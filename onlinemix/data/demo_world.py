@@ -212,6 +212,25 @@ def caption(species: Species, environment: str, rng: np.random.Generator | None 
     the captions start "a photo of", so that the model also learns to draw from sparse
     prompts such as the personalisation prompt "a photo of a <class_i> bird".
     """
+    return _described(species, environment, rng)[0]
+
+
+# The demo has no CLIP: a caption's similarity to its image is the share of the image's six visible
+# attributes (shape, body, wings, head, tail, background) it names, placed on [0.2, 0.4], about where
+# CLIP puts captions that fit (the SGID report quotes 0.30 and 0.40), so SGID's guidance mapping applies.
+DEMO_SIMILARITY = (0.2, 0.4)
+ATTRIBUTES = 6
+
+
+def scored_caption(species: Species, environment: str, rng: np.random.Generator) -> tuple[str, float]:
+    """A varied caption of an image (``caption``) and its similarity to it (``DEMO_SIMILARITY``)."""
+    text, named = _described(species, environment, rng)
+    low, high = DEMO_SIMILARITY
+    return text, low + (high - low) * named / ATTRIBUTES
+
+
+def _described(species: Species, environment: str, rng: np.random.Generator | None) -> tuple[str, int]:
+    """``caption``'s text and how many of the ``ATTRIBUTES`` it names."""
     keep = (lambda: True) if rng is None else (lambda: rng.random() < 0.8)
     shape = {"finch": "round", "wader": "long-billed", "swift": "slender fork-tailed"}[species.family]
     head, tail = colour_name(species.head), colour_name(species.tail)
@@ -219,15 +238,17 @@ def caption(species: Species, environment: str, rng: np.random.Generator | None 
     words = [w for w, k in ((shape, keep()), (colour_name(species.body), keep())) if k]
     parts = [p for p, k in ((f"{pattern}{colour_name(species.wing)} wings", keep()),
                             (f"{_article(head)} {head} head", keep()), (f"{_article(tail)} {tail} tail", keep())) if k]
+    named = len(words) + len(parts)
     text = " ".join(words + ["bird"])
     text = f"{_article(text)} {text}"
     if parts:
         text += " with " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0])
     if keep():
         text += f", on {environment}"
+        named += 1
     if rng is not None and rng.random() < 0.5:
         text = "a photo of " + text
-    return text
+    return text, named
 
 
 def class_descriptions() -> dict:

@@ -17,6 +17,48 @@ import torch
 import torch.nn.functional as F
 
 
+def load_clip(model: Union[str, os.PathLike], *, device="cpu", dtype=torch.float32, local_files_only=False):
+    """``(CLIPModel, tokenizer)`` from a folder or hub id, the model in eval mode on ``device``."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    try:
+        clip = CLIPModel.from_pretrained(model, torch_dtype=dtype, local_files_only=local_files_only)
+        tokenizer = CLIPTokenizer.from_pretrained(model, local_files_only=local_files_only)
+    except OSError as error:
+        raise FileNotFoundError(
+            f"Could not load the CLIP model {os.fspath(model)!r} ({str(error).splitlines()[0]}); pass a local "
+            "folder holding a saved CLIPModel and its tokenizer."
+        ) from None
+    return clip.to(device).eval(), tokenizer
+
+
+@torch.no_grad()
+def clip_image_features(model, images: torch.Tensor) -> torch.Tensor:
+    """Unit-norm float32 CLIP embeddings ``[B, E]`` of float images ``[B, 3, H, W]`` in ``[0, 1]``
+    (stretched to CLIP's input size, normalised with its mean and std)."""
+    from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    size = model.config.vision_config.image_size
+    device, dtype = model.device, model.dtype
+    pixels = F.interpolate(images.to(device, torch.float32), size=(size, size), mode="bicubic",
+                           antialias=True).clamp_(0, 1)
+    mean = torch.tensor(OPENAI_CLIP_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD, device=device).view(1, 3, 1, 1)
+    features = model.get_image_features(pixel_values=((pixels - mean) / std).to(dtype))
+    # transformers 5 may return an output object whose pooler_output holds the projection.
+    features = features if isinstance(features, torch.Tensor) else features.pooler_output
+    return F.normalize(features.float(), dim=-1)
+
+
+@torch.no_grad()
+def clip_text_features(model, tokenizer, texts) -> torch.Tensor:
+    """Unit-norm float32 CLIP embeddings ``[B, E]`` of ``texts`` (cut to CLIP's 77 tokens)."""
+    ids = tokenizer(list(texts), padding=True, truncation=True,
+                    max_length=model.config.text_config.max_position_embeddings, return_tensors="pt").to(model.device)
+    features = model.get_text_features(**ids)
+    features = features if isinstance(features, torch.Tensor) else features.pooler_output
+    return F.normalize(features.float(), dim=-1)
+
 
 class ClipFilter:
     """Keep-or-drop decisions for batches of synthetic images.
@@ -39,11 +81,7 @@ class ClipFilter:
         self.warmup = warmup
         self.scores: collections.deque = collections.deque(maxlen=window)
         captions = [f"a photo with a {metaclass} on it", f"a photo without a {metaclass} on it"]
-        with torch.no_grad():
-            ids = tokenizer(captions, padding=True, return_tensors="pt").to(model.device)
-            text = model.get_text_features(**ids)
-            text = text if isinstance(text, torch.Tensor) else text.pooler_output
-        self.text = F.normalize(text.float(), dim=-1)
+        self.text = clip_text_features(self.model, tokenizer, captions)
         self.kept = 0
         self.dropped = 0
 
@@ -51,32 +89,13 @@ class ClipFilter:
     def from_pretrained(cls, model: Union[str, os.PathLike], metaclass: str, *, device="cpu",
                         dtype=torch.float32, local_files_only=False, **kwargs) -> "ClipFilter":
         """Load CLIP (e.g. ``openai/clip-vit-base-patch32``, the paper's) from a folder or hub id."""
-        from transformers import CLIPModel, CLIPTokenizer
-
-        try:
-            clip = CLIPModel.from_pretrained(model, torch_dtype=dtype, local_files_only=local_files_only)
-            tokenizer = CLIPTokenizer.from_pretrained(model, local_files_only=local_files_only)
-        except OSError as error:
-            raise FileNotFoundError(
-                f"Could not load the CLIP model {os.fspath(model)!r} ({str(error).splitlines()[0]}); pass a local "
-                "folder holding a saved CLIPModel and its tokenizer."
-            ) from None
-        return cls(clip.to(device), tokenizer, metaclass, **kwargs)
+        clip, tokenizer = load_clip(model, device=device, dtype=dtype, local_files_only=local_files_only)
+        return cls(clip, tokenizer, metaclass, **kwargs)
 
     @torch.no_grad()
     def score(self, images: torch.Tensor) -> torch.Tensor:
         """P("with a {metaclass}") for float images ``[B, 3, H, W]`` in ``[0, 1]``."""
-        from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-        size = self.model.config.vision_config.image_size
-        device, dtype = self.model.device, self.model.dtype
-        pixels = F.interpolate(images.to(device, torch.float32), size=(size, size), mode="bicubic",
-                               antialias=True).clamp_(0, 1)
-        mean = torch.tensor(OPENAI_CLIP_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(OPENAI_CLIP_STD, device=device).view(1, 3, 1, 1)
-        features = self.model.get_image_features(pixel_values=((pixels - mean) / std).to(dtype))
-        features = features if isinstance(features, torch.Tensor) else features.pooler_output
-        logits = self.model.logit_scale.exp().float() * F.normalize(features.float(), dim=-1) @ self.text.T
+        logits = self.model.logit_scale.exp().float() * clip_image_features(self.model, images) @ self.text.T
         return logits.softmax(-1)[:, 0].cpu()
 
     def keep(self, images: torch.Tensor) -> torch.Tensor:

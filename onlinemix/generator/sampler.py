@@ -15,8 +15,8 @@ the batch full by admitting new samples as soon as a trajectory finishes
 (``onlinemix.generator.worker``), or drains one batch (``translate``, ``generate``).
 
 What is cached: prompt embeddings (the unconditional one included), once per
-prompt; each reference's VAE posterior, in a bounded LRU keyed by the caller's
-reference key (``posteriors``); and, with ``deep_cache=k``, the U-Net's deep
+prompt, plain or weighted (``weighted_tokens``); each reference's VAE posterior, in
+a bounded LRU keyed by the caller's reference key (``posteriors``); and, with ``deep_cache=k``, the U-Net's deep
 features, recomputed every ``k``-th step of each trajectory (``deep_cache.py``;
 an approximation, unlike the others).
 """
@@ -44,6 +44,33 @@ def denoising_steps(steps: int, strength: float) -> int:
     strengths must never pass through a float32 tensor on their way here.
     """
     return min(int(steps * float(strength)), steps)
+
+
+def weighted_tokens(tokenizer, fragments: Sequence[tuple[str, float]]) -> tuple[list[int], list[float]]:
+    """Token ids and a weight per token of a prompt given as ``(text, weight)`` fragments.
+
+    The ids are the tokenizer's for the joined text (fragments split at word or punctuation
+    boundaries tokenize alone as they do together), padded to ``model_max_length``; every
+    token of a fragment carries its weight, the start, end and padding tokens 1. A prompt too
+    long for the text encoder loses the end of its first fragment, so the later ones (a label
+    after a caption) always fit.
+    """
+    if not fragments:
+        raise ValueError("A weighted prompt needs at least one (text, weight) fragment.")
+    for text, weight in fragments:
+        if not weight > 0:
+            raise ValueError(f"Prompt weights must be > 0, got {weight} for {text!r}.")
+    pieces = [tokenizer(text, add_special_tokens=False).input_ids for text, _ in fragments]
+    room = tokenizer.model_max_length - 2 - sum(len(p) for p in pieces[1:])
+    if room < 0:
+        raise ValueError(f"The fragments after the first of {[t for t, _ in fragments]} take "
+                         f"{sum(len(p) for p in pieces[1:])} tokens; the text encoder reads "
+                         f"{tokenizer.model_max_length - 2}.")
+    pieces[0] = pieces[0][:room]
+    ids = [tokenizer.bos_token_id] + [i for piece in pieces for i in piece] + [tokenizer.eos_token_id]
+    weights = [1.0] + [float(w) for piece, (_, w) in zip(pieces, fragments) for _ in piece] + [1.0]
+    padding = tokenizer.model_max_length - len(ids)
+    return ids + [tokenizer.pad_token_id] * padding, weights + [1.0] * padding
 
 
 def check_steps(steps: int, strengths) -> None:
@@ -144,15 +171,30 @@ class Sampler:
         self.posterior_misses = 0
 
     @torch.no_grad()
-    def embed(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text-encoder states ``[B, 77, D]`` of ``prompts``, cached per prompt."""
+    def embed(self, prompts: Sequence) -> torch.Tensor:
+        """Text-encoder states ``[B, 77, D]`` of ``prompts``, cached per prompt.
+
+        A prompt is a string, or a tuple of ``(text, weight)`` fragments (``weighted_tokens``):
+        the encoder reads the joined text and each fragment's output states are multiplied by
+        its weight. The weights scale the outputs, not the token embeddings, because the U-Net
+        reads the outputs: a weight scales exactly that fragment's keys and values in every
+        cross-attention layer, where on the input side the encoder's final LayerNorm would
+        normalise most of the scale away again.
+        """
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embeddings]
         if missing:
             c = self.components
-            ids = c.tokenizer(missing, padding="max_length", max_length=c.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
-            states = c.text_encoder(ids.to(self.device))[0].to(self.dtype)
-            self._embeddings.update(zip(missing, states))
+            plain = [p for p in missing if isinstance(p, str)]
+            if plain:
+                ids = c.tokenizer(plain, padding="max_length", max_length=c.tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt").input_ids
+                self._embeddings.update(zip(plain, c.text_encoder(ids.to(self.device))[0].to(self.dtype)))
+            weighted = [p for p in missing if not isinstance(p, str)]
+            if weighted:
+                ids, weights = zip(*(weighted_tokens(c.tokenizer, p) for p in weighted))
+                states = c.text_encoder(torch.tensor(ids, device=self.device))[0]
+                states = states * torch.tensor(weights, device=self.device, dtype=states.dtype)[..., None]
+                self._embeddings.update(zip(weighted, states.to(self.dtype)))
         return torch.stack([self._embeddings[p] for p in prompts])
 
     @torch.no_grad()
@@ -190,8 +232,9 @@ class Sampler:
 
         Args:
             moments: Posterior moments ``[B, 2C, h, w]`` (``encode``, ``posteriors``).
-            conditions: One prompt per sample, or conditioning tensors ``[B, L, D]`` (``D`` the
-                U-Net's cross-attention width; prompt embeddings have ``L = 77``).
+            conditions: One prompt per sample (a string or weighted fragments, ``embed``), or
+                conditioning tensors ``[B, L, D]`` (``D`` the U-Net's cross-attention width; prompt
+                embeddings have ``L = 77``).
             strengths: One strength in ``(0, 1]`` per sample, as Python floats (see
                 ``denoising_steps``); they may differ.
             seeds: One seed per sample (its posterior sample, then its noise).

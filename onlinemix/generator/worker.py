@@ -5,7 +5,9 @@
 factory: the training process builds it (and it checks the settings against the data
 set and the personalised folder there, before any process starts); each worker calls
 it with its device to load the model once, then calls the returned
-``DiffusionProducer`` for batch after batch.
+``DiffusionProducer`` for batch after batch. It is one module because every generator option
+is one ``GeneratorSpec`` field, checked in the factory and read where the producer admits
+requests: the three change together.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from ..plan import Planner, check_guidance, check_policy, get_strategy, strategy_name
 from ..batch import SampleBatch
 from ..feedback import FeedbackBlock
+from .captions import CAPTION_WEIGHTS, CaptionStore, captioned_guidance, captioned_prompt, check_caption_options
 from .clip_filter import ClipFilter
 from .conditions import ConditionStore, check_inversion_options
 from .components import (SCHEDULERS, Components, accelerator_location, attach_accelerator, attach_personalisation, load_components,
@@ -90,6 +93,9 @@ class GeneratorSpec:
         inversion_noise: λ of the Gaussian perturbation ``c + λ·ε`` of every inverted condition.
         inversion_interpolation: ``(low, high)``: mix each condition with another image's of its
             class, ``α·c₁ + (1 - α)·c₂``, ``α`` uniform in the range (before the noise); None: none.
+        captions: The caption store (``onlinemix caption --out``, or a user's file) of a captioned
+            strategy (sgid), holding every training image of this run.
+        caption_weights: ``(caption, label)`` weights of a captioned strategy's prompt.
     """
 
     model: str
@@ -123,6 +129,8 @@ class GeneratorSpec:
     inversion: Optional[str] = None
     inversion_noise: float = 0.1
     inversion_interpolation: Optional[tuple] = None
+    captions: Optional[str] = None
+    caption_weights: tuple = CAPTION_WEIGHTS
 
     @property
     def guidance_scales(self) -> tuple[float, ...]:
@@ -176,6 +184,7 @@ class GeneratorSpec:
                              "the output folder of `onlinemix finetune`.")
         check_policy(strategy, self.policy, self.policy_floor, self.strength_schedule)
         check_inversion_options(strategy, self.inversion, self.inversion_noise, self.inversion_interpolation)
+        check_caption_options(strategy, self.captions, self.caption_weights)
         if strategy.filtered and not self.clip_model:
             raise ValueError(f"{strategy.name} is real-gen with the CLIP filter: pass clip_model= (--clip-filter), "
                              "a CLIP folder or hub id (the paper's openai/clip-vit-base-patch32).")
@@ -244,11 +253,19 @@ class DiffusionProducerFactory:
                                interpolation=spec.inversion_interpolation)
         if self.strategy.inverted:  # a store from another data set or resolution stops here, before any worker
             ConditionStore.check(spec.inversion, references, self.class_names, spec.resolution)
+        self.captions = self._captions() if self.strategy.captioned else None
         check_steps(spec.steps, self.planner.scheduled_strengths())
         if spec.accelerator:
             accelerator_location(spec.accelerator, local_files_only=spec.local_files_only)  # a missing file: now
         if not self.strategy.text_to_image:
             warn_coarse_strengths(spec.steps, self.planner.scheduled_strengths())
+
+    def _captions(self) -> tuple[list[str], np.ndarray]:
+        """Every training image's caption and similarity, in data-set order (a missing one stops here)."""
+        if not hasattr(self.references, "image_ids"):
+            raise ValueError(f"{self.strategy.name} finds each training image's caption by its id: the references "
+                             "need image_ids() (every onlinemix.data split has it).")
+        return CaptionStore.load(self.spec.captions).select(self.references.image_ids())
 
     def _check_finetuned(self, folder: str) -> None:
         strategy = self.strategy
@@ -362,7 +379,14 @@ class DiffusionProducer:
                 self.store.perturbed(requests, spec.inversion_noise), seeds, requests, height=spec.resolution,
                 width=spec.resolution, guidance=guidance, unconditional=self.store.mean)
             return
-        prompts = [self.strategy.prompt_for(r.target, f.class_names, f.metaclass, self.tokens) for r in requests]
+        if self.strategy.captioned:
+            captions, similarities = f.captions
+            prompts = [captioned_prompt(captions[r.reference], f.class_names[r.target], spec.caption_weights)
+                       for r in requests]
+            guidance = [float(captioned_guidance(similarities[r.reference], self.sampler.guidance if g is None else g))
+                        for r, g in zip(requests, guidance)]
+        else:
+            prompts = [self.strategy.prompt_for(r.target, f.class_names, f.metaclass, self.tokens) for r in requests]
         if self.strategy.text_to_image:
             self.in_flight += self.sampler.start_generations(prompts, seeds, requests, height=spec.resolution,
                                                              width=spec.resolution, guidance=guidance)
