@@ -3,8 +3,9 @@
 Every (augmentation, seed) pair is one ``python train.py --config configs/demo.yaml --aug AUG
 --seed SEED`` run in its own process, with the generator (where the augmentation uses one)
 in a process of its own on the CPU, as in the quick start. The personalised generator is
-made once (configs/finetune/demo.yaml) and shared by every run, and so is Diffusion
-Inversion's condition store (configs/invert/demo.yaml) where ``diffinversion`` runs. Reported per augmentation:
+made once (configs/finetune/demo.yaml) and shared by every run, and so are Diffusion
+Inversion's condition store (configs/invert/demo.yaml) where ``diffinversion`` runs and the
+demo world's caption store (``onlinemix caption --captioner demo``) where ``sgid`` runs. Reported per augmentation:
 the last epoch's top-1 accuracy on the in-distribution test set and on the counterfactual
 set (every bird on its other background), the counterfactual worst-group accuracy, the
 realised synthetic fraction and the share of synthetic samples the classifier called their
@@ -15,7 +16,7 @@ differences (Diff-Mix minus each baseline, seed by seed) are reported with their
 error over seeds. The report is rewritten after every run, so a study cut short keeps
 what finished.
 
-    python benchmarks/demo_study.py                                   # 7 augmentations x 5 seeds
+    python benchmarks/demo_study.py                                   # 8 augmentations x 5 seeds
     python benchmarks/demo_study.py --augs none diffmix --seeds 0 -- --epochs 2   # flags after -- go to train.py
     python benchmarks/demo_study.py --augs diffmix diffmix@confusion diffmix@hard-class \
         --out benchmarks/results/closed_loop_study.json -- --ring-slots 48 --feedback-every 3   # the closed loop
@@ -37,7 +38,7 @@ from report import RESULTS, machine, pyplot, write_report
 from onlinemix.generator.conditions import STORE_JSON
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AUGS = ("none", "cutmix", "diffaug", "realmix", "diffmix", "diffmix+cutmix", "diffinversion")
+AUGS = ("none", "cutmix", "diffaug", "realmix", "diffmix", "diffmix+cutmix", "diffinversion", "sgid")
 # The closed loop: an augmentation with a planning policy, spelled AUG@POLICY (train.py --gen-policy POLICY).
 POLICY_AUGS = ("diffmix@confusion", "diffmix@hard-class")
 METRICS = {"test": ("test", "top1"), "counterfactual": ("test_counterfactual", "top1"),
@@ -45,7 +46,7 @@ METRICS = {"test": ("test", "top1"), "counterfactual": ("test_counterfactual", "
 # What Diff-Mix is compared with, seed by seed.
 PAIRS = (("diffmix", "none"), ("diffmix", "diffaug"), ("diffmix", "realmix"), ("diffmix+cutmix", "cutmix"),
          ("diffmix@confusion", "diffmix"), ("diffmix@hard-class", "diffmix"), ("diffinversion", "none"),
-         ("diffinversion", "diffaug"), ("diffmix", "diffinversion"))
+         ("diffinversion", "diffaug"), ("diffmix", "diffinversion"), ("sgid", "none"), ("sgid", "diffaug"))
 
 
 def epochs(run_dir: str) -> list:
@@ -80,6 +81,8 @@ def run(aug: str, seed: int, args, overrides: list) -> dict:
         command += ["--gen-policy", policy]
     if base == "diffinversion":
         command += ["--inversion", condition_store(args.invert_config)]
+    if base == "sgid":
+        command += ["--captions", caption_store(args.captions)]
     print(f"[{name}]", " ".join(command[1:]), flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)
@@ -110,6 +113,16 @@ def condition_store(config: str) -> str:
         subprocess.run([sys.executable, "-m", "onlinemix.cli", "invert", "--config", config, "--out", out,
                         "--overwrite"], check=True, cwd=ROOT)
     return out
+
+
+def caption_store(path: str) -> str:
+    """The demo world's caption store at ``path`` (``onlinemix caption --captioner demo``), made first if missing."""
+    if not os.path.isfile(path):
+        print(f"[store] onlinemix caption --captioner demo --out {path}", flush=True)
+        subprocess.run([sys.executable, "-m", "onlinemix.cli", "caption", "--dataset", "demo", "--data-dir",
+                        os.path.join(ROOT, "data", "demo"), "--captioner", "demo", "--out", path], check=True,
+                       cwd=ROOT)
+    return path
 
 
 def mean_and_se(values) -> dict:
@@ -182,6 +195,8 @@ def main(argv=None) -> dict:
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
     p.add_argument("--invert-config", default=os.path.join(ROOT, "configs", "invert", "demo.yaml"),
                    help="`onlinemix invert` config of the condition store diffinversion runs share")
+    p.add_argument("--captions", default=os.path.join(ROOT, "runs", "demo-captions.json"),
+                   help="the demo world's caption store sgid runs share (made first if missing)")
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "demo-study"), help="where the runs are written")
     p.add_argument("--out", default=os.path.join(RESULTS, "demo_study.json"))
     args = p.parse_args(argv)
