@@ -7,7 +7,8 @@ CLASSES = ["Laysan Albatross", "Sooty Albatross", "Rhinoceros Auklet", "Gray Cat
 
 
 def test_every_strategy_prompts_as_in_the_paper():
-    prompts = {name: s.prompt_for(2, CLASSES, "bird") for name, s in STRATEGIES.items() if not s.inverted}
+    prompts = {name: s.prompt_for(2, CLASSES, "bird") for name, s in STRATEGIES.items()
+               if not (s.inverted or s.captioned)}
     assert prompts == {
         "diffmix": "a photo of a <class_2> bird",
         "diffaug": "a photo of a <class_2> bird",
@@ -28,6 +29,7 @@ def test_every_strategy_prompts_as_in_the_paper():
     assert [n for n, s in STRATEGIES.items() if s.filtered] == ["realfilter"]
     assert placeholder_token(11) == "<class_11>"
     assert [n for n, s in STRATEGIES.items() if s.inverted] == ["diffinversion"]
+    assert [n for n, s in STRATEGIES.items() if s.captioned] == ["sgid"] and get_strategy("sgid").strengths == (0.3,)
     with pytest.raises(ValueError, match="conditioned on learned tensors"):
         get_strategy("diffinversion").prompt_for(2, CLASSES, "bird")
 
@@ -35,7 +37,8 @@ def test_every_strategy_prompts_as_in_the_paper():
 def test_the_papers_spellings_name_the_same_strategies():
     for alias, name in ALIASES.items():
         assert strategy_name(alias) == name and get_strategy(alias) is STRATEGIES[name]
-    assert set(ALIASES.values()) == set(STRATEGIES), "every strategy has its paper spelling"
+    spelled_as_named = {"sgid"}  # SGID's papers spell it as its name
+    assert set(ALIASES.values()) == set(STRATEGIES) - spelled_as_named, "every other strategy has its paper spelling"
     y = labels()
     assert Planner(y, "diff-mix", seed=1).take(5) == Planner(y, "diffmix", seed=1).take(5)
     with pytest.raises(ValueError, match="Unknown strategy 'diffmix2'"):

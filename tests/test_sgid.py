@@ -170,3 +170,17 @@ def test_train_stops_bad_caption_options_before_any_work(data_dir, tmp_path):
         train.parse_args([*common, "--captions", bad, "--caption-weights", "0.9", "0"])
     with pytest.raises(ValueError, match="reads no captions"):
         train.parse_args([*common, "--aug", "realaug", "--captions", bad])
+
+
+@pytest.mark.slow
+def test_train_runs_sgid_and_stops_a_store_missing_images_first(base, data_dir, captions, tmp_path):
+    common = ["--data-dir", data_dir, "--output", str(tmp_path), "--name", "run", "--model", "resnet18", "--img-size",
+              "32", "--batch-size", "8", "--epochs", "1", "--workers", "0", "--device", "cpu", "--aug", "sgid",
+              "--gen-device", "cpu", "--gen-model", base, "--gen-resolution", "32", "--gen-steps", "10",
+              "--gen-batch-size", "4", "--gen-dtype", "float32", "--ring-slots", "16", "--p", "0.5"]
+    rows = json.loads(open(captions).read())["rows"][1:]
+    with pytest.raises(ValueError, match="no caption for 1 of the"):
+        train.main([*common, "--captions", write_store(tmp_path / "short.json", rows)])
+    assert not (tmp_path / "run" / "last.pth").exists(), "no failed run trained"
+    result = train.main([*common, "--captions", captions, "--caption-weights", "1.0", "2.0"])
+    assert result["augmentation"]["replaced"] > 0
