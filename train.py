@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen = p.add_argument_group("generator")
     gen.add_argument("--gen-device", nargs="+", default=["cuda:1"], help="one or more devices, 'cpu' allowed")
     gen.add_argument("--gen-workers-per-device", type=int, default=1)
+    gen.add_argument("--gen-cluster", metavar="ADDRESS",
+                     help="run the generator workers as Ray actors on this cluster instead of --gen-device: 'auto' "
+                          "(the cluster `ray start` joined this machine to), ray://HOST:PORT, or 'local' (a Ray "
+                          "instance on this machine); needs pip install 'onlinemix[ray]'")
+    gen.add_argument("--gen-cluster-workers", type=int, default=1, help="--gen-cluster: generator actors")
+    gen.add_argument("--gen-cluster-gpus", type=float, default=1.0,
+                     help="--gen-cluster: GPUs per actor (0: CPU actors)")
     gen.add_argument("--gen-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                      help="diffusers folder or hub id; 'demo': the shipped demo generator; "
                           "'tiny': an untrained tiny model (smoke runs only)")
@@ -201,7 +208,14 @@ def check_args(args) -> None:
         raise FileNotFoundError(f"--initial-checkpoint {args.initial_checkpoint!r} is not a file.")
     if args.aug == "replay" and not args.replay_dir:
         raise ValueError("--aug replay needs --replay-dir, the output folder of the offline Diff-Mix sampler.")
-    if strategy_of(args.aug):
+    if strategy_of(args.aug) and args.gen_cluster:
+        from onlinemix.cluster import check_reachable, import_ray
+
+        import_ray()  # the extra missing: an install hint now
+        check_reachable(args.gen_cluster)  # an unreachable cluster: before any work
+        if args.gen_cluster_workers < 1 or args.gen_cluster_gpus < 0:
+            raise ValueError("--gen-cluster-workers must be >= 1 and --gen-cluster-gpus >= 0.")
+    elif strategy_of(args.aug):
         for device in args.gen_device:
             check_device(device, "--gen-device")
         if any(torch.device(d) == torch.device(args.device) for d in args.gen_device) and args.device != "cpu":
@@ -321,7 +335,8 @@ def build_augmentation(args, splits, run_dir, state, mean, std):
                 generator_factory(args, splits, run_dir, feedback), args.gen_device,
                 workers_per_device=args.gen_workers_per_device, slots=args.ring_slots,
                 image_size=args.ring_size or args.img_size, consumers=local_world(state), max_reuse=args.max_reuse,
-                seed=args.seed)
+                seed=args.seed, cluster=args.gen_cluster, cluster_workers=args.gen_cluster_workers,
+                cluster_gpus=args.gen_cluster_gpus)
         except (ValueError, FileNotFoundError) as failure:
             error = failure
             if feedback is not None:

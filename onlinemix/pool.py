@@ -111,6 +111,32 @@ def share_cpu_threads(devices: Sequence[str], workers_per_device: int = 1) -> Op
     return per_worker
 
 
+def fill_ring(ring: SampleRing, count: int, *, timeout: float, progress: bool, gone) -> int:
+    """Wait until ``ring`` holds ``count`` samples (at most its slots), ``timeout`` seconds pass or ``gone()``
+    says no producer is left; the samples it holds, with a warning when short."""
+    from tqdm import tqdm
+
+    count = min(count, ring.slots)
+    end = time.monotonic() + timeout
+    with tqdm(total=count, desc="generator warm-up", leave=False, disable=not progress) as bar:
+        while True:
+            filled = min(ring.stats()["filled"], count)
+            bar.update(filled - bar.n)
+            if filled >= count or time.monotonic() >= end or gone():
+                break
+            time.sleep(0.2)
+    if filled < count:
+        logger.warning("the ring holds %d of %d samples after the generator warm-up; training starts, with "
+                       "real images where synthetic ones are missing", filled, count)
+    return filled
+
+
+def worker_totals(workers: list) -> dict:
+    """A pool's statistics: its per-worker rows and their totals."""
+    totals = {key: sum(w[key] for w in workers) for key in ("written", "dropped", "images_per_s", "restarts", "alive")}
+    return {"workers": workers, **totals}
+
+
 @dataclass
 class _Worker:
     index: int
@@ -217,23 +243,10 @@ class GeneratorPool:
         start anyway (``DiffMix`` keeps real images where none are ready). Returns the
         number of samples in the ring and warns when it is short of ``count``.
         """
-        from tqdm import tqdm
-
         if self._watcher is None:
             raise ValueError("Call GeneratorPool.start() before warm_up().")
-        count = min(count, self.ring.slots)
-        end = time.monotonic() + timeout
-        with tqdm(total=count, desc="generator warm-up", leave=False, disable=not progress) as bar:
-            while True:
-                filled = min(self.ring.stats()["filled"], count)
-                bar.update(filled - bar.n)
-                if filled >= count or time.monotonic() >= end or all(w.gone for w in self._workers):
-                    break
-                time.sleep(0.2)
-        if filled < count:
-            logger.warning("the ring holds %d of %d samples after the generator warm-up; training starts, with "
-                           "real images where synthetic ones are missing", filled, count)
-        return filled
+        return fill_ring(self.ring, count, timeout=timeout, progress=progress,
+                         gone=lambda: all(w.gone for w in self._workers))
 
     def _spawn(self, worker: _Worker) -> None:
         receive, send = self._ctx.Pipe(duplex=False)
@@ -350,11 +363,4 @@ class GeneratorPool:
                 "images_per_s": written / (now - started) if started and alive else 0.0,
                 "errors": len(worker.errors),
             })
-        return {
-            "workers": workers,
-            "written": sum(w["written"] for w in workers),
-            "dropped": sum(w["dropped"] for w in workers),
-            "images_per_s": sum(w["images_per_s"] for w in workers),
-            "restarts": sum(w["restarts"] for w in workers),
-            "alive": sum(w["alive"] for w in workers),
-        }
+        return worker_totals(workers)

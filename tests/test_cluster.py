@@ -1,0 +1,136 @@
+"""ClusterPool on a local Ray instance (2 CPUs): CPU actors feed the ring, die and come back, wait for it."""
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from onlinemix import SampleBatch, SampleRing
+import train
+from onlinemix.cluster import ClusterPool, check_reachable
+
+ray = pytest.importorskip("ray", reason="the ray extra (pip install 'onlinemix[ray]')")
+pytestmark = pytest.mark.slow  # a Ray instance takes seconds to start; CI runs these
+
+
+class MarkedProducer:
+    """Batches of 4 whose images hold the worker's seed draw and whose target counts batches."""
+
+    def __init__(self, device):
+        self.device, self.mark, self.count, self.dropped = device, int(np.random.randint(0, 250)), 0, 0
+
+    def __call__(self):
+        self.count += 1
+        time.sleep(0.02)
+        return SampleBatch(torch.full((4, 3, 8, 8), self.mark, dtype=torch.uint8), torch.zeros(4, dtype=torch.long),
+                           torch.full((4,), self.count, dtype=torch.long), torch.full((4,), 0.5))
+
+
+class FailingProducer:
+    dropped = 0
+
+    def __init__(self, device):
+        pass
+
+    def __call__(self):
+        raise RuntimeError("the generator broke")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def wait_for(condition, timeout=60.0):
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.2)
+
+
+def test_actors_feed_the_ring_through_the_feeder():
+    with SampleRing.create(64, 8, producers=1, consumers=1) as ring:
+        with ClusterPool(ring, MarkedProducer, workers=2, num_gpus=0, seed=3) as pool:
+            assert pool.warm_up(32, timeout=60, progress=False) == 32
+            reader = SampleRing.attach(ring.name, "consumer", 0)
+            batch = reader.take(32)
+            reader.close()
+            wait_for(lambda: all(w["written"] > 0 for w in pool.stats()["workers"]))
+            stats = pool.stats()
+        assert len(batch) == 32 and set(batch.strength.tolist()) == {0.5}
+        marks = {w: np.random.RandomState(3 + 1000 * w).randint(0, 250) for w in range(2)}
+        assert set(batch.images[:, 0, 0, 0].tolist()) <= set(marks.values()), "seeded as local workers are"
+        assert stats["written"] >= 32 and stats["alive"] == 2 and stats["lost"] is None
+
+
+def test_a_full_ring_holds_the_cluster_back():
+    with SampleRing.create(8, 8, producers=1, consumers=1) as ring:
+        with ClusterPool(ring, MarkedProducer, workers=2, num_gpus=0, in_flight=1) as pool:
+            pool.warm_up(8, timeout=60, progress=False)
+            time.sleep(2.0)  # no reader: every slot stays fresh
+            assert pool.stats()["written"] == 8, "nothing more goes in before a reader frees a slot"
+
+
+def test_a_killed_actor_is_replaced_and_feeding_goes_on():
+    with SampleRing.create(16, 8, producers=1, consumers=1) as ring:
+        reader = SampleRing.attach(ring.name, "consumer", 0)
+        with ClusterPool(ring, MarkedProducer, workers=1, num_gpus=0, max_restarts=3) as pool:
+            wait_for(lambda: pool.stats()["written"] >= 8)
+            pid = ray.get(pool._remotes[0].actor.produce.remote(0))[2]
+            os.kill(pid, 9)
+            def restarted():
+                reader.take(16)
+                return pool.stats()["restarts"] >= 1
+            wait_for(restarted, timeout=90)
+            before = pool.stats()["written"]
+            wait_for(lambda: reader.take(16) is not None and pool.stats()["written"] > before + 8)
+            stats = pool.stats()
+        reader.close()
+        assert stats["restarts"] == 1 and stats["workers"][0]["errors"] >= 1 and not stats["workers"][0]["gone"]
+
+
+def test_a_worker_that_keeps_failing_is_given_up_without_stopping_the_trainer():
+    with SampleRing.create(8, 8, producers=1, consumers=1) as ring:
+        with ClusterPool(ring, FailingProducer, workers=1, num_gpus=0, max_restarts=1, in_flight=1) as pool:
+            with pytest.warns(RuntimeWarning, match="failed for good"):
+                wait_for(lambda: pool.stats()["workers"][0]["gone"], timeout=90)
+            assert pool.warm_up(4, timeout=1, progress=False) == 0, "the ring runs dry; nothing raises"
+
+
+def test_bad_settings_are_refused():
+    with SampleRing.create(8, 8, producers=1, consumers=1) as ring:
+        with pytest.raises(ValueError, match="need 4 GPUs, but the Ray cluster has 0;"):
+            ClusterPool(ring, MarkedProducer, workers=4, num_gpus=1).start()
+        with pytest.raises(ValueError, match="workers and in_flight must be >= 1"):
+            ClusterPool(ring, MarkedProducer, workers=0)
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_cluster_stops_before_any_work(data_dir):
+    address = f"127.0.0.1:{closed_port()}"
+    with pytest.raises(ConnectionError, match="Nothing answers at the Ray cluster address"):
+        check_reachable(f"ray://{address}")
+    with pytest.raises(ValueError, match="is not HOST:PORT"):
+        check_reachable("a cluster")
+    with pytest.raises(ConnectionError, match="ray start --head"):
+        train.parse_args(["--data-dir", data_dir, "--device", "cpu", "--aug", "diffmix", "--gen-cluster", address])
+
+
+def test_train_generates_on_the_cluster(base, data_dir, tmp_path):
+    result = train.main(["--data-dir", data_dir, "--output", str(tmp_path), "--name", "run", "--model", "resnet18",
+                         "--img-size", "32", "--batch-size", "8", "--epochs", "1", "--workers", "0", "--device", "cpu",
+                         "--aug", "realaug", "--gen-cluster", "local", "--gen-cluster-gpus", "0", "--gen-model", base,
+                         "--gen-resolution", "32", "--gen-steps", "4", "--gen-batch-size", "4", "--ring-slots", "16",
+                         "--p", "0.5", "--gen-warmup", "120"])
+    assert result["augmentation"]["replaced"] > 0
+    assert result["generator"]["written"] > 0 and result["generator"]["workers"][0]["device"] == "ray:cpu"
