@@ -13,8 +13,11 @@ batch is in the ring, so a slow trainer holds the cluster back instead of fillin
 
 Faults: Ray restarts a dead actor (``max_restarts``); a request that met the dead one fails
 (``RayActorError``), the next reaches the new incarnation, which builds its producer with the
-next seed. A worker that keeps failing is given up. If the cluster itself goes away, the
-feeder warns loudly and stops: the ring runs dry and training keeps its real images.
+next seed. A worker that keeps failing is given up. When a Ray call fails in a way the
+feeder does not know, it warns loudly and stops: the ring runs dry and training keeps its
+real images. Not yet safe: this process is Ray's driver, and Ray may end a driver whose head
+node stays unreachable (``gcs_rpc_server_reconnect_timeout_s``), which would end the trainer
+with it; moving the feeder into a process of its own is the next step (issue 21).
 """
 from __future__ import annotations
 
