@@ -2,8 +2,8 @@
 
 Both pools run ``--workers`` workers of an instant producer (a ready batch of ``--batch``
 random uint8 images at ``--size`` px, no model), so what is measured is the transport: Ray's
-object store and the feeder thread against a worker process writing into shared memory
-itself. A reader drains the ring as fast as it can for ``--seconds``; reported are the images/s
+object store and the feeder process (Ray's driver, which the pool runs as its one worker) against a
+worker process writing into shared memory itself. A reader drains the ring as fast as it can for ``--seconds``; reported are the images/s
 that reached the ring and, for Ray, the round trip of one ``produce`` call (request, batch
 back in this process) against calling the producer in place. Local Ray instance, CPU actors:
 on a real cluster the network adds its own latency and bandwidth limit on top.
@@ -106,7 +106,8 @@ def main(argv=None) -> dict:
     ray.init(num_cpus=args.workers + 1, include_dashboard=False, log_to_driver=False)
     try:
         with SampleRing.create(args.slots, args.size, producers=1, consumers=1) as ring:
-            pool = ClusterPool(ring, factory, workers=args.workers, num_gpus=0)
+            pool = ClusterPool(ring, factory, workers=args.workers, address=ray.get_runtime_context().gcs_address,
+                               num_gpus=0)
             runs.append({"pool": "ray", **drained(ring, pool, args.seconds), **round_trip(factory, args.repeats)})
     finally:
         ray.shutdown()

@@ -87,7 +87,7 @@ def create_generator(factory, devices: Sequence[str], *, workers_per_device: int
     workers (``onlinemix.pool.share_cpu_threads``). With ``cluster`` (a Ray address,
     ``"auto"``, or ``"local"`` for a Ray instance on this machine) the workers are
     ``cluster_workers`` Ray actors of ``cluster_gpus`` GPUs each instead (``onlinemix.cluster``),
-    and ``devices`` is unused: one feeder thread is the ring's only producer.
+    and ``devices`` is unused: one feeder process is the ring's only producer.
 
     Returns:
         ``(ring, pool)``; close the ring after stopping the pool.

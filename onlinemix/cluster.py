@@ -3,42 +3,44 @@
 ``ClusterPool`` has ``GeneratorPool``'s face (``start``, ``warm_up``, ``stop``, ``stats``, a
 context manager), so the trainer and the transform see no difference. Each worker is a Ray
 actor holding ``num_gpus`` GPUs (one by default; none runs it on the CPU) that builds its
-producer from the same picklable factory the local pool uses, seeded as a local worker is
-(``seed + 1000·index + incarnation``), and answers ``produce`` with the next ``SampleBatch``.
+producer from the same picklable factory the local pool uses and answers ``produce`` with
+the next ``SampleBatch``.
 
-A feeder thread in this process, the ring's owner, keeps at most ``in_flight`` requests per
-actor outstanding, takes whichever batch is ready first (``ray.wait``) and puts it into the
-ring, waiting while the ring is full: an actor gets its next request only once its previous
-batch is in the ring, so a slow trainer holds the cluster back instead of filling memory.
+The training process never talks to Ray. A feeder process, started and watched by a
+one-worker ``GeneratorPool`` exactly as a local generator worker is, is Ray's driver: its
+producer (``RemoteProducer``) keeps at most ``in_flight`` requests per actor outstanding and
+returns whichever batch is ready first; the pool writes it into the ring before asking
+again, so a full ring holds the cluster back. Ray may end a driver whose cluster stays
+unreachable; that ends the feeder, never the trainer: the pool restarts it with back-off
+(it reconnects and starts new actors, the old ones dying with their owner) and, past
+``max_restarts``, gives it up with a loud warning while training keeps its real images.
 
-Faults: Ray restarts a dead actor (``max_restarts``); a request that met the dead one fails
-(``RayActorError``), the next reaches the new incarnation, which builds its producer with the
-next seed. A worker that keeps failing is given up. When a Ray call fails in a way the
-feeder does not know, it warns loudly and stops: the ring runs dry and training keeps its
-real images. Not yet safe: this process is Ray's driver, and Ray may end a driver whose head
-node stays unreachable (``gcs_rpc_server_reconnect_timeout_s``), which would end the trainer
-with it; moving the feeder into a process of its own is the next step (issue 21).
+Faults inside the cluster: Ray restarts a dead actor (``max_restarts``); a request that met
+the dead one fails (``RayActorError``), the next reaches the new incarnation, which builds
+its producer with the next seed. A worker that keeps failing is given up; when every worker
+is, the feeder fails and the pool's restart rule takes over.
 """
 from __future__ import annotations
 
 import logging
 import os
 import socket
-import threading
+import sys
 import time
-import warnings
-from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
-from .batch import ProducerFactory
-from .pool import fill_ring, worker_totals
+from .batch import ProducerFactory, SampleBatch
+from .pool import GeneratorPool, fill_ring
 from .ring import SampleRing
 
 logger = logging.getLogger("onlinemix")
 
 _WAIT_S = 0.2
+# Columns of the feeder's shared statistics, one row per actor; they survive feeder restarts.
+_WRITTEN, _DROPPED, _INCARNATIONS, _ERRORS, _GONE, _STARTED, _PID = range(7)
+_COLUMNS = 7
 
 
 def import_ray():
@@ -94,40 +96,134 @@ class GeneratorActor:
         return self.producer(), self.producer.dropped, os.getpid()
 
 
-@dataclass
-class _Remote:
-    index: int
-    actor: object = None
-    pids: list = field(default_factory=list)
-    written: int = 0
-    dropped: dict = field(default_factory=dict)  # per incarnation (pid): each producer counts its own
-    failures: int = 0  # in a row
-    errors: int = 0
-    gone: bool = False
-    started: float = 0.0
+class ClusterFeed:
+    """The feeder process's producer factory: ``feed(device)`` connects to Ray and starts the actors.
+
+    Picklable (it travels to the feeder process); ``state`` is the shared statistics array
+    ``ClusterPool`` reads. The arguments are ``ClusterPool``'s.
+    """
+
+    def __init__(self, factory: ProducerFactory, state, *, workers: int, address: Optional[str], num_gpus: float,
+                 num_cpus: float, in_flight: int, max_restarts: int, cpu_threads: Optional[int]):
+        self.factory, self.state, self.workers, self.address = factory, state, workers, address
+        self.num_gpus, self.num_cpus, self.in_flight = num_gpus, num_cpus, in_flight
+        self.max_restarts, self.cpu_threads = max_restarts, cpu_threads
+
+    def __call__(self, device: str) -> "RemoteProducer":
+        ray = import_ray()
+        ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+        module = type(self.factory).__module__
+        if module in ("__main__", "__mp_main__"):  # a script's factory: actors cannot import it, so it travels whole
+            ray.cloudpickle.register_pickle_by_value(sys.modules[module])
+        needed = self.num_gpus * self.workers
+        available = ray.cluster_resources().get("GPU", 0.0)
+        if needed > available:
+            raise ValueError(f"{self.workers} generator actors with {self.num_gpus:g} GPU(s) each need {needed:g} "
+                             f"GPUs, but the Ray cluster has {available:g}; add GPU nodes or ask for fewer workers.")
+        actor_class = ray.remote(num_gpus=self.num_gpus, num_cpus=self.num_cpus, max_restarts=self.max_restarts,
+                                 max_task_retries=0)(GeneratorActor)
+        actor_device = "cuda" if self.num_gpus > 0 else "cpu"
+        actors = [actor_class.remote(self.factory, actor_device, self.cpu_threads) for _ in range(self.workers)]
+        # The pool seeded NumPy from --seed and the feeder's restarts: a new feeder seeds new actors afresh.
+        return RemoteProducer(ray, actors, self.state, base_seed=int(np.random.randint(0, 2**31 - 2**20)),
+                              in_flight=self.in_flight, give_up_after=self.max_restarts + self.in_flight)
+
+
+class RemoteProducer:
+    """In the feeder process: the next ``SampleBatch`` of whichever actor finishes first (a ``Producer``).
+
+    Actor ``i``'s ``k``-th incarnation seeds NumPy with ``base_seed + 1000·i + k``, as local
+    worker ``i``'s ``k``-th restart does with the pool's seed.
+    """
+
+    def __init__(self, ray, actors: list, state, *, base_seed: int, in_flight: int, give_up_after: int):
+        self.ray, self.actors, self.base_seed, self.give_up_after = ray, actors, base_seed, give_up_after
+        self.rows = np.frombuffer(state, dtype=np.float64).reshape(-1, _COLUMNS)
+        self.rows[:, _GONE] = 0.0
+        self.rows[:, _STARTED] = time.monotonic()
+        self.dropped_before = self.rows[:, _DROPPED].copy()  # earlier feeders' producers
+        self.dropped_by_pid: list = [{} for _ in actors]
+        self.pids: list = [[] for _ in actors]
+        self.failures = [0] * len(actors)  # in a row
+        self.pending: dict = {}
+        for index in range(len(actors)):
+            for _ in range(in_flight):
+                self._request(index)
+
+    @property
+    def dropped(self) -> int:
+        return int(sum(sum(d.values()) for d in self.dropped_by_pid))
+
+    def _request(self, index: int) -> None:
+        seed = self.base_seed + 1000 * index + len(self.pids[index])
+        self.pending[self.actors[index].produce.remote(seed)] = index
+
+    def __call__(self) -> SampleBatch:
+        while True:
+            if not self.pending:
+                raise RuntimeError("Every onlinemix cluster worker keeps failing; the feeder gives up (see the "
+                                   "warnings above) and the pool decides whether to start it again.")
+            ready, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=_WAIT_S)
+            for ref in ready:
+                index = self.pending.pop(ref)
+                batch = self._receive(ref, index)
+                if batch is not None:
+                    return batch
+
+    def _receive(self, ref, index: int) -> Optional[SampleBatch]:
+        """A finished request's batch (and the worker's next request), or None when it failed."""
+        ray, row = self.ray, self.rows[index]
+        try:
+            batch, dropped, pid = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
+            self.failures[index] += 1
+            row[_ERRORS] += 1
+            logger.warning("onlinemix cluster worker %d failed (%s, %d in a row).", index, type(error).__name__,
+                           self.failures[index])
+            if isinstance(error, ray.exceptions.RayTaskError):  # its producer raised: a fresh incarnation
+                ray.kill(self.actors[index], no_restart=False)
+            if self.failures[index] > self.give_up_after:
+                row[_GONE] = 1.0
+                logger.error("onlinemix cluster worker %d keeps failing; giving it up.", index)
+                return None
+            time.sleep(min(0.1 * 2 ** self.failures[index], 5.0))
+            self._request(index)
+            return None
+        self.failures[index] = 0
+        if pid not in self.pids[index]:
+            self.pids[index].append(pid)
+            row[_INCARNATIONS] += 1
+            row[_PID] = pid
+        self.dropped_by_pid[index][pid] = dropped
+        row[_DROPPED] = self.dropped_before[index] + sum(self.dropped_by_pid[index].values())
+        row[_WRITTEN] += len(batch)
+        self._request(index)
+        return batch
 
 
 class ClusterPool:
-    """Ray actors generating for one ``SampleRing`` (``GeneratorPool``'s interface).
+    """Ray actors generating for one ``SampleRing`` through a feeder process (``GeneratorPool``'s interface).
 
     Args:
-        ring: The ring this process created; the feeder writes as its producer 0.
+        ring: The ring this process created, with one producer: the feeder.
         factory: Picklable ``factory(device) -> Producer``.
         workers: How many actors.
-        address: The Ray cluster (``"auto"``, ``"ray://host:10001"`` ...) to connect to when this
-            process is not connected yet; None: start a local Ray instance.
+        address: The Ray cluster the feeder joins: ``"auto"`` (the one ``ray start`` joined this
+            machine to), ``"HOST:PORT"``, ``"ray://HOST:10001"`` (Ray Client); None: a Ray instance
+            on this machine (the one ``ray start`` began here, else a new one in the feeder).
         num_gpus: GPUs per actor (0: a CPU actor, for tests and CPU clusters).
         num_cpus: CPUs per actor.
         in_flight: Requests outstanding per actor.
-        max_restarts: Restarts Ray grants each actor; a worker failing this many times in a row is
-            given up.
+        max_restarts: Restarts Ray grants each actor, and the pool the feeder; a worker failing more
+            than this plus ``in_flight`` times in a row is given up.
         seed: Base seed, as ``GeneratorPool``'s.
         cpu_threads: Torch threads of a CPU actor.
+        connect_timeout: Seconds ``start`` waits for the feeder to join the cluster.
     """
 
     def __init__(self, ring: SampleRing, factory: ProducerFactory, *, workers: int, address: Optional[str] = None,
                  num_gpus: float = 1.0, num_cpus: float = 1.0, in_flight: int = 2, max_restarts: int = 5,
-                 seed: int = 0, cpu_threads: Optional[int] = None):
+                 seed: int = 0, cpu_threads: Optional[int] = None, connect_timeout: float = 120.0):
         import_ray()
         if workers < 1 or in_flight < 1:
             raise ValueError(f"workers and in_flight must be >= 1, got {workers} and {in_flight}.")
@@ -135,69 +231,49 @@ class ClusterPool:
             raise ValueError("num_gpus, num_cpus and max_restarts must be >= 0.")
         if not callable(factory):
             raise ValueError(f"factory must be callable as factory(device), got {type(factory).__name__}.")
-        self.ring, self.factory, self.address = ring, factory, address
-        self.num_gpus, self.num_cpus, self.in_flight = num_gpus, num_cpus, in_flight
-        self.max_restarts, self.seed, self.cpu_threads = max_restarts, seed, cpu_threads
-        self._remotes = [_Remote(i) for i in range(workers)]
-        self._feeder: Optional[threading.Thread] = None
-        self._stopping = threading.Event()
-        self._writer: Optional[SampleRing] = None
-        self.lost: Optional[str] = None  # why the cluster was lost, if it was
+        import multiprocessing as mp
+
+        self.ring, self.address, self.num_gpus, self.connect_timeout = ring, address, num_gpus, connect_timeout
+        self._state = mp.get_context("spawn").RawArray("d", _COLUMNS * workers)
+        self._rows = np.frombuffer(self._state, dtype=np.float64).reshape(-1, _COLUMNS)
+        feed = ClusterFeed(factory, self._state, workers=workers, address=address, num_gpus=num_gpus,
+                           num_cpus=num_cpus, in_flight=in_flight, max_restarts=max_restarts, cpu_threads=cpu_threads)
+        # The feeder only moves bytes: one torch thread leaves the cores to training.
+        self._feeder = GeneratorPool(ring, feed, "cpu", max_restarts=max_restarts, seed=seed, cpu_threads=1)
+        self._started = self._stopped = False
 
     # -- lifecycle ----------------------------------------------------------------
 
     def start(self) -> "ClusterPool":
-        """Connect (an unreachable address stops here), check the cluster's GPUs, start actors and feeder."""
-        ray = import_ray()
-        if self._feeder is not None:
+        """Start the feeder and wait until it has joined the cluster and started the actors; an unreachable
+        cluster or one without the GPUs asked for stops here, before any training."""
+        if self._started:
             raise ValueError("ClusterPool.start() was already called.")
-        if not ray.is_initialized():
-            check_reachable(self.address)
-            try:
-                ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
-            except (ConnectionError, RuntimeError, ValueError) as error:
-                raise ConnectionError(f"Could not reach the Ray cluster at {self.address!r} ({error}); start it with "
-                                      "`ray start --head` on a machine of the cluster, or pass its address "
-                                      "(--gen-cluster ADDRESS).") from None
-        needed = self.num_gpus * len(self._remotes)
-        available = ray.cluster_resources().get("GPU", 0.0)
-        if needed > available:
-            raise ValueError(f"{len(self._remotes)} generator actors with {self.num_gpus:g} GPU(s) each need {needed:g} "
-                             f"GPUs, but the Ray cluster has {available:g}; add GPU nodes or ask for fewer workers.")
-        actor_class = ray.remote(num_gpus=self.num_gpus, num_cpus=self.num_cpus, max_restarts=self.max_restarts,
-                                 max_task_retries=0)(GeneratorActor)
-        device = "cuda" if self.num_gpus > 0 else "cpu"
-        for remote in self._remotes:
-            remote.actor = actor_class.remote(self.factory, device, self.cpu_threads)
-            remote.started = time.monotonic()
-        self._writer = SampleRing.attach(self.ring.name, "producer", 0)
-        self._feeder = threading.Thread(target=self._feed, name="onlinemix-cluster-feeder", daemon=True)
+        check_reachable(self.address)
+        self._started = True
         self._feeder.start()
+        try:
+            self._feeder.wait_started(self.connect_timeout)
+        except (RuntimeError, TimeoutError) as error:
+            self._feeder.stop()
+            raise ConnectionError(f"Could not start generating on the Ray cluster at {self.address or 'local'!r}: "
+                                  f"{error}") from None
         return self
 
     def warm_up(self, count: int, *, timeout: float, progress: bool = True) -> int:
         """As ``GeneratorPool.warm_up``: wait for ``count`` samples in the ring, at most ``timeout`` seconds."""
-        if self._feeder is None:
+        if not self._started:
             raise ValueError("Call ClusterPool.start() before warm_up().")
-        return fill_ring(self.ring, count, timeout=timeout, progress=progress,
-                         gone=lambda: all(r.gone for r in self._remotes) or self.lost is not None)
+        return fill_ring(self.ring, count, timeout=timeout, progress=progress, gone=self._gone)
+
+    def _gone(self) -> bool:
+        feeder = self._feeder.stats()["workers"][0]
+        return feeder["gone"] or bool(self._rows[:, _GONE].all())
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the feeder, then the actors; the ring keeps what was written."""
-        self._stopping.set()
-        if self._feeder is not None:
-            self._feeder.join(timeout)
-        if self.lost is None:
-            ray = import_ray()
-            for remote in self._remotes:
-                if remote.actor is not None:
-                    try:
-                        ray.kill(remote.actor, no_restart=True)
-                    except Exception:  # the cluster may be gone already; nothing is left to stop then
-                        pass
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        """Stop the feeder; its actors end with it (Ray ends an owner's actors), the ring keeps what was written."""
+        self._stopped = True
+        self._feeder.stop(timeout)
 
     def __enter__(self) -> "ClusterPool":
         return self.start()
@@ -205,76 +281,25 @@ class ClusterPool:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    # -- feeding ------------------------------------------------------------------
-
-    def _request(self, remote: _Remote, pending: dict) -> None:
-        seed = self.seed + 1000 * remote.index + len(remote.pids)
-        pending[remote.actor.produce.remote(seed)] = remote
-
-    def _feed(self) -> None:
-        ray = import_ray()
-        pending: dict = {}
-        try:
-            for remote in self._remotes:
-                for _ in range(self.in_flight):
-                    self._request(remote, pending)
-            while not self._stopping.is_set():
-                if not pending:
-                    self._stopping.wait(_WAIT_S)
-                    continue
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=_WAIT_S)
-                for ref in ready:
-                    remote = pending.pop(ref)
-                    if self._receive(ray, ref, remote):
-                        self._request(remote, pending)
-        except Exception as error:  # the cluster itself is gone: training goes on with real images
-            self.lost = f"{type(error).__name__}: {error}"
-            message = (f"Lost the Ray cluster feeding the onlinemix ring ({self.lost}); training continues on real "
-                       "images only.")
-            logger.error(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=1)
-
-    def _receive(self, ray, ref, remote: _Remote) -> bool:
-        """Put a finished request's batch into the ring; whether to ask the worker again."""
-        try:
-            batch, dropped, pid = ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
-            remote.failures += 1
-            remote.errors += 1
-            logger.warning("onlinemix cluster worker %d failed (%s, %d in a row).", remote.index,
-                           type(error).__name__, remote.failures)
-            if isinstance(error, ray.exceptions.RayTaskError):  # its producer raised: a fresh incarnation
-                ray.kill(remote.actor, no_restart=False)
-            if remote.failures > self.max_restarts + self.in_flight:
-                remote.gone = True
-                logger.error("onlinemix cluster worker %d keeps failing; giving it up.", remote.index)
-                if all(r.gone for r in self._remotes):
-                    warnings.warn("Every onlinemix cluster worker has failed for good; training continues on real "
-                                  "images only.", RuntimeWarning, stacklevel=1)
-                return False
-            time.sleep(min(0.1 * 2 ** remote.failures, 5.0))
-            return True
-        remote.failures = 0
-        if pid not in remote.pids:
-            remote.pids.append(pid)
-        remote.dropped[pid] = dropped
-        written = 0
-        while written < len(batch) and not self._stopping.is_set():  # the ring full: the cluster waits
-            written += self._writer.put(batch.images[written:], batch.source[written:], batch.target[written:],
-                                        batch.strength[written:], timeout=_WAIT_S)
-        remote.written += written
-        return True
-
     # -- statistics ---------------------------------------------------------------
 
     def stats(self) -> dict:
-        """``GeneratorPool.stats``' keys, over the remote workers (restarts: incarnations after the first that
-        delivered), plus ``lost`` (why the cluster was lost, or None)."""
+        """``GeneratorPool.stats``' keys over the remote workers (restarts: incarnations after the first that
+        delivered; ``pid``: the current incarnation's process on its node), plus ``feeder`` (the feeder
+        process's row) and ``lost``: why the cluster is not feeding now (the feeder's last error), or None."""
+        feeder = self._feeder.stats()["workers"][0]
         now = time.monotonic()
         workers = [{
-            "index": r.index, "device": "ray:gpu" if self.num_gpus > 0 else "ray:cpu",
-            "alive": not r.gone and self.lost is None and r.actor is not None, "gone": r.gone,
-            "restarts": max(0, len(r.pids) - 1), "written": r.written, "dropped": sum(r.dropped.values()),
-            "images_per_s": r.written / (now - r.started) if r.started else 0.0, "errors": r.errors,
-        } for r in self._remotes]
-        return {**worker_totals(workers), "lost": self.lost}
+            "index": i, "device": "ray:gpu" if self.num_gpus > 0 else "ray:cpu",
+            "alive": bool(feeder["alive"] and not row[_GONE] and row[_INCARNATIONS] > 0), "gone": bool(row[_GONE]),
+            "restarts": int(max(0, row[_INCARNATIONS] - 1)), "written": int(row[_WRITTEN]),
+            "dropped": int(row[_DROPPED]), "errors": int(row[_ERRORS]), "pid": int(row[_PID]),
+            "images_per_s": row[_WRITTEN] / (now - row[_STARTED]) if row[_STARTED] and feeder["alive"] else 0.0,
+        } for i, row in enumerate(self._rows)]
+        totals = {key: sum(w[key] for w in workers) for key in ("written", "dropped", "images_per_s", "restarts",
+                                                                 "alive")}
+        lost = None
+        if self._started and not self._stopped and not feeder["alive"]:
+            errors = self._feeder.errors()
+            lost = errors[-1].strip().splitlines()[-1] if errors else "the feeder process exited"
+        return {"workers": workers, **totals, "feeder": feeder, "lost": lost}

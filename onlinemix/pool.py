@@ -248,6 +248,29 @@ class GeneratorPool:
         return fill_ring(self.ring, count, timeout=timeout, progress=progress,
                          gone=lambda: all(w.gone for w in self._workers))
 
+    def wait_started(self, timeout: float) -> None:
+        """Wait until every worker has built its producer and attached to the ring.
+
+        Raises:
+            RuntimeError: A worker failed first; the message holds its traceback.
+            TimeoutError: ``timeout`` seconds passed first.
+        """
+        if self._watcher is None:
+            raise ValueError("Call GeneratorPool.start() before wait_started().")
+        end = time.monotonic() + timeout
+        while not all(self._rows[w.index + 1, _STARTED] > 0 for w in self._workers):
+            failed = next((w for w in self._workers if w.errors), None)
+            if failed is not None:
+                raise RuntimeError(f"generator worker {failed.index} on {failed.device} failed to start:\n"
+                                   f"{failed.errors[0]}")
+            if time.monotonic() >= end:
+                raise TimeoutError(f"the generator workers did not start within {timeout:g} s.")
+            time.sleep(0.1)
+
+    def errors(self) -> list:
+        """Every traceback the workers reported, worker by worker."""
+        return [error for worker in self._workers for error in worker.errors]
+
     def _spawn(self, worker: _Worker) -> None:
         receive, send = self._ctx.Pipe(duplex=False)
         seed = self.seed + 1000 * worker.index + worker.restarts
@@ -346,7 +369,7 @@ class GeneratorPool:
 
     def stats(self) -> dict:
         """Per-worker images written, dropped by the producer (non-finite, filtered), images/s
-        since the worker started, restarts and state."""
+        since the worker started, restarts, state and process id."""
         now = time.monotonic()
         workers = []
         for worker in self._workers:
@@ -362,5 +385,6 @@ class GeneratorPool:
                 "dropped": int(self._rows[worker.index + 1, _DROPPED]),
                 "images_per_s": written / (now - started) if started and alive else 0.0,
                 "errors": len(worker.errors),
+                "pid": worker.process.pid if worker.process is not None else None,
             })
         return worker_totals(workers)

@@ -1,5 +1,7 @@
-"""ClusterPool on a local Ray instance (2 CPUs): CPU actors feed the ring, die and come back, wait for it."""
+"""ClusterPool on a local Ray instance (2 CPUs): CPU actors feed the ring through the feeder process, die
+and come back, wait for it; a lost cluster ends the feeder, never this process."""
 import os
+import signal
 import time
 
 import numpy as np
@@ -37,10 +39,12 @@ class FailingProducer:
         raise RuntimeError("the generator broke")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
+@pytest.fixture(scope="module")
+def address():
+    """A Ray instance this test process starts; the feeders join it by its address, as a training node joins its
+    cluster."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
+    yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
 
@@ -51,9 +55,9 @@ def wait_for(condition, timeout=60.0):
         time.sleep(0.2)
 
 
-def test_actors_feed_the_ring_through_the_feeder():
+def test_actors_feed_the_ring_through_the_feeder(address):
     with SampleRing.create(64, 8, producers=1, consumers=1) as ring:
-        with ClusterPool(ring, MarkedProducer, workers=2, num_gpus=0, seed=3) as pool:
+        with ClusterPool(ring, MarkedProducer, workers=2, address=address, num_gpus=0, seed=3) as pool:
             assert pool.warm_up(32, timeout=60, progress=False) == 32
             reader = SampleRing.attach(ring.name, "consumer", 0)
             batch = reader.take(32)
@@ -61,26 +65,30 @@ def test_actors_feed_the_ring_through_the_feeder():
             wait_for(lambda: all(w["written"] > 0 for w in pool.stats()["workers"]))
             stats = pool.stats()
         assert len(batch) == 32 and set(batch.strength.tolist()) == {0.5}
-        marks = {w: np.random.RandomState(3 + 1000 * w).randint(0, 250) for w in range(2)}
-        assert set(batch.images[:, 0, 0, 0].tolist()) <= set(marks.values()), "seeded as local workers are"
+        base = np.random.RandomState(3).randint(0, 2**31 - 2**20)  # the feeder's draw, seeded as worker 0
+        marks = {np.random.RandomState(base + 1000 * w).randint(0, 250) for w in range(2)}
+        assert set(batch.images[:, 0, 0, 0].tolist()) <= marks, "actor i seeded with base + 1000 i"
         assert stats["written"] >= 32 and stats["alive"] == 2 and stats["lost"] is None
+        assert stats["feeder"]["alive"] and stats["feeder"]["pid"] != os.getpid(), "Ray's driver is the feeder"
 
 
-def test_a_full_ring_holds_the_cluster_back():
+def test_a_full_ring_holds_the_cluster_back(address):
     with SampleRing.create(8, 8, producers=1, consumers=1) as ring:
-        with ClusterPool(ring, MarkedProducer, workers=2, num_gpus=0, in_flight=1) as pool:
+        with ClusterPool(ring, MarkedProducer, workers=2, address=address, num_gpus=0, in_flight=1) as pool:
             pool.warm_up(8, timeout=60, progress=False)
             time.sleep(2.0)  # no reader: every slot stays fresh
-            assert pool.stats()["written"] == 8, "nothing more goes in before a reader frees a slot"
+            held = pool.stats()["written"]
+            time.sleep(1.0)
+            assert ring.stats()["filled"] == 8 and pool.stats()["written"] == held <= 8 + 4 * 3, \
+                "the feeder holds one batch and each actor one request; nothing more is asked for"
 
 
-def test_a_killed_actor_is_replaced_and_feeding_goes_on():
+def test_a_killed_actor_is_replaced_and_feeding_goes_on(address):
     with SampleRing.create(16, 8, producers=1, consumers=1) as ring:
         reader = SampleRing.attach(ring.name, "consumer", 0)
-        with ClusterPool(ring, MarkedProducer, workers=1, num_gpus=0, max_restarts=3) as pool:
+        with ClusterPool(ring, MarkedProducer, workers=1, address=address, num_gpus=0, max_restarts=3) as pool:
             wait_for(lambda: pool.stats()["written"] >= 8)
-            pid = ray.get(pool._remotes[0].actor.produce.remote(0))[2]
-            os.kill(pid, 9)
+            os.kill(pool.stats()["workers"][0]["pid"], signal.SIGKILL)
             def restarted():
                 reader.take(16)
                 return pool.stats()["restarts"] >= 1
@@ -92,18 +100,46 @@ def test_a_killed_actor_is_replaced_and_feeding_goes_on():
         assert stats["restarts"] == 1 and stats["workers"][0]["errors"] >= 1 and not stats["workers"][0]["gone"]
 
 
-def test_a_worker_that_keeps_failing_is_given_up_without_stopping_the_trainer():
+def test_a_worker_that_keeps_failing_is_given_up_without_stopping_the_trainer(address):
     with SampleRing.create(8, 8, producers=1, consumers=1) as ring:
-        with ClusterPool(ring, FailingProducer, workers=1, num_gpus=0, max_restarts=1, in_flight=1) as pool:
+        with ClusterPool(ring, FailingProducer, workers=1, address=address, num_gpus=0, max_restarts=0,
+                         in_flight=1) as pool:
             with pytest.warns(RuntimeWarning, match="failed for good"):
-                wait_for(lambda: pool.stats()["workers"][0]["gone"], timeout=90)
+                wait_for(lambda: pool.stats()["feeder"]["gone"], timeout=90)
+            stats = pool.stats()
+            assert stats["workers"][0]["errors"] >= 2 and "keeps failing" in stats["lost"]
             assert pool.warm_up(4, timeout=1, progress=False) == 0, "the ring runs dry; nothing raises"
 
 
-def test_bad_settings_are_refused():
+def test_losing_the_cluster_ends_the_feeder_not_this_process(monkeypatch):
+    """The feeder starts its own Ray instance (address None); killing its GCS is the head node going away. Ray
+    ends a driver whose GCS stays unreachable for gcs_rpc_server_reconnect_timeout_s (60 s, here 3 s)."""
+    psutil = pytest.importorskip("psutil")
+    monkeypatch.setenv("RAY_gcs_rpc_server_reconnect_timeout_s", "3")
+    with SampleRing.create(16, 8, producers=1, consumers=1) as ring:
+        reader = SampleRing.attach(ring.name, "consumer", 0)
+        with ClusterPool(ring, MarkedProducer, workers=1, num_gpus=0, max_restarts=0) as pool:
+            wait_for(lambda: reader.take(16) is not None and pool.stats()["written"] >= 16)
+            family = psutil.Process(pool.stats()["feeder"]["pid"]).children(recursive=True)
+            next(p for p in family if "gcs_server" in p.name()).kill()
+            with pytest.warns(RuntimeWarning, match="failed for good"):
+                wait_for(lambda: pool.stats()["feeder"]["gone"], timeout=120)
+            assert pool.stats()["lost"] is not None and pool.stats()["alive"] == 0
+            written = ring.stats()["written"]
+            for _ in range(8):
+                reader.take(16)
+            assert len(reader.take(16)) == 0 and ring.stats()["written"] == written, \
+                "the ring runs dry: real images from here on, and this process goes on"
+        reader.close()
+    for process in family:  # Ray's node agents outlive a lost head; a real node's would be restarted by `ray start`
+        if process.is_running():
+            process.kill()
+
+
+def test_bad_settings_are_refused(address):
     with SampleRing.create(8, 8, producers=1, consumers=1) as ring:
-        with pytest.raises(ValueError, match="need 4 GPUs, but the Ray cluster has 0;"):
-            ClusterPool(ring, MarkedProducer, workers=4, num_gpus=1).start()
+        with pytest.raises(ConnectionError, match="need 4 GPUs, but the Ray cluster has 0;"):
+            ClusterPool(ring, MarkedProducer, workers=4, address=address, num_gpus=1).start()
         with pytest.raises(ValueError, match="workers and in_flight must be >= 1"):
             ClusterPool(ring, MarkedProducer, workers=0)
 

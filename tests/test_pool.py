@@ -75,6 +75,24 @@ def test_failing_generator_logs_traceback_gives_up_and_training_goes_on(caplog):
         assert torch.equal(out, x) and mix.stats()["shortfall"] == 4
 
 
+@pytest.mark.slow
+def test_wait_started_returns_once_workers_run_and_raises_a_start_failure():
+    with SampleRing.create(8, 8, producers=1, consumers=1) as ring:
+        with pytest.raises(ValueError, match="Call GeneratorPool.start"):
+            GeneratorPool(ring, Counting(size=8), "cpu").wait_started(1)
+        with GeneratorPool(ring, Counting(size=8), "cpu") as pool:
+            pool.wait_started(60)
+            assert pool.stats()["workers"][0]["pid"] == worker_pids(pool)[0]
+        pool = GeneratorPool(ring, Failing(), "cpu", max_restarts=0).start()
+        with pytest.raises(RuntimeError, match="(?s)worker 0 on cpu failed to start:.*no generator on cpu today"):
+            pool.wait_started(60)
+        assert len(pool.errors()) == 1 and "Traceback" in pool.errors()[0]
+        pool.stop()
+        with GeneratorPool(ring, Counting(size=8, delay=0.0), "cpu") as pool:
+            with pytest.raises(TimeoutError, match="did not start within 0 s"):
+                pool.wait_started(0)
+
+
 def test_hung_worker_is_restarted(caplog):
     caplog.set_level(logging.WARNING, logger="onlinemix")
     with SampleRing.create(8, 8, producers=1, consumers=1) as ring:
