@@ -28,19 +28,15 @@ import numpy as np
 import torch
 import yaml
 
-from onlinemix.augmentation import (AUGMENTATIONS, augmentation_name, create_generator, generator_model,
-                                    mixing_options, strategy_of)
+from onlinemix.augmentation import AUGMENTATIONS, augmentation_name, create_generator, mixing_options, strategy_of
 from onlinemix.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from onlinemix.data import SplitImages, check_data_options, load_splits
 from onlinemix.evaluation import evaluate
 from onlinemix.fidelity import FidelityMonitor
 from onlinemix.feedback import ClosedLoop, FeedbackBlock
-from onlinemix.generator.components import SCHEDULERS
-from onlinemix.generator.captions import CAPTION_WEIGHTS, CaptionStore, check_caption_options
-from onlinemix.generator.conditions import check_inversion_options, read_store_info
-from onlinemix.generator.worker import COMPILE_MODES
-from onlinemix.options import add_data_arguments, data_options, parse_with_config
-from onlinemix.plan import POLICIES, check_guidance, check_policy, get_strategy
+from onlinemix.options import (add_data_arguments, add_generator_arguments, check_generator_args, data_options,
+                               generator_factory, parse_with_config)
+from onlinemix.plan import POLICIES, check_policy, get_strategy
 from onlinemix.run_files import flat_scalars, log_step, save_grid, save_policy_heatmap, tensorboard, write_metrics
 
 # RandomResizedCrop's area range for real training images; synthetic images get the same crop.
@@ -91,7 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument("--p", "--replace-prob", dest="p", type=float, default=0.1,
                      help="per-sample synthetic replacement probability (under torchrun, spell it --replace-prob)")
     aug.add_argument("--gamma", type=float, default=0.5)
-    aug.add_argument("--strengths", type=float, nargs="+", help="SDEdit strengths (default: the strategy's)")
     aug.add_argument("--mixup-alpha", type=float, default=1.0)
     aug.add_argument("--cutmix-alpha", type=float, default=1.0)
     aug.add_argument("--mixup-prob", type=float,
@@ -100,9 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument("--mixup-mode", choices=["batch", "pair", "elem"],
                      help="timm's mixing mode (default: the paper's, batch for mixup and elem -- per sample -- "
                           "for cutmix)")
-    aug.add_argument("--referable-classes", type=int,
-                     help="inter-class strategies: each target class takes references from only this many "
-                          "source classes, chosen at random (the paper's Fig. 7b)")
     aug.add_argument("--replay-dir", help="output folder of the offline Diff-Mix sampler (--aug replay)")
     loop = p.add_argument_group("closed loop: the generator follows the classifier")
     loop.add_argument("--gen-policy", choices=POLICIES, default="uniform",
@@ -115,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--feedback-every", type=int, default=20,
                       help="steps between publications of the classifier's confusion to the generator")
     gen = p.add_argument_group("generator")
+    add_generator_arguments(gen)
     gen.add_argument("--gen-device", nargs="+", default=["cuda:1"], help="one or more devices, 'cpu' allowed")
     gen.add_argument("--gen-workers-per-device", type=int, default=1)
     gen.add_argument("--gen-cluster", metavar="ADDRESS",
@@ -124,59 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gen-cluster-workers", type=int, default=1, help="--gen-cluster: generator actors")
     gen.add_argument("--gen-cluster-gpus", type=float, default=1.0,
                      help="--gen-cluster: GPUs per actor (0: CPU actors)")
-    gen.add_argument("--gen-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                     help="diffusers folder or hub id; 'demo': the shipped demo generator; "
-                          "'tiny': an untrained tiny model (smoke runs only)")
-    gen.add_argument("--gen-finetuned", help="personalised generator folder (onlinemix finetune)")
     gen.add_argument("--gen-finetune-config",
                      help="finetune YAML: if --gen-finetuned holds no personalised generator yet, make it first "
                           "(onlinemix finetune --config FILE --out GEN_FINETUNED); later runs reuse it")
-    gen.add_argument("--gen-steps", type=int, default=25)
-    gen.add_argument("--guidance", type=float, nargs="+", metavar="SCALE",
-                     help="classifier-free guidance scale, or several that each sample draws one of "
-                          "(default: the strategy's set, diffinversion 2 3 4; else 7.5)")
-    gen.add_argument("--gen-resolution", type=int, default=512)
-    gen.add_argument("--gen-batch-size", type=int, default=8)
-    gen.add_argument("--gen-continuous", action=argparse.BooleanOptionalAction, default=True,
-                     help="continuous batching: start a request as soon as a slot of the generator batch frees")
-    gen.add_argument("--gen-deep-cache", type=int, default=1, metavar="K",
-                     help="DeepCache: recompute the U-Net's deep features every K-th step only (1: exact)")
-    gen.add_argument("--gen-posterior-cache", type=int, default=1024, metavar="N",
-                     help="VAE posteriors of the last N references each generator worker keeps")
-    gen.add_argument("--gen-scheduler", choices=SCHEDULERS, default="dpm-solver++",
-                     help="sampling scheduler; an acceleration LoRA needs the one it was distilled for")
-    gen.add_argument("--gen-accelerator", metavar="LORA",
-                     help="few-step acceleration LoRA (a .safetensors file, a folder, or org/name/file.safetensors), "
-                          "fused next to the personalisation: Hyper-SD's CFG LoRAs with --gen-scheduler ddim-trailing")
-    gen.add_argument("--gen-accelerator-weight", type=float, default=1.0, help="the acceleration LoRA's weight")
-    gen.add_argument("--gen-attention", choices=["sdpa", "xformers"], default="sdpa",
-                     help="the U-Net's attention: PyTorch's SDPA, or xformers (needs the xformers package)")
-    gen.add_argument("--gen-channels-last", action="store_true", help="the U-Net in channels-last memory format")
-    gen.add_argument("--gen-compile", choices=COMPILE_MODES, metavar="MODE",
-                     help=f"torch.compile the U-Net in MODE ({', '.join(COMPILE_MODES)}; reduce-overhead adds CUDA "
-                          "graphs)")
-    gen.add_argument("--gen-dtype", choices=["float32", "float16", "bfloat16"], default="float16")
-    gen.add_argument("--inversion", metavar="STORE",
-                     help="--aug diffinversion: the condition store of `onlinemix invert` on this run's data")
-    gen.add_argument("--inversion-noise", type=float, default=0.1, metavar="LAMBDA",
-                     help="--aug diffinversion: Gaussian perturbation c + LAMBDA * eps of every condition")
-    gen.add_argument("--inversion-interpolation", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                     help="--aug diffinversion: mix each condition with another of its class, alpha uniform in "
-                          "[LOW, HIGH] (then the noise; --inversion-noise 0 for interpolation alone)")
-    gen.add_argument("--captions", metavar="FILE",
-                     help="--aug sgid: the caption store of `onlinemix caption` (or your own) for this run's images")
-    gen.add_argument("--caption-weights", type=float, nargs=2, default=list(CAPTION_WEIGHTS),
-                     metavar=("CAPTION", "LABEL"),
-                     help="--aug sgid: prompt weights of the caption's and the class name's tokens")
-    gen.add_argument("--clip-filter",
-                     help="CLIP folder or hub id (the paper's openai/clip-vit-base-patch32): drop the 10%% of "
-                          "samples least confidently showing a --metaclass; needed by --aug realfilter")
     gen.add_argument("--ring-slots", type=int, default=512)
     gen.add_argument("--ring-size", type=int, help="image size in the ring (default --img-size)")
     gen.add_argument("--max-reuse", type=int, default=4)
     gen.add_argument("--gen-warmup", type=float, default=60.0,
                      help="seconds to wait, at most, for the ring to hold one batch of samples before training")
-    gen.add_argument("--local-files-only", action="store_true", help="never reach a model hub")
     return p
 
 
@@ -230,15 +178,7 @@ def check_args(args) -> None:
         raise ValueError("--epochs, --batch-size and --eval-every must be >= 1.")
     if strategy_of(args.aug):
         check_policy(strategy_of(args.aug), args.gen_policy, args.gen_policy_floor, args.strength_schedule)
-        check_inversion_options(get_strategy(strategy_of(args.aug)), args.inversion, args.inversion_noise,
-                                args.inversion_interpolation)
-        if args.guidance is not None:  # now, not after personalising the generator first
-            check_guidance(args.guidance)
-        if args.inversion:
-            read_store_info(args.inversion)
-        check_caption_options(get_strategy(strategy_of(args.aug)), args.captions, args.caption_weights)
-        if args.captions:  # its rows now; whether it covers every training image once the data is loaded
-            CaptionStore.load(args.captions)
+        check_generator_args(args)  # now, not after personalising the generator first
     elif args.gen_policy != "uniform" or args.strength_schedule:
         raise ValueError(f"--gen-policy and --strength-schedule steer a generator; --aug {args.aug} runs none.")
     if args.feedback_every < 1:
@@ -331,8 +271,11 @@ def build_augmentation(args, splits, run_dir, state, mean, std):
         try:
             if args.gen_policy != "uniform" or args.strength_schedule:
                 feedback = FeedbackBlock.create(len(splits.class_names))
+            factory = generator_factory(args, splits, run_dir, image_size=args.ring_size or args.img_size,
+                                        seed=args.seed, feedback=feedback, policy=args.gen_policy,
+                                        policy_floor=args.gen_policy_floor, strength_schedule=args.strength_schedule)
             ring, pool = create_generator(
-                generator_factory(args, splits, run_dir, feedback), args.gen_device,
+                factory, args.gen_device,
                 workers_per_device=args.gen_workers_per_device, slots=args.ring_slots,
                 image_size=args.ring_size or args.img_size, consumers=local_world(state), max_reuse=args.max_reuse,
                 seed=args.seed, cluster=args.gen_cluster, cluster_workers=args.gen_cluster_workers,
@@ -377,36 +320,6 @@ def personalise_first(args, state) -> None:
         argv.append("--resume")
     logger.info("personalising the generator first: onlinemix finetune %s", " ".join(argv))
     finetune(argv)
-
-
-def generator_factory(args, splits, run_dir, feedback=None):
-    """The ``DiffusionProducerFactory`` of ``--aug``'s strategy, from the generator options."""
-    from onlinemix.generator.worker import DiffusionProducerFactory, GeneratorSpec
-
-    weights = None
-    if args.imbalance_factor:  # the paper: tail classes are translated toward more often
-        from onlinemix.plan import long_tail_weights
-
-        counts = np.bincount(splits.train.labels, minlength=len(splits.class_names))
-        weights = tuple(long_tail_weights(counts).tolist())
-    spec = GeneratorSpec(
-        model=generator_model(args.gen_model, run_dir, seed=args.seed), finetuned=args.gen_finetuned,
-        strategy=strategy_of(args.aug), target_weights=weights, referable_classes=args.referable_classes,
-        strengths=tuple(args.strengths) if args.strengths else None, steps=args.gen_steps,
-        guidance=None if args.guidance is None else tuple(np.atleast_1d(args.guidance).tolist()),
-        resolution=args.gen_resolution, image_size=args.ring_size or args.img_size, batch_size=args.gen_batch_size,
-        continuous=args.gen_continuous, deep_cache=args.gen_deep_cache, posterior_cache=args.gen_posterior_cache,
-        attention=args.gen_attention, channels_last=args.gen_channels_last, compile=args.gen_compile,
-        scheduler=args.gen_scheduler,
-        accelerator=args.gen_accelerator, accelerator_weight=args.gen_accelerator_weight,
-        dtype=args.gen_dtype, clip_model=args.clip_filter, local_files_only=args.local_files_only,
-        policy=args.gen_policy, policy_floor=args.gen_policy_floor,
-        strength_schedule=tuple(args.strength_schedule) if args.strength_schedule else None,
-        inversion=args.inversion, inversion_noise=args.inversion_noise,
-        inversion_interpolation=tuple(args.inversion_interpolation) if args.inversion_interpolation else None,
-        captions=args.captions, caption_weights=tuple(args.caption_weights),
-    )
-    return DiffusionProducerFactory(spec, splits.train, splits.class_names, args.metaclass, feedback=feedback)
 
 
 # -- model ------------------------------------------------------------------------------------

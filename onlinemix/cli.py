@@ -3,7 +3,8 @@
 ``onlinemix finetune ...`` personalises a generator (``onlinemix.finetune``);
 ``onlinemix pretrain-demo ...`` rebuilds the demo generator (``onlinemix.demo_model``);
 ``onlinemix invert ...`` learns a condition per training image (``onlinemix.invert``);
-``onlinemix caption ...`` captions every training image for SGID (``onlinemix.caption``).
+``onlinemix caption ...`` captions every training image for SGID (``onlinemix.caption``);
+``onlinemix generate ...`` makes a synthetic set offline on a Ray cluster (``onlinemix.generate``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ COMMANDS = {
     "pretrain-demo": "pretrain the tiny demo generator on the demo world's generic corpus",
     "invert": "learn one condition per training image (Diffusion Inversion's first stage)",
     "caption": "the best caption of every training image and its CLIP similarity (SGID's first stage)",
+    "generate": "a synthetic set made offline on a Ray cluster, in the Diff-Mix layout, with a manifest",
 }
 
 
@@ -37,11 +39,15 @@ def main(argv=None) -> None:
             from .caption import main as caption
 
             caption(argv[1:])
+        elif argv[0] == "generate":
+            from .generate import main as generate
+
+            generate(argv[1:])
         else:
             from .demo_model import main as pretrain_demo
 
             pretrain_demo(argv[1:])
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError) as error:
         sys.exit(f"error: {error}")
 
 

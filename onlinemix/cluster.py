@@ -70,6 +70,16 @@ def check_reachable(address: Optional[str], *, timeout: float = 5.0) -> None:
                               "with `ray start --head` and pass the address it prints (--gen-cluster).") from None
 
 
+def check_gpus(ray, workers: int, num_gpus: float, *, hint: str) -> None:
+    """Stop when the connected cluster has fewer GPUs than ``workers`` actors of ``num_gpus`` each need (Ray
+    would wait for them forever)."""
+    needed = num_gpus * workers
+    available = ray.cluster_resources().get("GPU", 0.0)
+    if needed > available:
+        raise ValueError(f"{workers} generator actors with {num_gpus:g} GPU(s) each need {needed:g} GPUs, but the "
+                         f"Ray cluster has {available:g}; add GPU nodes or ask for fewer workers ({hint}).")
+
+
 class GeneratorActor:
     """One remote generator worker (a Ray actor class once ``ray.remote`` wraps it).
 
@@ -115,11 +125,7 @@ class ClusterFeed:
         module = type(self.factory).__module__
         if module in ("__main__", "__mp_main__"):  # a script's factory: actors cannot import it, so it travels whole
             ray.cloudpickle.register_pickle_by_value(sys.modules[module])
-        needed = self.num_gpus * self.workers
-        available = ray.cluster_resources().get("GPU", 0.0)
-        if needed > available:
-            raise ValueError(f"{self.workers} generator actors with {self.num_gpus:g} GPU(s) each need {needed:g} "
-                             f"GPUs, but the Ray cluster has {available:g}; add GPU nodes or ask for fewer workers.")
+        check_gpus(ray, self.workers, self.num_gpus, hint="--gen-cluster-gpus 0 runs CPU actors")
         actor_class = ray.remote(num_gpus=self.num_gpus, num_cpus=self.num_cpus, max_restarts=self.max_restarts,
                                  max_task_retries=0)(GeneratorActor)
         actor_device = "cuda" if self.num_gpus > 0 else "cpu"
@@ -239,7 +245,8 @@ class ClusterPool:
         feed = ClusterFeed(factory, self._state, workers=workers, address=address, num_gpus=num_gpus,
                            num_cpus=num_cpus, in_flight=in_flight, max_restarts=max_restarts, cpu_threads=cpu_threads)
         # The feeder only moves bytes: one torch thread leaves the cores to training.
-        self._feeder = GeneratorPool(ring, feed, "cpu", max_restarts=max_restarts, seed=seed, cpu_threads=1)
+        self._feeder = GeneratorPool(ring, feed, "cpu", max_restarts=max_restarts, seed=seed, cpu_threads=1,
+                                     role="Ray cluster feeder")
         self._started = self._stopped = False
 
     # -- lifecycle ----------------------------------------------------------------
@@ -301,5 +308,6 @@ class ClusterPool:
         lost = None
         if self._started and not self._stopped and not feeder["alive"]:
             errors = self._feeder.errors()
-            lost = errors[-1].strip().splitlines()[-1] if errors else "the feeder process exited"
+            lost = (errors[-1].strip().splitlines()[-1] if errors else "the feeder process exited without a "
+                    "traceback, as Ray ends a driver whose cluster stays unreachable")
         return {"workers": workers, **totals, "feeder": feeder, "lost": lost}

@@ -1,5 +1,6 @@
-"""Command-line options shared by ``train.py`` and ``onlinemix finetune``: YAML-plus-flags parsing
-and the data options, which map one to one onto ``onlinemix.data.load_splits``'s arguments."""
+"""Command-line options shared by ``train.py``, ``onlinemix finetune`` and ``onlinemix generate``: YAML-plus-flags
+parsing, the data options, which map one to one onto ``onlinemix.data.load_splits``'s arguments, and the
+generator options, which map onto ``GeneratorSpec``."""
 from __future__ import annotations
 
 import argparse
@@ -51,3 +52,118 @@ def add_data_arguments(parser) -> None:
 def data_options(args: argparse.Namespace) -> dict:
     """The keyword arguments of ``load_splits`` and ``check_data_options`` from parsed data options."""
     return {name: getattr(args, name) for name in DATA_OPTIONS}
+
+
+def add_generator_arguments(parser) -> None:
+    """The generator's options (model, sampling, strategy inputs), on ``parser`` (or a group); ``--aug`` and the
+    data options come from the caller. ``check_generator_args`` and ``generator_factory`` read them back."""
+    from .generator.captions import CAPTION_WEIGHTS
+    from .generator.components import SCHEDULERS
+    from .generator.worker import COMPILE_MODES
+
+    parser.add_argument("--strengths", type=float, nargs="+", help="SDEdit strengths (default: the strategy's)")
+    parser.add_argument("--referable-classes", type=int,
+                        help="inter-class strategies: each target class takes references from only this many "
+                             "source classes, chosen at random (the paper's Fig. 7b)")
+    parser.add_argument("--gen-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                        help="diffusers folder or hub id; 'demo': the shipped demo generator; "
+                             "'tiny': an untrained tiny model (smoke runs only)")
+    parser.add_argument("--gen-finetuned", help="personalised generator folder (onlinemix finetune)")
+    parser.add_argument("--gen-steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, nargs="+", metavar="SCALE",
+                        help="classifier-free guidance scale, or several that each sample draws one of "
+                             "(default: the strategy's set, diffinversion 2 3 4; else 7.5)")
+    parser.add_argument("--gen-resolution", type=int, default=512)
+    parser.add_argument("--gen-batch-size", type=int, default=8)
+    parser.add_argument("--gen-continuous", action=argparse.BooleanOptionalAction, default=True,
+                        help="continuous batching: start a request as soon as a slot of the generator batch frees")
+    parser.add_argument("--gen-deep-cache", type=int, default=1, metavar="K",
+                        help="DeepCache: recompute the U-Net's deep features every K-th step only (1: exact)")
+    parser.add_argument("--gen-posterior-cache", type=int, default=1024, metavar="N",
+                        help="VAE posteriors of the last N references each generator worker keeps")
+    parser.add_argument("--gen-scheduler", choices=SCHEDULERS, default="dpm-solver++",
+                        help="sampling scheduler; an acceleration LoRA needs the one it was distilled for")
+    parser.add_argument("--gen-accelerator", metavar="LORA",
+                        help="few-step acceleration LoRA (a .safetensors file, a folder, or "
+                             "org/name/file.safetensors), fused next to the personalisation: Hyper-SD's CFG LoRAs "
+                             "with --gen-scheduler ddim-trailing")
+    parser.add_argument("--gen-accelerator-weight", type=float, default=1.0, help="the acceleration LoRA's weight")
+    parser.add_argument("--gen-attention", choices=["sdpa", "xformers"], default="sdpa",
+                        help="the U-Net's attention: PyTorch's SDPA, or xformers (needs the xformers package)")
+    parser.add_argument("--gen-channels-last", action="store_true", help="the U-Net in channels-last memory format")
+    parser.add_argument("--gen-compile", choices=COMPILE_MODES, metavar="MODE",
+                        help=f"torch.compile the U-Net in MODE ({', '.join(COMPILE_MODES)}; reduce-overhead adds "
+                             "CUDA graphs)")
+    parser.add_argument("--gen-dtype", choices=["float32", "float16", "bfloat16"], default="float16")
+    parser.add_argument("--inversion", metavar="STORE",
+                        help="--aug diffinversion: the condition store of `onlinemix invert` on this run's data")
+    parser.add_argument("--inversion-noise", type=float, default=0.1, metavar="LAMBDA",
+                        help="--aug diffinversion: Gaussian perturbation c + LAMBDA * eps of every condition")
+    parser.add_argument("--inversion-interpolation", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        help="--aug diffinversion: mix each condition with another of its class, alpha uniform in "
+                             "[LOW, HIGH] (then the noise; --inversion-noise 0 for interpolation alone)")
+    parser.add_argument("--captions", metavar="FILE",
+                        help="--aug sgid: the caption store of `onlinemix caption` (or your own) for this run's "
+                             "images")
+    parser.add_argument("--caption-weights", type=float, nargs=2, default=list(CAPTION_WEIGHTS),
+                        metavar=("CAPTION", "LABEL"),
+                        help="--aug sgid: prompt weights of the caption's and the class name's tokens")
+    parser.add_argument("--clip-filter",
+                        help="CLIP folder or hub id (the paper's openai/clip-vit-base-patch32): drop the 10%% of "
+                             "samples least confidently showing a --metaclass; needed by --aug realfilter")
+    parser.add_argument("--local-files-only", action="store_true", help="never reach a model hub")
+
+
+def check_generator_args(args: argparse.Namespace) -> None:
+    """Stop before any work on generator options that cannot run with ``args.aug``'s strategy."""
+    from .augmentation import strategy_of
+    from .generator.captions import CaptionStore, check_caption_options
+    from .generator.conditions import check_inversion_options, read_store_info
+    from .plan import check_guidance, get_strategy
+
+    strategy = get_strategy(strategy_of(args.aug))
+    check_inversion_options(strategy, args.inversion, args.inversion_noise, args.inversion_interpolation)
+    if args.guidance is not None:
+        check_guidance(args.guidance)
+    if args.inversion:
+        read_store_info(args.inversion)
+    check_caption_options(strategy, args.captions, args.caption_weights)
+    if args.captions:  # its rows now; whether it covers every training image once the data is loaded
+        CaptionStore.load(args.captions)
+
+
+def generator_factory(args: argparse.Namespace, splits, work_dir: str, *, image_size: int, seed: int = 0,
+                      feedback=None, policy: str = "uniform", policy_floor: float = 0.2,
+                      strength_schedule=None):
+    """The ``DiffusionProducerFactory`` of ``args.aug``'s strategy from the generator options, over ``splits``'
+    training images, handing over images of ``image_size``; ``feedback`` and the policy options are the
+    closed loop's (``train.py``); ``seed`` makes ``--gen-model tiny`` in ``work_dir``."""
+    import numpy as np
+
+    from .augmentation import generator_model, strategy_of
+    from .generator.worker import DiffusionProducerFactory, GeneratorSpec
+
+    weights = None
+    if args.imbalance_factor:  # the paper: tail classes are translated toward more often
+        from .plan import long_tail_weights
+
+        counts = np.bincount(splits.train.labels, minlength=len(splits.class_names))
+        weights = tuple(long_tail_weights(counts).tolist())
+    spec = GeneratorSpec(
+        model=generator_model(args.gen_model, work_dir, seed=seed), finetuned=args.gen_finetuned,
+        strategy=strategy_of(args.aug), target_weights=weights, referable_classes=args.referable_classes,
+        strengths=tuple(args.strengths) if args.strengths else None, steps=args.gen_steps,
+        guidance=None if args.guidance is None else tuple(np.atleast_1d(args.guidance).tolist()),
+        resolution=args.gen_resolution, image_size=image_size, batch_size=args.gen_batch_size,
+        continuous=args.gen_continuous, deep_cache=args.gen_deep_cache, posterior_cache=args.gen_posterior_cache,
+        attention=args.gen_attention, channels_last=args.gen_channels_last, compile=args.gen_compile,
+        scheduler=args.gen_scheduler,
+        accelerator=args.gen_accelerator, accelerator_weight=args.gen_accelerator_weight,
+        dtype=args.gen_dtype, clip_model=args.clip_filter, local_files_only=args.local_files_only,
+        policy=policy, policy_floor=policy_floor,
+        strength_schedule=tuple(strength_schedule) if strength_schedule else None,
+        inversion=args.inversion, inversion_noise=args.inversion_noise,
+        inversion_interpolation=tuple(args.inversion_interpolation) if args.inversion_interpolation else None,
+        captions=args.captions, caption_weights=tuple(args.caption_weights),
+    )
+    return DiffusionProducerFactory(spec, splits.train, splits.class_names, args.metaclass, feedback=feedback)

@@ -171,6 +171,7 @@ class GeneratorPool:
         class_names: Class names in label order, for recording.
         cpu_threads: Torch threads of each worker on a ``"cpu"`` device; None: torch's
             default (every core, which oversubscribes the cores a CPU trainer also uses).
+        role: What the log and warnings call a worker (``ClusterPool``'s is the Ray cluster's feeder).
     """
 
     def __init__(
@@ -187,6 +188,7 @@ class GeneratorPool:
         record_dir: Optional[str] = None,
         class_names: Optional[Sequence[str]] = None,
         cpu_threads: Optional[int] = None,
+        role: str = "generator worker",
     ):
         devices = [devices] if isinstance(devices, str) else list(devices)
         if not devices:
@@ -213,6 +215,7 @@ class GeneratorPool:
         self.backoff = backoff
         self.seed = seed
         self.cpu_threads = cpu_threads
+        self.role = role
         self.recorder = SampleRecorder(record_dir, class_names) if record_dir is not None else None
         self._ctx = mp.get_context("spawn")
         self._state = self._ctx.RawArray("d", _COLUMNS * (count + 1))
@@ -261,7 +264,7 @@ class GeneratorPool:
         while not all(self._rows[w.index + 1, _STARTED] > 0 for w in self._workers):
             failed = next((w for w in self._workers if w.errors), None)
             if failed is not None:
-                raise RuntimeError(f"generator worker {failed.index} on {failed.device} failed to start:\n"
+                raise RuntimeError(f"{self.role} {failed.index} on {failed.device} failed to start:\n"
                                    f"{failed.errors[0]}")
             if time.monotonic() >= end:
                 raise TimeoutError(f"the generator workers did not start within {timeout:g} s.")
@@ -319,7 +322,7 @@ class GeneratorPool:
             while worker.conn is not None and worker.conn.poll():
                 message = worker.conn.recv()
                 worker.errors.append(message)
-                logger.error("onlinemix generator worker %d on %s failed:\n%s", worker.index, worker.device, message)
+                logger.error("onlinemix %s %d on %s failed:\n%s", self.role, worker.index, worker.device, message)
         except (EOFError, OSError):
             pass
 
@@ -330,7 +333,7 @@ class GeneratorPool:
                 self._check(worker, now)
             if not self._warned_all_gone and all(w.gone for w in self._workers):
                 self._warned_all_gone = True
-                message = ("Every onlinemix generator worker has failed for good; training continues on "
+                message = (f"Every onlinemix {self.role} has failed for good; training continues on "
                            "real images only (see the errors logged above).")
                 logger.error(message)
                 warnings.warn(message, RuntimeWarning, stacklevel=1)
@@ -349,21 +352,21 @@ class GeneratorPool:
         if process.is_alive():
             if now - self._rows[worker.index + 1, _HEARTBEAT] <= self.hang_timeout:
                 return
-            logger.error("onlinemix generator worker %d on %s sent no heartbeat for %.0f s; stopping it.",
+            logger.error("onlinemix %s %d on %s sent no heartbeat for %.0f s; stopping it.", self.role,
                          worker.index, worker.device, self.hang_timeout)
             process.kill()
             process.join()
             self._drain(worker)
         if worker.restarts >= self.max_restarts:
             worker.gone = True
-            logger.error("onlinemix generator worker %d on %s exited (code %s) and reached its restart "
-                         "limit (%d); giving it up.", worker.index, worker.device, process.exitcode,
+            logger.error("onlinemix %s %d on %s exited (code %s) and reached its restart "
+                         "limit (%d); giving it up.", self.role, worker.index, worker.device, process.exitcode,
                          self.max_restarts)
             return
         delay = min(self.backoff * 2 ** worker.restarts, 60.0)
         worker.restart_at = now + delay
-        logger.warning("onlinemix generator worker %d on %s exited (code %s); restarting in %.1f s.",
-                       worker.index, worker.device, process.exitcode, delay)
+        logger.warning("onlinemix %s %d on %s exited (code %s); restarting in %.1f s; the ring gets nothing from "
+                       "it meanwhile.", self.role, worker.index, worker.device, process.exitcode, delay)
 
     # -- statistics ---------------------------------------------------------------
 

@@ -221,6 +221,12 @@ class SampleRecorder:
         with open(os.path.join(self.root, "meta.csv"), "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerow(["First Directory", "Second Directory", "Number", "Strength", "Path"])
 
+    def path_of(self, source: int, target: int, number: int, strength: float) -> str:
+        """Where image ``number`` goes, relative to ``root/data``."""
+        target_name = _folder_name(self.class_names[target])
+        return os.path.join(_folder_name(self.class_names[source]),
+                            f"{target_name}-{number:06d}-{round(float(strength), 4)}.png")
+
     def write(self, batch: SampleBatch, *, first_number: int) -> None:
         """Save ``batch``, numbering its images from ``first_number``."""
         lines = io.StringIO()
@@ -229,7 +235,7 @@ class SampleRecorder:
             source = _folder_name(self.class_names[int(batch.source[k])])
             target = _folder_name(self.class_names[int(batch.target[k])])
             strength = round(float(batch.strength[k]), 4)
-            path = os.path.join(source, f"{target}-{first_number + k:06d}-{strength}.png")
+            path = self.path_of(int(batch.source[k]), int(batch.target[k]), first_number + k, strength)
             os.makedirs(os.path.join(self.root, "data", source), exist_ok=True)
             Image.fromarray(batch.images[k].permute(1, 2, 0).numpy()).save(os.path.join(self.root, "data", path))
             writer.writerow([source.replace("_", " "), target.replace("_", " "), first_number + k, strength, path])

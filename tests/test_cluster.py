@@ -122,9 +122,10 @@ def test_losing_the_cluster_ends_the_feeder_not_this_process(monkeypatch):
             wait_for(lambda: reader.take(16) is not None and pool.stats()["written"] >= 16)
             family = psutil.Process(pool.stats()["feeder"]["pid"]).children(recursive=True)
             next(p for p in family if "gcs_server" in p.name()).kill()
-            with pytest.warns(RuntimeWarning, match="failed for good"):
+            with pytest.warns(RuntimeWarning, match="Every onlinemix Ray cluster feeder has failed for good; training "
+                                                    "continues on real images only"):
                 wait_for(lambda: pool.stats()["feeder"]["gone"], timeout=120)
-            assert pool.stats()["lost"] is not None and pool.stats()["alive"] == 0
+            assert "without a traceback" in pool.stats()["lost"] and pool.stats()["alive"] == 0
             written = ring.stats()["written"]
             for _ in range(8):
                 reader.take(16)

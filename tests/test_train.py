@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from accelerate import PartialState
 import train
 from onlinemix.data import SplitImages, load_splits
 from onlinemix.data.toy import write_toy_dataset
-from onlinemix.options import data_options
+from onlinemix.options import data_options, generator_factory
 from tests.test_sources import write_offline_output
 
 CLASSES = [f"class_{c}" for c in range(3)]
@@ -423,11 +424,11 @@ def test_referable_classes_and_real_filtering_reach_the_generator(data_dir, tmp_
                  "--gen-batch-size", "4", "--gen-dtype", "float32", "--ring-slots", "16"]
     args = train.parse_args(["--data-dir", data_dir, "--aug", "realmix", "--referable-classes", "2",
                              "--device", "cpu", *generator])
-    factory = train.generator_factory(args, load_splits(args.data_dir, **data_options(args)), str(tmp_path))
+    factory = generator_factory(args, load_splits(args.data_dir, **data_options(args)), str(tmp_path), image_size=32)
     assert (factory.spec.strategy, factory.spec.referable_classes) == ("realmix", 2)
     args.aug = "realfilter"
     with pytest.raises(ValueError, match="--clip-filter"):
-        train.generator_factory(args, load_splits(args.data_dir, **data_options(args)), str(tmp_path))
+        generator_factory(args, load_splits(args.data_dir, **data_options(args)), str(tmp_path), image_size=32)
     model, tokenizer = tiny_clip(seed=0)
     model.save_pretrained(tmp_path / "clip")
     tokenizer.save_pretrained(tmp_path / "clip")
@@ -460,3 +461,9 @@ def test_confusion_policy_run_publishes_and_draws_its_heatmaps(data_dir, tmp_pat
     assert 0 <= result["policy"]["error"] <= 1 and result["augmentation"]["replaced"] > 0
     assert (tmp_path / "run" / "policy-epoch002.png").exists(), "drawn at the evaluation"
     assert not [n for n in os.listdir("/dev/shm") if "feedback" in n and str(os.getpid()) in n], "block unlinked"
+
+
+def test_the_cluster_without_ray_gives_an_install_hint(data_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets without the extra
+    with pytest.raises(ImportError, match=r"pip install 'onlinemix\[ray\]'"):
+        train.parse_args(["--data-dir", data_dir, "--device", "cpu", "--aug", "diffmix", "--gen-cluster", "auto"])

@@ -365,20 +365,24 @@ class DiffusionProducer:
     def admit(self) -> None:
         """Plan requests for the free slots and start them (continuous batching), or, without
         ``spec.continuous``, a whole batch once the previous one is done."""
-        spec, f = self.factory.spec, self.factory
+        spec = self.factory.spec
         free = spec.batch_size - sum(len(t) for t in self.in_flight)
         if free == 0 or (self.in_flight and not spec.continuous):
             return
         if spec.closed_loop:
             self.follow_feedback()
         requests = self.planner.take(free)
+        self.in_flight += self.start(requests, requests)
+
+    def start(self, requests: Sequence, tags: Sequence) -> list[Trajectory]:
+        """Trajectories generating ``requests`` (``onlinemix.plan.Request``), each sample tagged with its tag."""
+        spec, f = self.factory.spec, self.factory
         seeds = [r.seed for r in requests]
         guidance = [r.guidance for r in requests]
         if self.strategy.inverted:
-            self.in_flight += self.sampler.start_generations(
-                self.store.perturbed(requests, spec.inversion_noise), seeds, requests, height=spec.resolution,
+            return self.sampler.start_generations(
+                self.store.perturbed(requests, spec.inversion_noise), seeds, tags, height=spec.resolution,
                 width=spec.resolution, guidance=guidance, unconditional=self.store.mean)
-            return
         if self.strategy.captioned:
             captions, similarities = f.captions
             prompts = [captioned_prompt(captions[r.reference], f.class_names[r.target], spec.caption_weights)
@@ -388,12 +392,23 @@ class DiffusionProducer:
         else:
             prompts = [self.strategy.prompt_for(r.target, f.class_names, f.metaclass, self.tokens) for r in requests]
         if self.strategy.text_to_image:
-            self.in_flight += self.sampler.start_generations(prompts, seeds, requests, height=spec.resolution,
-                                                             width=spec.resolution, guidance=guidance)
-            return
+            return self.sampler.start_generations(prompts, seeds, tags, height=spec.resolution,
+                                                  width=spec.resolution, guidance=guidance)
         moments = self.sampler.posteriors([r.reference for r in requests], self.load_references)
-        self.in_flight += self.sampler.start_translations(moments, prompts, [r.strength for r in requests], seeds,
-                                                          requests, guidance=guidance)
+        return self.sampler.start_translations(moments, prompts, [r.strength for r in requests], seeds, tags,
+                                               guidance=guidance)
+
+    def render(self, requests: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, finite)``: uint8 images of ``requests``, generated together as one batch, in their order,
+        and which are finite (no filter). Rendering the same requests on the same software and device kind
+        repeats the same bits: a set written offline can be regenerated from its manifest."""
+        trajectories = self.start(requests, range(len(requests)))
+        while not all(t.done for t in trajectories):
+            self.sampler.step(trajectories)
+        rows, images = self.sampler.decode(trajectories)
+        images = images[torch.argsort(torch.tensor(rows))]
+        finite = torch.isfinite(images).flatten(1).all(1)
+        return to_uint8(torch.nan_to_num(images), self.factory.spec.image_size), finite
 
     def load_references(self, indices: Sequence[int]) -> torch.Tensor:
         """Training images ``indices`` stretched to the generation resolution: float ``[n, 3, R, R]`` in [0, 1]."""
