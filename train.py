@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ring-slots", type=int, default=512)
     gen.add_argument("--ring-size", type=int, help="image size in the ring (default --img-size)")
     gen.add_argument("--max-reuse", type=int, default=4)
+    gen.add_argument("--gen-hang-timeout", type=float, default=600.0, metavar="SECONDS",
+                     help="a generator worker that sends no heartbeat this long counts as hung and is restarted")
     gen.add_argument("--gen-warmup", type=float, default=60.0,
                      help="seconds to wait, at most, for the ring to hold one batch of samples before training")
     return p
@@ -181,6 +183,8 @@ def check_args(args) -> None:
         check_generator_args(args)  # now, not after personalising the generator first
     elif args.gen_policy != "uniform" or args.strength_schedule:
         raise ValueError(f"--gen-policy and --strength-schedule steer a generator; --aug {args.aug} runs none.")
+    if args.gen_hang_timeout <= 0:
+        raise ValueError(f"--gen-hang-timeout must be > 0 seconds, got {args.gen_hang_timeout}.")
     if args.feedback_every < 1:
         raise ValueError(f"--feedback-every must be >= 1, got {args.feedback_every}.")
     many, few = args.shot_thresholds
@@ -278,8 +282,8 @@ def build_augmentation(args, splits, run_dir, state, mean, std):
                 factory, args.gen_device,
                 workers_per_device=args.gen_workers_per_device, slots=args.ring_slots,
                 image_size=args.ring_size or args.img_size, consumers=local_world(state), max_reuse=args.max_reuse,
-                seed=args.seed, cluster=args.gen_cluster, cluster_workers=args.gen_cluster_workers,
-                cluster_gpus=args.gen_cluster_gpus)
+                seed=args.seed, hang_timeout=args.gen_hang_timeout, cluster=args.gen_cluster,
+                cluster_workers=args.gen_cluster_workers, cluster_gpus=args.gen_cluster_gpus)
         except (ValueError, FileNotFoundError) as failure:
             error = failure
             if feedback is not None:

@@ -78,14 +78,16 @@ def generator_model(model: str, work_dir: str, *, seed: int = 0) -> str:
 
 def create_generator(factory, devices: Sequence[str], *, workers_per_device: int = 1, slots: int,
                      image_size: int, consumers: int = 1, max_reuse: int = 4, seed: int = 0,
-                     cluster: Optional[str] = None, cluster_workers: int = 1, cluster_gpus: float = 1.0):
+                     hang_timeout: float = 600.0, cluster: Optional[str] = None, cluster_workers: int = 1,
+                     cluster_gpus: float = 1.0):
     """A ring and the generator pool that will feed it; start the pool with ``pool.start()``.
 
     The ring has one producer index per worker (``len(devices) * workers_per_device``) and
     ``consumers`` consumer indices (every training rank on the node, every DataLoader
     worker that reads it). Torch's threads are shared between this process and CPU
-    workers (``onlinemix.pool.share_cpu_threads``). With ``cluster`` (a Ray address,
-    ``"auto"``, or ``"local"`` for a Ray instance on this machine) the workers are
+    workers (``onlinemix.pool.share_cpu_threads``); a worker silent for ``hang_timeout`` seconds is
+    restarted. With ``cluster`` (a Ray address, ``"auto"``, or ``"local"`` for a Ray instance on
+    this machine) the workers are
     ``cluster_workers`` Ray actors of ``cluster_gpus`` GPUs each instead (``onlinemix.cluster``),
     and ``devices`` is unused: one feeder process is the ring's only producer.
 
@@ -105,7 +107,8 @@ def create_generator(factory, devices: Sequence[str], *, workers_per_device: int
                                num_gpus=cluster_gpus, seed=seed)
         else:
             pool = GeneratorPool(ring, factory, list(devices), workers_per_device=workers_per_device, seed=seed,
-                                 cpu_threads=share_cpu_threads(devices, workers_per_device))
+                                 cpu_threads=share_cpu_threads(devices, workers_per_device),
+                                 hang_timeout=hang_timeout)
     except BaseException:
         ring.close()
         raise

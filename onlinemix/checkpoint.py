@@ -7,6 +7,7 @@ Mersenne Twister key as a tensor), so an interrupted run continues exactly.
 """
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import random
@@ -37,10 +38,27 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(state: dict, path: str) -> None:
-    """Write ``state`` to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    """Write ``state`` to a temporary file, then rename: a crash never leaves half a checkpoint.
+
+    The temporary files a killed writer left next to ``path`` are removed first.
+    """
+    for stale in glob.glob(f"{glob.escape(path)}.tmp-*"):
+        pid = stale.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            os.remove(stale)
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def load_checkpoint(path: str) -> dict:

@@ -35,8 +35,8 @@ logger = logging.getLogger("onlinemix")
 
 # Columns of the shared state, one row per worker; row 0 column 0 of the extra
 # leading row is the stop flag.
-_HEARTBEAT, _WRITTEN, _STARTED, _DROPPED = range(4)
-_COLUMNS = 4
+_HEARTBEAT, _WRITTEN, _STARTED, _DROPPED, _WAITING = range(5)
+_COLUMNS = 5
 _PUT_TIMEOUT_S = 0.2
 
 
@@ -48,6 +48,11 @@ def _worker_main(ring_name: str, index: int, device: str, factory: ProducerFacto
                  parent_pid: int, seed: int, recorder: Optional[SampleRecorder], cpu_threads: Optional[int]) -> None:
     """A generator worker: build the producer, then write batches until stopped or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
+    # tqdm's default lock is a named semaphore (model loading draws bars); a SIGKILLed worker would leave it in
+    # /dev/shm until the trainer exits, one per kill. A thread lock is all one process needs.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     if cpu_threads is not None and _on_cpu(device):
         import torch
 
@@ -73,8 +78,11 @@ def _worker_main(ring_name: str, index: int, device: str, factory: ProducerFacto
             batch = producer()
             written = 0
             while written < len(batch) and not should_stop():
-                written += ring.put(batch.images[written:], batch.source[written:], batch.target[written:],
-                                    batch.strength[written:], timeout=_PUT_TIMEOUT_S)
+                done = ring.put(batch.images[written:], batch.source[written:], batch.target[written:],
+                                batch.strength[written:], timeout=_PUT_TIMEOUT_S)
+                written += done
+                # Since when every slot of this worker has held an unread sample (0: not waiting).
+                me[_WAITING] = 0.0 if done else (me[_WAITING] or time.monotonic())
             if recorder is not None and written:
                 # Numbers unique across workers and restarts: the counter lives in the pool.
                 recorder.write(batch.select(slice(0, written)), first_number=index * 10**9 + int(me[_WRITTEN]))
@@ -144,7 +152,10 @@ class _Worker:
     process: Optional[mp.process.BaseProcess] = None
     conn: object = None
     restarts: int = 0
+    failures: int = 0  # in a row: exits without a sample written since the start before
+    written_at_start: float = 0.0
     restart_at: Optional[float] = None
+    stall_reported: bool = False
     gone: bool = False
     errors: list = field(default_factory=list)
 
@@ -160,7 +171,9 @@ class GeneratorPool:
             ``producer.dropped`` counts what it made but did not return.
         devices: Devices to run on, e.g. ``["cuda:1", "cuda:2"]`` or ``"cpu"``.
         workers_per_device: Worker processes per device.
-        max_restarts: Restarts allowed per worker before it is given up.
+        max_restarts: Restarts in a row allowed per worker before it is given up; a worker that
+            wrote samples since its last start begins a new count, so rare faults over a long
+            run never exhaust it.
         hang_timeout: Seconds without a heartbeat after which a worker counts as
             hung and is restarted (a heartbeat comes at least every ``put`` wait).
         backoff: First restart delay in seconds, doubled per restart up to 60 s.
@@ -172,6 +185,8 @@ class GeneratorPool:
         cpu_threads: Torch threads of each worker on a ``"cpu"`` device; None: torch's
             default (every core, which oversubscribes the cores a CPU trainer also uses).
         role: What the log and warnings call a worker (``ClusterPool``'s is the Ray cluster's feeder).
+        stall_report: Seconds a worker may wait for a free slot (nothing it wrote has been read)
+            before the pool warns that the trainer is not reading; the worker keeps waiting.
     """
 
     def __init__(
@@ -189,6 +204,7 @@ class GeneratorPool:
         class_names: Optional[Sequence[str]] = None,
         cpu_threads: Optional[int] = None,
         role: str = "generator worker",
+        stall_report: float = 120.0,
     ):
         devices = [devices] if isinstance(devices, str) else list(devices)
         if not devices:
@@ -216,6 +232,7 @@ class GeneratorPool:
         self.seed = seed
         self.cpu_threads = cpu_threads
         self.role = role
+        self.stall_report = stall_report
         self.recorder = SampleRecorder(record_dir, class_names) if record_dir is not None else None
         self._ctx = mp.get_context("spawn")
         self._state = self._ctx.RawArray("d", _COLUMNS * (count + 1))
@@ -285,6 +302,8 @@ class GeneratorPool:
             daemon=True,
         )
         self._rows[worker.index + 1, _HEARTBEAT] = time.monotonic()
+        self._rows[worker.index + 1, _WAITING] = 0.0
+        worker.written_at_start = self._rows[worker.index + 1, _WRITTEN]
         worker.process.start()
         send.close()
         worker.conn = receive
@@ -350,6 +369,7 @@ class GeneratorPool:
             return
         process = worker.process
         if process.is_alive():
+            self._report_stall(worker, now)
             if now - self._rows[worker.index + 1, _HEARTBEAT] <= self.hang_timeout:
                 return
             logger.error("onlinemix %s %d on %s sent no heartbeat for %.0f s; stopping it.", self.role,
@@ -357,22 +377,37 @@ class GeneratorPool:
             process.kill()
             process.join()
             self._drain(worker)
-        if worker.restarts >= self.max_restarts:
+        if self._rows[worker.index + 1, _WRITTEN] > worker.written_at_start:
+            worker.failures = 0  # it delivered since its last start: a fault, not a broken generator
+        if worker.failures >= self.max_restarts:
             worker.gone = True
-            logger.error("onlinemix %s %d on %s exited (code %s) and reached its restart "
-                         "limit (%d); giving it up.", self.role, worker.index, worker.device, process.exitcode,
-                         self.max_restarts)
+            logger.error("onlinemix %s %d on %s exited (code %s) and failed %d times in a row without writing a "
+                         "sample; giving it up.", self.role, worker.index, worker.device, process.exitcode,
+                         worker.failures + 1)
             return
-        delay = min(self.backoff * 2 ** worker.restarts, 60.0)
+        delay = min(self.backoff * 2 ** worker.failures, 60.0)
+        worker.failures += 1
         worker.restart_at = now + delay
         logger.warning("onlinemix %s %d on %s exited (code %s); restarting in %.1f s; the ring gets nothing from "
                        "it meanwhile.", self.role, worker.index, worker.device, process.exitcode, delay)
+
+    def _report_stall(self, worker: _Worker, now: float) -> None:
+        """Warn once per stall when a worker has waited ``stall_report`` seconds for a reader."""
+        since = self._rows[worker.index + 1, _WAITING]
+        if not since:
+            worker.stall_reported = False
+        elif now - since >= self.stall_report and not worker.stall_reported:
+            worker.stall_reported = True
+            logger.warning("onlinemix %s %d on %s has waited %.0f s for a free slot: nothing it wrote has been read "
+                           "since. Is the trainer reading the ring? The worker keeps waiting (back-pressure).",
+                           self.role, worker.index, worker.device, now - since)
 
     # -- statistics ---------------------------------------------------------------
 
     def stats(self) -> dict:
         """Per-worker images written, dropped by the producer (non-finite, filtered), images/s
-        since the worker started, restarts, state and process id."""
+        since the worker started, restarts (in all), state, process id and how long it has been waiting
+        for a reader (``waiting_s``, 0 when not)."""
         now = time.monotonic()
         workers = []
         for worker in self._workers:
@@ -389,5 +424,7 @@ class GeneratorPool:
                 "images_per_s": written / (now - started) if started and alive else 0.0,
                 "errors": len(worker.errors),
                 "pid": worker.process.pid if worker.process is not None else None,
+                "waiting_s": now - self._rows[worker.index + 1, _WAITING] if self._rows[worker.index + 1, _WAITING]
+                else 0.0,
             })
         return worker_totals(workers)

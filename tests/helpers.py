@@ -117,6 +117,32 @@ class Counting:
         return FunctionProducer(produce)
 
 
+class DrawsABar(Counting):
+    """Like Counting, after drawing a tqdm progress bar as model loading does."""
+
+    def __call__(self, device):
+        from tqdm import tqdm
+
+        for _ in tqdm(range(2), desc="loading"):
+            pass
+        return super().__call__(device)
+
+
+class DeliversThenCrashes:
+    """Like Counting, but each process delivers one batch, then its producer raises."""
+
+    def __call__(self, device):
+        counting, calls = Counting()(device), []
+
+        def produce():
+            calls.append(1)
+            if len(calls) > 1:
+                raise RuntimeError("the generator broke after one batch")
+            return counting()
+
+        return FunctionProducer(produce)
+
+
 class Halving:
     """Like Counting, but drops half of each batch and says so in ``dropped``."""
 

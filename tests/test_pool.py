@@ -11,7 +11,7 @@ import torch
 from onlinemix import DiffMix, GeneratorPool, ReplayProducerFactory, ReplaySource, SampleRing
 from onlinemix.pool import share_cpu_threads
 from onlinemix.segments import SHM_DIR
-from tests.helpers import Counting, Failing, Halving, Hanging, ThreadCount
+from tests.helpers import Counting, DeliversThenCrashes, DrawsABar, Failing, Halving, Hanging, ThreadCount
 from tests.test_sources import CLASSES, ROWS, write_offline_output
 
 
@@ -56,6 +56,49 @@ def test_killed_worker_is_restarted_and_reads_go_on():
             # max_reuse=1 and at most 16 unread samples: 32 reads need new writes.
             assert sum(len(ring.take(8, timeout=30)) for _ in range(4)) == 32
             assert pool.stats()["written"] >= before + 16
+
+
+def test_a_killed_worker_leaves_no_semaphore_in_dev_shm():
+    def semaphores():
+        return {n for n in os.listdir(SHM_DIR) if n.startswith("sem.")}
+
+    before = semaphores()
+    with SampleRing.create(16, 8, producers=1, consumers=1) as ring:
+        with GeneratorPool(ring, DrawsABar(size=8), "cpu", backoff=0.0) as pool:
+            assert wait_for(lambda: pool.stats()["written"] > 0)
+            assert semaphores() == before, "the worker's progress bars take no named semaphore"
+            os.kill(worker_pids(pool)[0], signal.SIGKILL)
+            assert wait_for(lambda: pool.stats()["restarts"] == 1 and pool.stats()["written"] > 0)
+            assert semaphores() == before
+
+
+@pytest.mark.slow
+def test_restarts_count_in_a_row_so_a_worker_that_delivers_is_never_given_up():
+    with SampleRing.create(64, 8, producers=1, consumers=1, max_reuse=1) as ring:
+        with GeneratorPool(ring, DeliversThenCrashes(), "cpu", max_restarts=1, backoff=0.0) as pool:
+            assert wait_for(lambda: pool.stats()["restarts"] >= 3, 90)
+            stats = pool.stats()
+        assert not stats["workers"][0]["gone"] and stats["written"] >= 3 * 4
+
+
+@pytest.mark.slow
+def test_a_ring_nobody_reads_holds_producers_in_bounded_memory_and_the_stall_is_reported(caplog):
+    psutil = pytest.importorskip("psutil")
+    caplog.set_level(logging.WARNING, logger="onlinemix")
+    with SampleRing.create(16, 64, producers=1, consumers=1) as ring:
+        with GeneratorPool(ring, Counting(size=64), "cpu", hang_timeout=2.0, stall_report=1.0) as pool:
+            assert wait_for(lambda: pool.stats()["written"] == 16)
+            worker = psutil.Process(worker_pids(pool)[0])
+            time.sleep(1.0)
+            rss = worker.memory_info().rss
+            time.sleep(5.0)  # the producer could make thousands of batches meanwhile; the ring takes none
+            stats = pool.stats()
+            assert worker.memory_info().rss - rss < 4 * 2**20, "back-pressure: no batch piles up in the worker"
+            assert stats["written"] == 16 and stats["restarts"] == 0, "waiting is not hanging: heartbeats go on"
+            assert stats["workers"][0]["waiting_s"] > 4.0
+            assert "has waited" in caplog.text and "Is the trainer reading the ring?" in caplog.text
+            ring.take(16)
+            assert wait_for(lambda: pool.stats()["written"] > 16, 30), "writing resumes once samples are read"
 
 
 def test_failing_generator_logs_traceback_gives_up_and_training_goes_on(caplog):

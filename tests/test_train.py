@@ -8,6 +8,7 @@ import torch
 from accelerate import PartialState
 
 import train
+from onlinemix.checkpoint import load_checkpoint
 from onlinemix.data import SplitImages, load_splits
 from onlinemix.data.toy import write_toy_dataset
 from onlinemix.options import data_options, generator_factory
@@ -130,6 +131,50 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
     straight = read_loss(tmp_path / "straight" / "run" / "steps.csv", 1, 0)
     resumed = read_loss(tmp_path / "interrupted" / "run" / "steps.csv", 1, 0)
     assert resumed == pytest.approx(straight, abs=1e-6)
+
+
+# Run in a child: its second write of last.pth stops half-way, killed (SIGKILL) mid-write.
+DIE_WRITING_A_CHECKPOINT = """
+import os, signal, sys
+import torch
+import train
+
+real_save, saves = torch.save, []
+
+def save_then_die(state, f):
+    saves.append(f)
+    if sum("last.pth" in str(s) for s in saves) == 2:
+        real_save(state, f)
+        with open(f, "r+b") as half:
+            half.truncate(os.path.getsize(f) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(state, f)
+
+torch.save = save_then_die
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_trainer_killed_while_writing_a_checkpoint_leaves_the_previous_one(data_dir, tmp_path):
+    import subprocess
+
+    common = ("--aug", "cutmix", "--epochs", "3", "--seed", "3")
+    run(data_dir, tmp_path / "straight", *common)
+    argv = ["--data-dir", data_dir, "--output", str(tmp_path / "killed"), "--name", "run", "--model", "resnet18",
+            "--img-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--lr", "0.05",
+            "--log-interval", "1", *common]
+    child = subprocess.run([sys.executable, "-c", DIE_WRITING_A_CHECKPOINT, *argv], capture_output=True,
+                           cwd=os.path.dirname(os.path.abspath(train.__file__)), timeout=600)
+    assert child.returncode == -9, child.stderr.decode()[-2000:]
+    run_dir = tmp_path / "killed" / "run"
+    assert [p.name for p in run_dir.glob("last.pth.tmp-*")], "the half-written file is there, beside last.pth"
+    checkpoint = load_checkpoint(str(run_dir / "last.pth"))
+    assert checkpoint["epoch"] == 0, "last.pth still holds the first epoch's state"
+    run(data_dir, tmp_path / "killed", *common, "--resume", str(run_dir / "last.pth"))
+    assert not list(run_dir.glob("last.pth.tmp-*")), "the next save removed the dead writer's leftover"
+    straight = read_loss(tmp_path / "straight" / "run" / "steps.csv", 2, 0)
+    assert read_loss(run_dir / "steps.csv", 2, 0) == pytest.approx(straight, abs=1e-6)
 
 
 def test_bad_input_stops_before_any_work(data_dir, tmp_path):
