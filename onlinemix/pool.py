@@ -11,6 +11,10 @@ for good the ring simply runs dry and ``DiffMix`` keeps the real images.
 Workers share no lock or queue with the training process (a ``kill -9`` of a
 group would leak their semaphores): heartbeats, counters and the stop flag live
 in one raw shared array, errors travel over a pipe per worker.
+
+It is one module because the worker loop writes the shared array's columns and the
+watcher reads them (heartbeat, written, waiting) to decide restarts and reports: the
+two halves of that protocol change together.
 """
 from __future__ import annotations
 

@@ -151,7 +151,8 @@ def save_then_die(state, f):
     real_save(state, f)
 
 torch.save = save_then_die
-train.main(sys.argv[1:])
+torch.set_num_threads(int(sys.argv[1]))  # as this test's process: the same sums, the same bits
+train.main(sys.argv[2:])
 """
 
 
@@ -164,7 +165,8 @@ def test_a_trainer_killed_while_writing_a_checkpoint_leaves_the_previous_one(dat
     argv = ["--data-dir", data_dir, "--output", str(tmp_path / "killed"), "--name", "run", "--model", "resnet18",
             "--img-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--lr", "0.05",
             "--log-interval", "1", *common]
-    child = subprocess.run([sys.executable, "-c", DIE_WRITING_A_CHECKPOINT, *argv], capture_output=True,
+    child = subprocess.run([sys.executable, "-c", DIE_WRITING_A_CHECKPOINT, str(torch.get_num_threads()), *argv],
+                           capture_output=True,
                            cwd=os.path.dirname(os.path.abspath(train.__file__)), timeout=600)
     assert child.returncode == -9, child.stderr.decode()[-2000:]
     run_dir = tmp_path / "killed" / "run"
