@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 
 from .batch import ProducerFactory, SampleBatch
-from .pool import GeneratorPool, fill_ring
+from .pool import GeneratorPool, fill_ring, worker_totals
 from .ring import SampleRing
 
 logger = logging.getLogger("onlinemix")
@@ -303,11 +303,9 @@ class ClusterPool:
             "dropped": int(row[_DROPPED]), "errors": int(row[_ERRORS]), "pid": int(row[_PID]),
             "images_per_s": row[_WRITTEN] / (now - row[_STARTED]) if row[_STARTED] and feeder["alive"] else 0.0,
         } for i, row in enumerate(self._rows)]
-        totals = {key: sum(w[key] for w in workers) for key in ("written", "dropped", "images_per_s", "restarts",
-                                                                 "alive")}
         lost = None
         if self._started and not self._stopped and not feeder["alive"]:
             errors = self._feeder.errors()
             lost = (errors[-1].strip().splitlines()[-1] if errors else "the feeder process exited without a "
                     "traceback, as Ray ends a driver whose cluster stays unreachable")
-        return {"workers": workers, **totals, "feeder": feeder, "lost": lost}
+        return {**worker_totals(workers), "feeder": feeder, "lost": lost}
