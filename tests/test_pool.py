@@ -86,16 +86,19 @@ def test_a_ring_nobody_reads_holds_producers_in_bounded_memory_and_the_stall_is_
     psutil = pytest.importorskip("psutil")
     caplog.set_level(logging.WARNING, logger="onlinemix")
     with SampleRing.create(16, 64, producers=1, consumers=1) as ring:
-        with GeneratorPool(ring, Counting(size=64), "cpu", hang_timeout=2.0, stall_report=1.0) as pool:
+        with GeneratorPool(ring, Counting(size=64), "cpu", hang_timeout=3.0, stall_report=1.0) as pool:
             assert wait_for(lambda: pool.stats()["written"] == 16)
+            # A worker slow to boot (spawn and imports on a loaded machine) may be restarted once; only what
+            # follows the full ring counts.
+            restarts = pool.stats()["restarts"]
             worker = psutil.Process(worker_pids(pool)[0])
             time.sleep(1.0)
             rss = worker.memory_info().rss
             time.sleep(5.0)  # the producer could make thousands of batches meanwhile; the ring takes none
             stats = pool.stats()
             assert worker.memory_info().rss - rss < 4 * 2**20, "back-pressure: no batch piles up in the worker"
-            assert stats["written"] == 16 and stats["restarts"] == 0, "waiting is not hanging: heartbeats go on"
-            assert stats["workers"][0]["waiting_s"] > 4.0
+            assert stats["written"] == 16 and stats["restarts"] == restarts, "waiting is not hanging: heartbeats go on"
+            assert stats["workers"][0]["waiting_s"] > 4.0 > pool.hang_timeout
             assert "has waited" in caplog.text and "Is the trainer reading the ring?" in caplog.text
             ring.take(16)
             assert wait_for(lambda: pool.stats()["written"] > 16, 30), "writing resumes once samples are read"
