@@ -544,7 +544,8 @@ def epoch_report(args, epoch, losses, optimizer, augmentation, calls, ring, pool
     called = ""
     if calls:
         shares = result["fidelity"]["all"]
-        called = f" (classifier calls it target {shares['target']:.2f}, source {shares['source']:.2f})"
+        first = f", target on first reads {shares['first_read']['target']:.2f}" if "first_read" in shares else ""
+        called = f" (classifier calls it target {shares['target']:.2f}, source {shares['source']:.2f}{first})"
     logger.info("epoch %d: loss %.4f, %s, synthetic %.3f%s", epoch + 1, result["train_loss"], accuracy,
                 totals["replaced_fraction"], called)
     return result

@@ -54,10 +54,13 @@ def epochs(run_dir: str) -> list:
         return [json.loads(line) for line in f.read().strip().splitlines()]
 
 
-def called_target(history: list):
+def called_target(history: list, *, first_read: bool = False):
     """The share of all synthetic samples of a run that the classifier called their target class (the
-    fidelity monitor's counts summed over epochs; one epoch holds only a few dozen); None without any."""
+    fidelity monitor's counts summed over epochs; one epoch holds only a few dozen), over every read or
+    over each sample's first; None without any."""
     counts = [e["fidelity"]["all"] for e in history if "fidelity" in e]
+    if first_read:
+        counts = [c["first_read"] for c in counts if "first_read" in c]
     total = sum(c["count"] for c in counts)
     return sum(c["count"] * c["target"] for c in counts) / total if total else None
 
@@ -96,6 +99,8 @@ def run(aug: str, seed: int, args, overrides: list) -> dict:
     row["counterfactual_images"] = result["test_counterfactual"]["images"]
     if called_target(history) is not None:
         row["synthetic_called_target"] = called_target(history)
+    if called_target(history, first_read=True) is not None:
+        row["synthetic_first_read_called_target"] = called_target(history, first_read=True)
     if policy:
         row.update(policy_summary(history))
     print(f"[{name}]", {k: row[k] for k in (*METRICS, "synthetic_fraction", "seconds")}, flush=True)
@@ -103,12 +108,19 @@ def run(aug: str, seed: int, args, overrides: list) -> dict:
 
 
 def condition_store(config: str) -> str:
-    """The store of ``onlinemix invert --config config``, made first if its folder holds none."""
+    """The store of ``onlinemix invert --config config``, made first if its folder holds none, or one made
+    with another recipe (an earlier config, or an earlier version of the command)."""
     import yaml
 
     with open(config) as f:
-        out = os.path.join(ROOT, yaml.safe_load(f)["out"])
-    if not os.path.isfile(os.path.join(out, STORE_JSON)):
+        recipe = yaml.safe_load(f)
+    out = os.path.join(ROOT, recipe["out"])
+    info = {}
+    if os.path.isfile(os.path.join(out, STORE_JSON)):
+        with open(os.path.join(out, STORE_JSON)) as f:
+            info = json.load(f)
+    keys = ("vectors", "resolution", "group_size", "batch_size", "updates_per_image", "lr", "weight_decay", "seed")
+    if any(info.get(key) != recipe.get(key) for key in keys if key in recipe):
         print(f"[store] onlinemix invert --config {config} --out {out}", flush=True)
         subprocess.run([sys.executable, "-m", "onlinemix.cli", "invert", "--config", config, "--out", out,
                         "--overwrite"], check=True, cwd=ROOT)
@@ -141,8 +153,8 @@ def summarise(rows: list, augs) -> dict:
         if not mine:
             continue
         summary[aug] = {"seeds": len(mine)}
-        for key in (*METRICS, "synthetic_fraction", "synthetic_called_target", "policy_pairs_on_confusions",
-                    "policy_train_error"):
+        for key in (*METRICS, "synthetic_fraction", "synthetic_called_target", "synthetic_first_read_called_target",
+                    "policy_pairs_on_confusions", "policy_train_error"):
             if all(r.get(key) is not None for r in mine):
                 summary[aug][key] = mean_and_se([r[key] for r in mine])
         for key, images in (("test", "test_images"), ("counterfactual", "counterfactual_images")):

@@ -7,7 +7,7 @@ ring, the pool and a generator worker import only what they use.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Protocol, runtime_checkable
+from typing import Callable, NamedTuple, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -21,12 +21,15 @@ class SampleBatch:
         source: int64 ``[K]``, class of the reference image that was translated.
         target: int64 ``[K]``, class named in the prompt.
         strength: float32 ``[K]``, SDEdit strength in ``[0, 1]`` (1 for text-to-image).
+        first_read: bool ``[K]``, whether this read is the sample's first (by any consumer of a
+            ring); None when the source does not know.
     """
 
     images: torch.Tensor
     source: torch.Tensor
     target: torch.Tensor
     strength: torch.Tensor
+    first_read: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         images = self.images
@@ -50,6 +53,9 @@ class SampleBatch:
                 raise ValueError(f"SampleBatch.{name} must hold integer class indices, got {value.dtype}.")
             if k and int(value.min()) < 0:
                 raise ValueError(f"SampleBatch.{name} holds a negative class index ({int(value.min())}).")
+        if self.first_read is not None and (self.first_read.dtype != torch.bool or self.first_read.shape != (k,)):
+            raise ValueError(f"SampleBatch.first_read must be a bool tensor of shape [{k}], got a "
+                             f"{self.first_read.dtype} tensor of shape {tuple(self.first_read.shape)}.")
         if not self.strength.dtype.is_floating_point:
             raise ValueError(f"SampleBatch.strength must be floating point, got {self.strength.dtype}.")
         if k:
@@ -65,7 +71,9 @@ class SampleBatch:
 
     def select(self, index: torch.Tensor) -> "SampleBatch":
         """The samples at ``index`` (integer ``[K']``), in that order."""
-        return SampleBatch(self.images[index], self.source[index], self.target[index], self.strength[index])
+        first_read = None if self.first_read is None else self.first_read[index]
+        return SampleBatch(self.images[index], self.source[index], self.target[index], self.strength[index],
+                           first_read)
 
 
 @runtime_checkable
@@ -109,9 +117,12 @@ class SyntheticRows(NamedTuple):
         source: int64 ``[K]``, class of the reference image.
         target: int64 ``[K]``, class the prompt asked for.
         strength: float32 ``[K]``, SDEdit strength (1 for text-to-image).
+        first_read: bool ``[K]``, whether the classifier sees the sample for the first time
+            (``SampleBatch.first_read``); None when the source does not know.
     """
 
     rows: torch.Tensor
     source: torch.Tensor
     target: torch.Tensor
     strength: torch.Tensor
+    first_read: Optional[torch.Tensor] = None

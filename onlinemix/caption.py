@@ -139,7 +139,8 @@ class BlipCaptioner:
         """Per PIL image, its distinct non-empty captions: nucleus samples, then beam search's best."""
         pixels = self.processor(images=images, return_tensors="pt").pixel_values.to(self.blip.device, self.blip.dtype)
         per_image = [[] for _ in images]
-        runs = ((self.nucleus, dict(do_sample=True, top_p=self.top_p)), (self.beam, dict(num_beams=self.beam)))
+        # Pure nucleus sampling: transformers' generation otherwise keeps only the top 50 words as well.
+        runs = ((self.nucleus, dict(do_sample=True, top_p=self.top_p, top_k=0)), (self.beam, dict(num_beams=self.beam)))
         for count, options in runs:
             if count:
                 ids = self.blip.generate(pixel_values=pixels, num_return_sequences=count,

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from .data.demo_world import generic_corpus
 from .generator.components import Components, dpm_solver_scheduler, set_attention, tiny_tokenizer
+from .training_noise import TrainingNoise
 
 TEXT_WIDTH = 64
 
@@ -155,10 +156,8 @@ def train_denoiser(components: Components, means: torch.Tensor, stds: torch.Tens
     """Train U-Net and text encoder jointly to predict the noise (Stable Diffusion's objective and
     noise schedule) on the corpus latents, with random horizontal flips and dropped captions
     (the empty prompt, which classifier-free guidance uses as the unconditional one)."""
-    from diffusers import DDPMScheduler
-
     c = components
-    noise_schedule = DDPMScheduler.from_config(c.scheduler.config)
+    training_noise = TrainingNoise(c.scheduler.config)
     modules = (c.unet, c.text_encoder)
     params = [p for m in modules for p in m.parameters()]
     for m in modules:
@@ -178,11 +177,9 @@ def train_denoiser(components: Components, means: torch.Tensor, stds: torch.Tens
         flip = torch.rand(batch_size, generator=g) < 0.5
         latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
         text = torch.where(torch.rand(batch_size, generator=g) < caption_dropout, empty, rows)
-        noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch_size,), generator=g)
-        noisy = noise_schedule.add_noise(latents, noise, t)
+        drawn = training_noise(latents, g)
         states = c.text_encoder(ids[text])[0]
-        loss = F.mse_loss(c.unet(noisy, t, encoder_hidden_states=states).sample, noise)
+        loss = F.mse_loss(c.unet(drawn.noisy, drawn.timesteps, encoder_hidden_states=states).sample, drawn.target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -11,6 +11,12 @@ one that does not shows the source (low strengths) or "other".
 Shares are over the images as trained, after any Mixup/CutMix on top, and come from
 the model in training mode. For intra-class strategies (Diff-Aug, Diff-Gen) source and
 target coincide and count as target.
+
+A sample read again (``--max-reuse``) has been trained on already, its label included, so
+the share over all reads mixes "does the generator render the target" with "has the
+classifier learned this sample". The shares over each sample's *first* read
+(``SampleBatch.first_read``, which rings and the bundled sources report) answer the first
+question alone; they are reported beside the all-reads shares under ``first_read``.
 """
 from __future__ import annotations
 
@@ -42,7 +48,8 @@ class FidelityMonitor:
     """
 
     def __init__(self):
-        self.counts = {}  # strength (rounded to 3 decimals) -> [target, source, other]
+        # strength (rounded to 3 decimals) -> [target, source, other] over all reads, then over first reads
+        self.counts = {}
         self.recent_predictions = None
 
     def reset(self) -> None:
@@ -56,11 +63,14 @@ class FidelityMonitor:
         predicted = logits.detach()[synthetic.rows.to(logits.device)].argmax(1).cpu()
         self.recent_predictions = predicted
         calls = classifier_calls(predicted, synthetic.source, synthetic.target)
+        first = synthetic.first_read
         for strength in torch.unique(synthetic.strength).tolist():
-            mine = calls[synthetic.strength == strength]
-            row = self.counts.setdefault(round(strength, 3), [0, 0, 0])
+            at = synthetic.strength == strength
+            row = self.counts.setdefault(round(strength, 3), [0] * (2 * len(CALLS)))
             for k in range(len(CALLS)):
-                row[k] += int((mine == k).sum())
+                row[k] += int((calls[at] == k).sum())
+                if first is not None:
+                    row[len(CALLS) + k] += int((calls[at & first] == k).sum())
 
     def state(self) -> dict:
         """The counts, to gather from every rank."""
@@ -72,18 +82,29 @@ class FidelityMonitor:
         merged = {}
         for state in states:
             for strength, row in state.items():
-                total = merged.setdefault(strength, [0, 0, 0])
+                total = merged.setdefault(strength, [0] * len(row))
                 for k, value in enumerate(row):
                     total[k] += value
         return merged
 
     @staticmethod
     def summary(counts: dict) -> dict:
-        """``{"s=0.5": {"count", "target", "source", "other"}, ..., "all": {...}}`` with shares in [0, 1];
-        empty when no synthetic sample was seen."""
+        """``{"s=0.5": {"count", "target", "source", "other", "first_read": {...}}, ..., "all": {...}}`` with
+        shares in [0, 1], ``first_read`` the same over each sample's first read (absent when no first read
+        was reported); empty when no synthetic sample was seen."""
         if not counts:
             return {}
         rows = {f"s={strength:g}": row for strength, row in sorted(counts.items())}
-        rows["all"] = [sum(row[k] for row in counts.values()) for k in range(len(CALLS))]
-        return {name: {"count": sum(row), **{call: row[k] / sum(row) for k, call in enumerate(CALLS)}}
-                for name, row in rows.items() if sum(row)}
+        rows["all"] = [sum(row[k] for row in counts.values()) for k in range(2 * len(CALLS))]
+        summary = {}
+        for name, row in rows.items():
+            if sum(row[:len(CALLS)]):
+                summary[name] = call_shares(row[:len(CALLS)])
+                if sum(row[len(CALLS):]):
+                    summary[name]["first_read"] = call_shares(row[len(CALLS):])
+        return summary
+
+
+def call_shares(row) -> dict:
+    """``{"count", "target", "source", "other"}`` of one ``[target, source, other]`` count row."""
+    return {"count": sum(row), **{call: row[k] / sum(row) for k, call in enumerate(CALLS)}}

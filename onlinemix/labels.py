@@ -42,9 +42,10 @@ def translation_label(
 ) -> torch.Tensor:
     """Soft label of an image of class ``source`` translated toward class ``target``.
 
-    Diff-Mix (Eq. 5 of the paper) labels an SDEdit translation of strength ``s``
+    Diff-Mix (Eq. 3 of the paper) labels an SDEdit translation of strength ``s``
     as ``(1 - s^γ)·onehot(source) + s^γ·onehot(target)``: the class named in the
-    prompt gets ``s^γ``, the reference image's class keeps the rest. With
+    prompt gets ``s^γ``, the reference image's class keeps the rest (Table 6's
+    reading: γ = 0.1, s = 0.7 gives the target 0.96). With
     ``source == target`` (Diff-Aug, Diff-Gen) the row is one-hot.
 
     Args:

@@ -100,8 +100,9 @@ def add_generator_arguments(parser) -> None:
     parser.add_argument("--inversion-noise", type=float, default=0.1, metavar="LAMBDA",
                         help="--aug diffinversion: Gaussian perturbation c + LAMBDA * eps of every condition")
     parser.add_argument("--inversion-interpolation", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                        help="--aug diffinversion: mix each condition with another of its class, alpha uniform in "
-                             "[LOW, HIGH] (then the noise; --inversion-noise 0 for interpolation alone)")
+                        help="--aug diffinversion: mix each condition c with c2 of another image of its class, "
+                             "(1 - alpha) * c + alpha * c2 with alpha uniform in [LOW, HIGH], then add the noise "
+                             "(default 0.1 0.1, the method's; 0 0: no mixing)")
     parser.add_argument("--captions", metavar="FILE",
                         help="--aug sgid: the caption store of `onlinemix caption` (or your own) for this run's "
                              "images")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .generator.components import LORA_TARGETS, Components, add_tokens, token_words
 from .plan import PERSONALISATIONS, get_strategy, placeholder_token
+from .training_noise import TrainingNoise
 
 # The authors initialised every token from CLIP's rare sub-word "ktn" (id 42170).
 INITIALIZER = "ktn"
@@ -88,10 +89,7 @@ class Personaliser:
         self.captions = captions
         self.caption_ids = components.tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt",
                                                 max_length=components.tokenizer.model_max_length).input_ids
-        from diffusers import DDPMScheduler
-
-        # Training noise: the base model's own DDPM schedule.
-        self.noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
+        self.training_noise = TrainingNoise(components.scheduler.config)
 
     @staticmethod
     def check_inputs(components: Components, class_names: Sequence[str], method: str, rank: int,
@@ -153,17 +151,10 @@ class Personaliser:
             posterior = vae.encode(images.to(vae.dtype)).latent_dist
             eps = torch.randn(posterior.mean.shape, generator=generator).to(device, posterior.mean.dtype)
             latents = (posterior.mean + posterior.std * eps).float() * vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (len(latents),), generator=generator).to(device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        drawn = self.training_noise(latents, generator)
         text = self.text_encoder(self.caption_ids[labels.cpu()].to(device))[0]
-        prediction = self.unet(noisy, timesteps, text).sample
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        return F.mse_loss(prediction.float(), target.float())
+        prediction = self.unet(drawn.noisy, drawn.timesteps, text).sample
+        return F.mse_loss(prediction.float(), drawn.target.float())
 
     def drop_frozen_gradients(self) -> None:
         """Zero the embedding table's gradient outside the new tokens' rows. The caption's other words

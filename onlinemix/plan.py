@@ -44,6 +44,8 @@ class Strategy:
             perturbed condition.
         guidance: The strategy's default classifier-free guidance scales, drawn per sample;
             empty: the generator's single default (7.5).
+        interpolation: Inverted strategies: the default range ``(low, high)`` of the partner's
+            weight ``alpha`` when each condition is mixed with another of its class.
         captioned: Prompts come from a caption store (``onlinemix caption``), one caption per
             training image, joined to the class name with weights (SGID,
             ``onlinemix.generator.captions``); each sample's guidance scales with its caption's similarity.
@@ -59,6 +61,7 @@ class Strategy:
     inverted: bool = False
     guidance: tuple[float, ...] = ()
     captioned: bool = False
+    interpolation: Optional[tuple[float, float]] = None
 
     @property
     def personalised(self) -> bool:
@@ -82,6 +85,9 @@ class Strategy:
 # Diffusion Inversion varies the guidance scale for diversity (its code samples at 2.0 by default and pools
 # runs at several scales); the demo's inverted conditions regenerate their species best at 2-4.
 INVERSION_GUIDANCE = (2.0, 3.0, 4.0)
+# Its sampler mixes every condition with another of its class at weight 0.1 (interpolation_strength),
+# then adds noise of strength 0.1 (emb_noise).
+INVERSION_INTERPOLATION = (0.1, 0.1)
 
 
 def placeholder_token(class_index: int) -> str:
@@ -101,7 +107,8 @@ STRATEGIES = {
         Strategy("realfilter", False, True, "a photo of a {name}", (), (1.0,), filtered=True),
         Strategy("realguidance", False, False, "a photo of a {name}", (), (0.1,)),
         Strategy("dafusion", False, False, "a photo of a {token}", ("ti",), (0.25, 0.5, 0.75, 1.0)),
-        Strategy("diffinversion", False, True, "", (), (1.0,), inverted=True, guidance=INVERSION_GUIDANCE),
+        Strategy("diffinversion", False, True, "", (), (1.0,), inverted=True, guidance=INVERSION_GUIDANCE,
+                 interpolation=INVERSION_INTERPOLATION),
         # SGID's prompt, "{caption}. A picture of {name}", is built by captions.captioned_prompt.
         Strategy("sgid", False, False, "", (), (0.3,), captioned=True),
     )
@@ -162,7 +169,7 @@ def check_interpolation(strategy, interpolation: Sequence[float]) -> tuple[float
                          f"(diffinversion); {strategy.name} has no learned condition per image.")
     values = [float(v) for v in np.atleast_1d(interpolation)]
     if len(values) != 2 or not all(0 <= v <= 1 for v in values) or values[0] > values[1]:
-        raise ValueError(f"The interpolation weight alpha is drawn in [LOW, HIGH], 0 <= LOW <= HIGH <= 1 "
+        raise ValueError(f"The partner's interpolation weight alpha is drawn in [LOW, HIGH], 0 <= LOW <= HIGH <= 1 "
                          f"(--inversion-interpolation LOW HIGH), got {values}.")
     return values[0], values[1]
 
@@ -184,7 +191,7 @@ class Request:
         seed: Seed of the sample's initial noise (and of an inverted condition's perturbation).
         partner: Inverted strategies with interpolation: the second image of the class, whose
             condition is mixed in; -1 for none.
-        alpha: The reference condition's weight in ``alpha·c_reference + (1 - alpha)·c_partner``.
+        alpha: The partner's weight in ``(1 - alpha)·c_reference + alpha·c_partner``.
         guidance: The sample's classifier-free guidance scale; None: the generator's default.
     """
 
@@ -194,7 +201,7 @@ class Request:
     strength: float
     seed: int
     partner: int = -1
-    alpha: float = 1.0
+    alpha: float = 0.0
     guidance: Optional[float] = None
 
 
@@ -237,7 +244,9 @@ class Planner:
         guidance: Classifier-free guidance scales; with more than one, each request draws its own
             uniformly (one is every request's). None: the generator's default.
         interpolation: Inverted strategies: ``(low, high)``, each request also takes a partner image
-            of its class, uniform, and a weight ``alpha`` uniform in ``[low, high]``.
+            of its class, uniform (itself included, as the method's sampler draws), and the partner's
+            weight ``alpha`` uniform in ``[low, high]``; ``(0, 0)`` mixes nothing. None: the
+            strategy's default (diffinversion: 0.1).
     """
 
     def __init__(
@@ -270,7 +279,10 @@ class Planner:
             raise ValueError(f"labels hold class {labels.max()} but num_classes={self.num_classes}.")
         self.strengths = self._check_strengths(strengths)
         self.guidance = None if guidance is None else check_guidance(guidance)
-        self.interpolation = None if interpolation is None else check_interpolation(self.strategy, interpolation)
+        if interpolation is None:
+            self.interpolation = self.strategy.interpolation
+        else:
+            self.interpolation = check_interpolation(self.strategy, interpolation)
         self._rng = np.random.default_rng(seed)
         self._by_class = [np.flatnonzero(labels == c) for c in range(self.num_classes)]
         self._target_p = self._check_weights(target_weights)

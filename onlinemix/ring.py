@@ -384,8 +384,9 @@ class SampleRing:
                 if n_valid < len(chosen):
                     images, meta = images[valid], [column[valid] for column in meta]
                 slots = chosen[valid]
-                self._count_reads(slots, seq[slots], reads[np.searchsorted(candidates, slots)], meta[3])
-                parts.append((images, *meta[:3]))
+                prior = reads[np.searchsorted(candidates, slots)]
+                self._count_reads(slots, seq[slots], prior, meta[3])
+                parts.append((images, *meta[:3], prior == 0))
                 taken[slots] = True
                 got += n_valid
             if got >= need or n_valid == len(chosen):
@@ -407,14 +408,15 @@ class SampleRing:
         if not parts:
             height, width = self.image_size
             return SampleBatch(torch.empty(0, 3, height, width, dtype=torch.uint8), torch.empty(0, dtype=torch.long),
-                               torch.empty(0, dtype=torch.long), torch.empty(0))
-        images, source, target, strength = (np.concatenate(column) if len(parts) > 1 else column[0]
-                                            for column in zip(*parts))
+                               torch.empty(0, dtype=torch.long), torch.empty(0), torch.empty(0, dtype=torch.bool))
+        images, source, target, strength, first_read = (np.concatenate(column) if len(parts) > 1 else column[0]
+                                                        for column in zip(*parts))
         return SampleBatch(
             torch.from_numpy(images),
             torch.from_numpy(source),
             torch.from_numpy(target),
             torch.from_numpy(strength.astype(np.float32)),
+            torch.from_numpy(first_read),
         )
 
     # -- statistics and lifetime --------------------------------------------------

@@ -51,6 +51,8 @@ def write_metrics(result: dict, jsonl: str, csv_path: str) -> None:
     if "fidelity" in result:
         row["synthetic_called_target"] = result["fidelity"]["all"]["target"]
         row["synthetic_called_source"] = result["fidelity"]["all"]["source"]
+        if "first_read" in result["fidelity"]["all"]:
+            row["synthetic_first_read_called_target"] = result["fidelity"]["all"]["first_read"]["target"]
     for split, metrics in result.items():
         if isinstance(metrics, dict) and "top1" in metrics:
             row[f"{split}_top1"], row[f"{split}_top5"] = metrics["top1"], metrics["top5"]

@@ -12,6 +12,7 @@ sample is read, so γ and smoothing can change without regenerating anything.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 from typing import Sequence, Union
@@ -25,8 +26,19 @@ from .batch import SampleBatch
 Size = Union[int, Sequence[int]]
 
 
+def first_reads(read: np.ndarray, index: np.ndarray) -> torch.Tensor:
+    """bool ``[K]``: which draws of ``index`` read their sample for the first time in this process (a
+    sample drawn twice in one take is read first once); marks them all read in ``read``."""
+    once = np.zeros(len(index), dtype=bool)
+    once[np.unique(index, return_index=True)[1]] = True
+    first = once & ~read[index]
+    read[index] = True
+    return torch.from_numpy(first)
+
+
 class TensorSource:
-    """A pool of synthetic samples held in memory, drawn uniformly with replacement.
+    """A pool of synthetic samples held in memory, drawn uniformly with replacement; each sample's first
+    draw in this process is marked ``first_read``.
 
     Args:
         images: uint8 ``[N, 3, H, W]``.
@@ -40,13 +52,15 @@ class TensorSource:
         if len(pool) == 0:
             raise ValueError("TensorSource needs at least one sample, got an empty pool.")
         self.pool = pool
+        self.read = np.zeros(len(pool), dtype=bool)
 
     def __len__(self) -> int:
         return len(self.pool)
 
     def take(self, n: int) -> SampleBatch:
-        index = torch.from_numpy(np.random.randint(0, len(self.pool), size=n))
-        return self.pool.select(index)
+        index = np.random.randint(0, len(self.pool), size=n)
+        batch = self.pool.select(torch.from_numpy(index))
+        return dataclasses.replace(batch, first_read=first_reads(self.read, index))
 
 
 def _folder_name(name: str) -> str:
@@ -74,7 +88,8 @@ class ReplaySource:
     writes: ``root/meta.csv`` with columns ``First Directory`` (reference class),
     ``Second Directory`` (prompt class), ``Number``, ``Strength`` and ``Path``,
     and images at ``root/data/<Path>``. Images are decoded only when taken and
-    resized (bicubic, with antialiasing) to ``size``.
+    resized (bicubic, with antialiasing) to ``size``; each image's first draw in
+    this process is marked ``first_read``.
 
     Args:
         root: Directory holding ``meta.csv`` and ``data/``.
@@ -127,6 +142,7 @@ class ReplaySource:
         self.source = torch.tensor(source, dtype=torch.int64)
         self.target = torch.tensor(target, dtype=torch.int64)
         self.strength = torch.tensor(strength, dtype=torch.float32)
+        self.read = np.zeros(len(paths), dtype=bool)
 
     @staticmethod
     def _class_index(class_names: Sequence[str]) -> dict[str, int]:
@@ -169,8 +185,9 @@ class ReplaySource:
         images = torch.empty(n, 3, height, width, dtype=torch.uint8)
         for row, i in enumerate(index):
             images[row] = self._load(self.paths[i])
+        first_read = first_reads(self.read, index)
         index = torch.from_numpy(index)
-        return SampleBatch(images, self.source[index], self.target[index], self.strength[index])
+        return SampleBatch(images, self.source[index], self.target[index], self.strength[index], first_read)
 
 
 class ReplayProducer:

@@ -314,7 +314,7 @@ class DiffMix(Mixup):
         labels = translation_label(batch.source, batch.target, batch.strength, self.gamma, self.num_classes)
         rows[index.to(rows.device)] = labels.to(rows.device)
         self.recent = (batch.images, labels)
-        self.synthetic = SyntheticRows(index, batch.source, batch.target, batch.strength)
+        self.synthetic = SyntheticRows(index, batch.source, batch.target, batch.strength, batch.first_read)
 
     def _prepare(self, images: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """uint8 synthetic images -> the batch's device, size, normalisation and dtype."""

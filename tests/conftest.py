@@ -40,3 +40,30 @@ def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     write_toy_dataset(str(root), classes=3, train_per_class=8, val_per_class=1, test_per_class=1)
     return str(root)
+
+
+@pytest.fixture()
+def drawn_timesteps(monkeypatch):
+    """Every timestep training draws (evaluation passes its own); ``helpers.held_out`` picks the others."""
+    from onlinemix import training_noise
+
+    drawn, original = set(), training_noise.TrainingNoise.__call__
+
+    def recording(self, latents, generator, timesteps=None):
+        out = original(self, latents, generator, timesteps)
+        if timesteps is None:
+            drawn.update(out.timesteps.tolist())
+        return out
+
+    monkeypatch.setattr(training_noise.TrainingNoise, "__call__", recording)
+    return drawn
+
+
+@pytest.fixture(scope="module")
+def demo_images(tmp_path_factory):
+    """A demo world of one training image per species (12)."""
+    from onlinemix.data.demo_world import write_demo_world
+
+    root = tmp_path_factory.mktemp("world")
+    write_demo_world(str(root), train_per_class=1, val_per_class=1, test_per_class=1)
+    return str(root)

@@ -57,12 +57,14 @@ def tiny_clip(seed: int = 0):
     return CLIPModel(config).eval(), tokenizer
 
 
-def save_tiny_blip(folder, seed: int = 0) -> str:
-    """A small BLIP captioner (random weights, a word-level vocabulary) and its processor, saved to ``folder``."""
+def save_tiny_blip(folder, seed: int = 0, extra_words: int = 0) -> str:
+    """A small BLIP captioner (random weights, a word-level vocabulary of 18 words plus ``extra_words``
+    made-up ones) and its processor, saved to ``folder``."""
     from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
                               BlipProcessor)
 
     words = "a the bird photo of on with red blue green water land wings head small sitting branch".split()
+    words += [f"word{k}" for k in range(extra_words)]
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.txt"), "w") as f:
         f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *words, ".", ","]) + "\n")
@@ -172,3 +174,8 @@ class ThreadCount:
                                torch.zeros(4, dtype=torch.long), torch.full((4,), 0.5))
 
         return FunctionProducer(produce)
+
+
+def held_out(grid, drawn) -> list:
+    """The timesteps of ``grid`` that no training step drew."""
+    return [t for t in grid if t not in drawn]

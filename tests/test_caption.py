@@ -47,6 +47,22 @@ def test_clip_picks_the_most_similar_candidate(models):
         assert similarity == pytest.approx(float(cosines.max()), abs=1e-6) and -1 <= similarity <= 1
 
 
+def test_nucleus_sampling_is_pure_top_p(tmp_path):
+    """transformers' generation adds top-k 50 to sampling by default; BLIP's nucleus candidates must not be
+    cut to the 50 likeliest words. With top-p 1, a random BLIP of 218 words writes far more than 50
+    distinct one-word captions of one image."""
+    blip = save_tiny_blip(tmp_path / "blip", extra_words=200)
+    clip, tokenizer = tiny_clip()
+    clip.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    captioner = BlipCaptioner.from_pretrained(blip, str(tmp_path / "clip"), nucleus=400, beam=0, top_p=1.0,
+                                              max_new_tokens=1)
+    torch.manual_seed(0)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    distinct = captioner.candidates([image])[0]
+    assert len(distinct) > 60, len(distinct)
+
+
 def test_caption_writes_a_store_every_training_image_is_in(models, data_dir, tmp_path):
     out = tmp_path / "captions.json"
     result = caption(["--data-dir", data_dir, "--captioner", models[0], "--scorer", models[1], "--nucleus", "2",

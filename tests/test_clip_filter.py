@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from onlinemix.generator.clip_filter import ClipFilter
+from onlinemix.generator.clip_filter import ClipFilter, clip_image_features, clip_pixels
 from tests.helpers import tiny_clip
 
 
@@ -49,3 +49,29 @@ def test_from_pretrained_loads_a_saved_clip(clip, tmp_path):
     loaded = ClipFilter.from_pretrained(tmp_path, "bird", local_files_only=True)
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(loaded.score(images), ClipFilter(*clip, "bird").score(images), rtol=0, atol=1e-5)
+
+
+def test_images_are_preprocessed_as_clips_own_image_processor(clip):
+    """Short side resized, centre crop, CLIP's mean and std: CLIPImageProcessor's pixels on a 48 x 64 demo
+    bird, to within its PIL rounding, and CLIP's embedding of them; a stretched image is far off."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from onlinemix.data.demo_world import SPECIES, render
+
+    image = render(SPECIES[3], "water", np.random.default_rng(0))[0].crop((0, 8, 64, 56))  # 64 wide, 48 high
+    model = clip[0]
+    size = model.config.vision_config.image_size
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    expected = processor(images=image, return_tensors="pt").pixel_values
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None] / 255
+    ours = clip_pixels(pixels, size)
+    assert ours.shape == expected.shape == (1, 3, size, size)
+    assert (ours - expected).abs().mean() < 0.02 and (ours - expected).abs().max() < 0.15
+    stretched = clip_pixels(torch.nn.functional.interpolate(pixels, size=(64, 64), mode="bilinear"), size)
+    assert (stretched - expected).abs().mean() > 5 * (ours - expected).abs().mean()
+    with torch.no_grad():
+        reference = model.get_image_features(pixel_values=expected)
+    reference = reference if isinstance(reference, torch.Tensor) else reference.pooler_output
+    cosine = float(clip_image_features(model, pixels)[0] @ torch.nn.functional.normalize(reference.float(), dim=-1)[0])
+    assert cosine > 0.999

@@ -20,7 +20,7 @@ def store(base, data_dir, tmp_path_factory):
     """A real store: ``onlinemix invert`` on the toy set with the tiny model, a few steps at 32 px."""
     out = tmp_path_factory.mktemp("store")
     invert(["--model", base, "--data-dir", data_dir, "--out", str(out), "--resolution", "32", "--batch-size", "6",
-            "--steps", "3", "--vectors", "3", "--metaclass", "shape"])
+            "--group-size", "24", "--updates-per-image", "1", "--vectors", "3", "--metaclass", "shape"])
     return str(out)
 
 
@@ -28,8 +28,18 @@ def test_requests_take_an_image_of_their_class_and_its_label():
     planner = Planner(LABELS, "diff-inversion", num_classes=3, seed=0)
     requests = planner.take(200)
     assert all(LABELS[r.reference] == r.source == r.target for r in requests)
-    assert {r.strength for r in requests} == {1.0} and {r.partner for r in requests} == {-1}
+    assert {r.strength for r in requests} == {1.0}
     assert len({r.reference for r in requests}) == len(LABELS), "every image is drawn"
+
+
+def test_by_default_each_condition_is_mixed_with_another_of_its_class_at_weight_0_1():
+    """The method's sampler: (1 - 0.1)·c + 0.1·c_partner, the partner any image of the class."""
+    requests = Planner(LABELS, "diffinversion", num_classes=3, seed=0).take(300)
+    assert {r.alpha for r in requests} == {0.1}
+    assert all(LABELS[r.partner] == LABELS[r.reference] for r in requests)
+    assert any(r.partner != r.reference for r in requests) and any(r.partner == r.reference for r in requests)
+    plain = Planner(LABELS, "diffinversion", num_classes=3, interpolation=(0, 0), seed=0).take(50)
+    assert {r.alpha for r in plain} == {0.0}
 
 
 def test_interpolation_draws_a_partner_of_the_class_and_alpha_in_range():
@@ -37,6 +47,7 @@ def test_interpolation_draws_a_partner_of_the_class_and_alpha_in_range():
     assert all(LABELS[r.partner] == LABELS[r.reference] for r in requests)
     alphas = np.array([r.alpha for r in requests])
     assert alphas.min() >= 0.3 and alphas.max() <= 0.6 and alphas.std() > 0.05
+    assert {r.partner for r in Planner(LABELS, "diffmix", num_classes=3, seed=1).take(50)} == {-1}
 
 
 def test_guidance_is_drawn_per_request_from_the_set():
@@ -66,7 +77,9 @@ def test_perturbed_conditions():
     store = ConditionStore(conditions, conditions.mean(0), torch.tensor([0, 0, 1, 1]), {})
     plain, mixed = Request(1, 0, 0, 1.0, 7), Request(0, 0, 0, 1.0, 7, partner=1, alpha=0.25)
     assert torch.equal(store.perturbed([plain], 0.0)[0], conditions[1])
-    torch.testing.assert_close(store.perturbed([mixed], 0.0)[0], 0.25 * conditions[0] + 0.75 * conditions[1])
+    torch.testing.assert_close(store.perturbed([mixed], 0.0)[0], 0.75 * conditions[0] + 0.25 * conditions[1])
+    unmixed = Request(0, 0, 0, 1.0, 7, partner=1, alpha=0.0)
+    assert torch.equal(store.perturbed([unmixed], 0.0)[0], conditions[0])
     noisy = store.perturbed([plain, plain, Request(1, 0, 0, 1.0, 8)], 0.5)
     assert torch.equal(noisy[0], noisy[1]) and not torch.equal(noisy[0], noisy[2]), "noise follows the seed"
     deviation = torch.cat([store.perturbed([Request(1, 0, 0, 1.0, s)], 0.5)[0] - conditions[1] for s in range(200)])

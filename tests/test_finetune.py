@@ -326,3 +326,45 @@ def test_bad_personalisation_options_are_refused(base, data_dir, tmp_path):
     with pytest.raises(ValueError, match="one JSON object of class name to words"):
         finetune(base, data_dir, tmp_path / "a", "--steps", "1", "--class-descriptions", str(tmp_path / "list.json"))
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.slow
+def test_personalisation_makes_each_class_prompt_reconstruct_its_class(demo_images, drawn_timesteps):
+    """What personalisation is for: "a photo of a <class_i> bird" steers the U-Net to class i. On the shipped
+    demo generator, one image per species (12), 30 steps of the demo recipe's rates (LoRA 1e-3, tokens 2e-2):
+    at timesteps no step drew, on fresh noise, each image's own class prompt predicts its noise at least 5 %
+    better than before training (9.3 % measured) and than the next class's prompt after it (14.6 %)."""
+    from onlinemix.data import load_splits
+    from onlinemix.invert import encode_images
+    from onlinemix.training_noise import noise_prediction_error
+    from tests.helpers import held_out
+
+    splits = load_splits(demo_images, dataset="demo")
+    train, labels = splits.train, torch.tensor(splits.train.labels)
+    components = load_components("demo")
+    personaliser = Personaliser(components, splits.class_names, "bird", initializer="bird")
+    moments = encode_images(components, train, np.arange(len(train)), 64)
+    pixels = torch.stack([torch.nn.functional.interpolate(train.load(i)[None].float(), size=(64, 64), mode="bilinear",
+                                                          antialias=True)[0] for i in range(len(train))]) / 127.5 - 1
+
+    def error(timesteps, shift=0):
+        with torch.no_grad():
+            states = personaliser.text_encoder(personaliser.caption_ids[(labels + shift) % len(labels)])[0]
+        return noise_prediction_error(components, states, moments, timesteps, seed=99)
+
+    grid = range(13, 1000, 62)
+    before = error(grid)
+    optimizer = torch.optim.AdamW(personaliser.parameter_groups(1e-3, 2e-2), weight_decay=1e-2)
+    for step in range(30):
+        loss = personaliser.loss(pixels, labels, torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        loss.backward()
+        personaliser.drop_frozen_gradients()
+        optimizer.step()
+        personaliser.restore_frozen_rows()
+    kept = [k for k, t in enumerate(grid) if t in held_out(grid, drawn_timesteps)]
+    assert len(kept) >= 6
+    own, other = error([grid[k] for k in kept]), error([grid[k] for k in kept], shift=1)
+    before = before[kept]
+    assert float(own.mean()) < 0.95 * float(before.mean()), (before, own)
+    assert float(own.mean()) < 0.95 * float(other.mean()), (own, other)

@@ -61,11 +61,14 @@ def test_reuse_bound_and_histogram():
     with SampleRing.create(6, 4, producers=1, consumers=1, max_reuse=3) as ring:
         producer = SampleRing.attach(ring.name, "producer", 0)
         producer.put(*samples(range(1, 5)))
-        counts = {}
+        counts, firsts = {}, []
         for _ in range(20):
-            for v in ring.take(3).images[:, 0, 0, 0].tolist():
+            batch = ring.take(3)
+            firsts += batch.images[batch.first_read, 0, 0, 0].tolist()
+            for v in batch.images[:, 0, 0, 0].tolist():
                 counts[v] = counts.get(v, 0) + 1
         assert counts == {1: 3, 2: 3, 3: 3, 4: 3}
+        assert sorted(firsts) == [1, 2, 3, 4], "each sample's first read is marked, its rereads are not"
         stats = ring.stats()
         assert stats["reads_per_sample"][3] == 4 and stats["read"] == 12
         assert stats["fresh_fraction"] == pytest.approx(4 / 12)

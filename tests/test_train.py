@@ -60,9 +60,11 @@ def test_replay_run_swaps_in_offline_samples(data_dir, tmp_path):
     assert calls["count"] == result["augmentation"]["replaced"], "every synthetic sample trained on is counted"
     assert calls["target"] + calls["source"] + calls["other"] == pytest.approx(1.0)
     assert set(result["fidelity"]) == {"s=0.7", "all"}, "the offline samples' one strength"
+    assert 0 < calls["first_read"]["count"] <= min(6, calls["count"]), "the 6 samples' first reads, apart"
     with open(tmp_path / "run" / "metrics.csv") as f:
         row = list(csv.DictReader(f))[-1]
     assert float(row["synthetic_called_target"]) == pytest.approx(calls["target"])
+    assert float(row["synthetic_first_read_called_target"]) == pytest.approx(calls["first_read"]["target"])
 
 
 @pytest.mark.slow

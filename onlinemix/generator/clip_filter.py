@@ -32,19 +32,30 @@ def load_clip(model: Union[str, os.PathLike], *, device="cpu", dtype=torch.float
     return clip.to(device).eval(), tokenizer
 
 
-@torch.no_grad()
-def clip_image_features(model, images: torch.Tensor) -> torch.Tensor:
-    """Unit-norm float32 CLIP embeddings ``[B, E]`` of float images ``[B, 3, H, W]`` in ``[0, 1]``
-    (stretched to CLIP's input size, normalised with its mean and std)."""
+def clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
+    """CLIP's own preprocessing (``CLIPImageProcessor``) of float images ``[B, 3, H, W]`` in ``[0, 1]``, on
+    their device: the short side resized to ``size`` (bicubic, antialiased; the long side in proportion,
+    truncated), the centre ``size`` x ``size`` crop, normalised with CLIP's mean and std. Stretching a
+    500 x 375 image to a square instead distorts every shape CLIP was trained on."""
     from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    size = model.config.vision_config.image_size
-    device, dtype = model.device, model.dtype
-    pixels = F.interpolate(images.to(device, torch.float32), size=(size, size), mode="bicubic",
-                           antialias=True).clamp_(0, 1)
-    mean = torch.tensor(OPENAI_CLIP_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_CLIP_STD, device=device).view(1, 3, 1, 1)
-    features = model.get_image_features(pixel_values=((pixels - mean) / std).to(dtype))
+    height, width = images.shape[-2:]
+    short = min(height, width)
+    resized = (size, int(size * width / short)) if height == short else (int(size * height / short), size)
+    pixels = F.interpolate(images.float(), size=resized, mode="bicubic", antialias=True).clamp_(0, 1)
+    top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
+    pixels = pixels[..., top:top + size, left:left + size]
+    mean = torch.tensor(OPENAI_CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+@torch.no_grad()
+def clip_image_features(model, images: torch.Tensor) -> torch.Tensor:
+    """Unit-norm float32 CLIP embeddings ``[B, E]`` of float images ``[B, 3, H, W]`` in ``[0, 1]``,
+    preprocessed as CLIP's image processor does (``clip_pixels``)."""
+    pixels = clip_pixels(images.to(model.device), model.config.vision_config.image_size)
+    features = model.get_image_features(pixel_values=pixels.to(model.dtype))
     # transformers 5 may return an output object whose pooler_output holds the projection.
     features = features if isinstance(features, torch.Tensor) else features.pooler_output
     return F.normalize(features.float(), dim=-1)

@@ -7,7 +7,8 @@ in the training process, a store that does not belong to the run; a worker then 
 ``perturbed`` for each request's condition:
 
 - Gaussian: ``ĉ = c + λ·ε``, ``ε ~ N(0, I)`` drawn from the request's seed;
-- interpolation within a class: ``ĉ = α·c₁ + (1 - α)·c₂ (+ λ·ε)``.
+- interpolation within a class: ``ĉ = (1 - α)·c₁ + α·c₂ (+ λ·ε)``, ``α`` the partner ``c₂``'s weight
+  (the method's sampler: α = 0.1, then λ = 0.1).
 """
 from __future__ import annotations
 
@@ -104,15 +105,15 @@ class ConditionStore:
         return info
 
     def perturbed(self, requests: Sequence, noise: float) -> torch.Tensor:
-        """``[B, L, D]``: each request's condition (``reference``, mixed with ``partner`` by ``alpha`` when it
-        has one), plus ``noise``·ε with ε drawn from the request's seed."""
+        """``[B, L, D]``: each request's condition (``reference``, mixed with ``partner`` at weight ``alpha``
+        when it has one), plus ``noise``·ε with ε drawn from the request's seed."""
         if noise < 0:
             raise ValueError(f"The perturbation strength lambda must be >= 0, got {noise}.")
         out = []
         for r in requests:
             c = self.conditions[r.reference]
-            if r.partner >= 0:
-                c = r.alpha * c + (1 - r.alpha) * self.conditions[r.partner]
+            if r.partner >= 0 and r.alpha > 0:
+                c = (1 - r.alpha) * c + r.alpha * self.conditions[r.partner]
             if noise > 0:
                 # A stream of its own: the seed also draws the sample's initial latents.
                 generator = torch.Generator().manual_seed(int(np.random.default_rng([r.seed, 1]).integers(2**62)))

@@ -92,7 +92,8 @@ class GeneratorSpec:
             (diffinversion), learned on this run's training images at ``resolution``.
         inversion_noise: λ of the Gaussian perturbation ``c + λ·ε`` of every inverted condition.
         inversion_interpolation: ``(low, high)``: mix each condition with another image's of its
-            class, ``α·c₁ + (1 - α)·c₂``, ``α`` uniform in the range (before the noise); None: none.
+            class, ``(1 - α)·c₁ + α·c₂``, the partner's weight ``α`` uniform in the range (before the
+            noise); None: the strategy's default (0.1, the method's); ``(0, 0)``: no mixing.
         captions: The caption store (``onlinemix caption --out``, or a user's file) of a captioned
             strategy (sgid), holding every training image of this run.
         caption_weights: ``(caption, label)`` weights of a captioned strategy's prompt.
