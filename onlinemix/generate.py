@@ -36,7 +36,9 @@ from .options import (add_data_arguments, add_generator_arguments, check_generat
 from .plan import STRATEGIES, Request
 from .sources import SampleRecorder
 
-FORMAT = "onlinemix-generate/1"
+FORMAT = "onlinemix-generate/2"
+# Format 1 held an inverted strategy's interpolation weight as the reference condition's; 2 holds the partner's.
+FORMAT_1 = "onlinemix-generate/1"
 # Where and how a set is made, not what it holds: a regeneration may change them.
 PLACEMENT = ("out", "regenerate", "cluster", "workers", "gpus", "config")
 
@@ -109,6 +111,10 @@ def read_manifest(folder: str) -> dict:
         raise FileNotFoundError(f"No manifest.json in {folder!r}: pass a folder `onlinemix generate` wrote.")
     with open(path) as f:
         manifest = json.load(f)
+    if manifest.get("format") == FORMAT_1:  # the same set, its weights said the other way round
+        for sample in manifest["samples"]:
+            sample["alpha"] = 1 - sample["alpha"] if sample["partner"] is not None else 0.0
+        manifest["format"] = FORMAT
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not an onlinemix generate manifest ({FORMAT}); it says "
                          f"{manifest.get('format')!r}.")

@@ -123,3 +123,13 @@ def test_a_regeneration_on_other_data_is_refused(made, tmp_path):
     (moved / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="fingerprints differ"):
         main(["--regenerate", str(moved), "--out", str(tmp_path / "b"), "--gpus", "0"])
+
+
+def test_a_format_1_manifest_reads_its_interpolation_weights_as_the_partners(tmp_path):
+    """Format 1 held the reference condition's weight; the same set, read now, holds the partner's."""
+    from onlinemix.generate import FORMAT, read_manifest
+
+    samples = [dict(number=0, partner="a/1.png", alpha=0.8), dict(number=1, partner=None, alpha=1.0)]
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "onlinemix-generate/1", "samples": samples}))
+    manifest = read_manifest(str(tmp_path))
+    assert manifest["format"] == FORMAT and [s["alpha"] for s in manifest["samples"]] == [pytest.approx(0.2), 0.0]
