@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -29,15 +31,17 @@ import torch
 import yaml
 
 from onlinemix.augmentation import AUGMENTATIONS, augmentation_name, create_generator, mixing_options, strategy_of
-from onlinemix.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from onlinemix.checkpoint import CheckpointWriteError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from onlinemix.data import SplitImages, check_data_options, load_splits
 from onlinemix.evaluation import evaluate
 from onlinemix.fidelity import FidelityMonitor
 from onlinemix.feedback import ClosedLoop, FeedbackBlock
-from onlinemix.options import (add_data_arguments, add_generator_arguments, check_generator_args, data_options,
-                               generator_factory, parse_with_config)
+from onlinemix.options import (HelpFormatter, add_data_arguments, add_generator_arguments, check_generator_args,
+                               data_options, generator_factory, parse_with_config)
 from onlinemix.plan import POLICIES, check_policy, get_strategy
-from onlinemix.run_files import flat_scalars, log_step, save_grid, save_policy_heatmap, tensorboard, write_metrics
+from onlinemix.pool import GeneratorStartError
+from onlinemix.run_files import (flat_scalars, log_step, metrics_columns, save_grid, save_policy_heatmap, tensorboard,
+                                 run_summary, trim_steps, write_metrics)
 
 # RandomResizedCrop's area range for real training images; synthetic images get the same crop.
 TRAIN_CROP_SCALE = (0.35, 1.0)
@@ -45,7 +49,7 @@ logger = logging.getLogger("onlinemix")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", help="YAML file of defaults; flags given here override it")
     add_data_arguments(p.add_argument_group("data"))
     model = p.add_argument_group("model and optimisation")
@@ -56,25 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
                             "cached; offline, use --initial-checkpoint)")
     model.add_argument("--initial-checkpoint", help="local weights file (safetensors or .pth) to start from; "
                                                     "tensors whose shape does not fit (a classifier) are skipped")
-    model.add_argument("--img-size", type=int, default=224)
-    model.add_argument("--batch-size", type=int, default=64)
-    model.add_argument("--epochs", type=int, default=128)
-    model.add_argument("--opt", choices=["sgd", "adamw"], default="sgd")
-    model.add_argument("--lr", type=float, default=0.02)
-    model.add_argument("--momentum", type=float, default=0.9)
-    model.add_argument("--weight-decay", type=float, default=5e-5)
+    model.add_argument("--img-size", type=int, default=224, help="training and evaluation image side, in pixels")
+    model.add_argument("--batch-size", type=int, default=64, help="images per step and process")
+    model.add_argument("--epochs", type=int, default=128, help="passes over the training images")
+    model.add_argument("--opt", choices=["sgd", "adamw"], default="sgd", help="optimiser (timm's create_optimizer_v2)")
+    model.add_argument("--lr", type=float, default=0.02, help="peak learning rate of the cosine schedule")
+    model.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    model.add_argument("--weight-decay", type=float, default=5e-5, help="weight decay")
     model.add_argument("--warmup-epochs", type=float, default=0.1, help="linear warm-up, as a share of --epochs if < 1")
-    model.add_argument("--smoothing", type=float, default=0.1)
-    model.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
-    model.add_argument("--channels-last", action="store_true")
+    model.add_argument("--smoothing", type=float, default=0.1, help="label smoothing, on real and synthetic targets")
+    model.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision of the classifier")
+    model.add_argument("--channels-last", action="store_true", help="the classifier in channels-last memory format")
     model.add_argument("--compile", action="store_true", help="torch.compile the classifier")
-    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    model.add_argument("--workers", type=int, default=4)
-    model.add_argument("--seed", type=int, default=0)
-    model.add_argument("--output", default="runs")
-    model.add_argument("--name", help="run folder name (default: derived from the time)")
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="where the classifier trains")
+    model.add_argument("--workers", type=int, default=4, help="DataLoader processes per rank")
+    model.add_argument("--seed", type=int, default=0, help="training seed (the data subset follows --data-seed)")
+    model.add_argument("--output", default="runs", help="folder that holds the run folders")
+    model.add_argument("--name", help="run folder name inside --output (default: derived from the time); a folder "
+                                      "that already holds a run gets a number added (NAME-1), unless --resume")
     model.add_argument("--resume", help="checkpoint to continue from")
-    model.add_argument("--log-interval", type=int, default=50)
+    model.add_argument("--log-interval", type=int, default=50, help="steps between rows of steps.csv")
     model.add_argument("--eval-every", type=int, default=1,
                        help="evaluate every N epochs and after the last (checkpoints are written every epoch)")
     model.add_argument("--shot-thresholds", type=int, nargs=2, default=[20, 5], metavar=("MANY", "FEW"),
@@ -86,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     # --replace-prob: torchrun's own parser mistakes a bare --p for an abbreviation of its --print-completion.
     aug.add_argument("--p", "--replace-prob", dest="p", type=float, default=0.1,
                      help="per-sample synthetic replacement probability (under torchrun, spell it --replace-prob)")
-    aug.add_argument("--gamma", type=float, default=0.5)
-    aug.add_argument("--mixup-alpha", type=float, default=1.0)
-    aug.add_argument("--cutmix-alpha", type=float, default=1.0)
+    aug.add_argument("--gamma", type=float, default=0.5,
+                     help="label non-linearity: a translation of strength s gives its target s^gamma (0.1-0.3 few-shot)")
+    aug.add_argument("--mixup-alpha", type=float, default=1.0, help="Mixup's Beta parameter (--aug mixup)")
+    aug.add_argument("--cutmix-alpha", type=float, default=1.0, help="CutMix's Beta parameter (cutmix, *+cutmix)")
     aug.add_argument("--mixup-prob", type=float,
                      help="probability of applying Mixup/CutMix, per batch or per sample by --mixup-mode "
                           "(default: the paper's, 0.3 for mixup and 0.1 for cutmix)")
@@ -109,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = p.add_argument_group("generator")
     add_generator_arguments(gen)
     gen.add_argument("--gen-device", nargs="+", default=["cuda:1"], help="one or more devices, 'cpu' allowed")
-    gen.add_argument("--gen-workers-per-device", type=int, default=1)
+    gen.add_argument("--gen-workers-per-device", type=int, default=1, help="generator processes per --gen-device")
     gen.add_argument("--gen-cluster", metavar="ADDRESS",
                      help="run the generator workers as Ray actors on this cluster instead of --gen-device: 'auto' "
                           "(the cluster `ray start` joined this machine to), ray://HOST:PORT, or 'local' (a Ray "
@@ -120,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gen-finetune-config",
                      help="finetune YAML: if --gen-finetuned holds no personalised generator yet, make it first "
                           "(onlinemix finetune --config FILE --out GEN_FINETUNED); later runs reuse it")
-    gen.add_argument("--ring-slots", type=int, default=512)
+    gen.add_argument("--ring-slots", type=int, default=512, help="synthetic samples the shared-memory ring holds")
     gen.add_argument("--ring-size", type=int, help="image size in the ring (default --img-size)")
-    gen.add_argument("--max-reuse", type=int, default=4)
+    gen.add_argument("--max-reuse", type=int, default=4,
+                     help="reads a synthetic sample may serve before it must be replaced")
     gen.add_argument("--gen-hang-timeout", type=float, default=600.0, metavar="SECONDS",
                      help="a generator worker that sends no heartbeat this long counts as hung and is restarted")
     gen.add_argument("--gen-warmup", type=float, default=60.0,
@@ -149,6 +157,7 @@ def check_args(args) -> None:
     check_data_options(args.data_dir, **data_options(args))
     if not 0 <= args.p <= 1:
         raise ValueError(f"--p must lie in [0, 1], got {args.p}.")
+    check_optimisation(args)
     if args.mixup_prob is not None and not 0 <= args.mixup_prob <= 1:
         raise ValueError(f"--mixup-prob must lie in [0, 1], got {args.mixup_prob}.")
     if args.pretrained and args.initial_checkpoint:
@@ -156,6 +165,11 @@ def check_args(args) -> None:
                          "weights; pass one.")
     if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
         raise FileNotFoundError(f"--initial-checkpoint {args.initial_checkpoint!r} is not a file.")
+    import timm
+
+    if not timm.is_model(args.model):
+        raise ValueError(f"--model {args.model!r} is not a timm model; timm.list_models('resnet*') lists names "
+                         "(a pretrained tag after a dot, as resnet50.tv_in1k, is allowed).")
     if args.aug == "replay" and not args.replay_dir:
         raise ValueError("--aug replay needs --replay-dir, the output folder of the offline Diff-Mix sampler.")
     if strategy_of(args.aug) and args.gen_cluster:
@@ -176,6 +190,7 @@ def check_args(args) -> None:
             raise ValueError("--gen-finetune-config needs --gen-finetuned, the folder to personalise into.")
         if not os.path.isfile(args.gen_finetune_config):
             raise FileNotFoundError(f"--gen-finetune-config {args.gen_finetune_config!r} is not a file.")
+    check_run_folder(args)
     if args.epochs < 1 or args.batch_size < 1 or args.eval_every < 1:
         raise ValueError("--epochs, --batch-size and --eval-every must be >= 1.")
     if strategy_of(args.aug):
@@ -190,6 +205,42 @@ def check_args(args) -> None:
     many, few = args.shot_thresholds
     if not 0 < few <= many:
         raise ValueError(f"--shot-thresholds MANY FEW needs 0 < FEW <= MANY, got {many} {few}.")
+
+
+def check_optimisation(args) -> None:
+    """Numbers the optimiser, the schedule and the labels need in range (NaN is in no range)."""
+    if not 0 < args.lr < math.inf:
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}.")
+    for flag, value in (("--weight-decay", args.weight_decay), ("--warmup-epochs", args.warmup_epochs),
+                        ("--gamma", args.gamma), ("--mixup-alpha", args.mixup_alpha),
+                        ("--cutmix-alpha", args.cutmix_alpha)):
+        if not 0 <= value < math.inf:
+            raise ValueError(f"{flag} must be a finite number >= 0, got {value}.")
+    if args.warmup_epochs >= 1 and args.warmup_epochs > args.epochs:
+        raise ValueError(f"--warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs {args.epochs}).")
+    for flag, value in (("--momentum", args.momentum), ("--smoothing", args.smoothing)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{flag} must lie in [0, 1), got {value}.")
+
+
+def check_run_folder(args) -> None:
+    """``--output`` a folder (or none yet) and ``--name`` a plain folder name inside it."""
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise ValueError(f"--output {args.output!r} is a file; pass a folder for the runs.")
+    if args.name is not None and (os.path.basename(args.name) != args.name or args.name in ("", ".", "..")):
+        raise ValueError(f"--name {args.name!r} is not a plain folder name; the run is written inside --output "
+                         f"({args.output}), so pass a name without '/' (or move --output).")
+
+
+def run_folder(output: str, name: str, *, resume: bool) -> str:
+    """``output/name``, or, when that already holds something and this is no ``--resume``, the first free
+    ``output/name-N``: a rerun never appends to another run's metrics or overwrites its checkpoints."""
+    folder = os.path.join(output, name)
+    number = 0
+    while not resume and os.path.isdir(folder) and os.listdir(folder):
+        number += 1
+        folder = os.path.join(output, f"{name}-{number}")
+    return folder
 
 
 def check_device(device: str, flag: str) -> None:
@@ -329,6 +380,54 @@ def personalise_first(args, state) -> None:
 # -- model ------------------------------------------------------------------------------------
 
 
+def resume_checkpoint(path: str, epochs: int) -> dict:
+    """The checkpoint ``--resume`` names, checked before any work: written by train.py, not finished."""
+    checkpoint = load_checkpoint(path)
+    missing = [key for key in RESUME_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise ValueError(f"--resume {path!r} is no train.py checkpoint: it lacks {missing}. Give a last.pth of a "
+                         "run, or start from its model weights with --initial-checkpoint.")
+    if checkpoint["epoch"] + 1 >= epochs:
+        raise ValueError(f"--resume {path!r} has trained {checkpoint['epoch'] + 1} epochs already, and --epochs is "
+                         f"{epochs}: nothing is left to train; pass a larger --epochs to train on.")
+    return checkpoint
+
+
+def load_model_state(model, weights: dict, path: str, recorded: dict) -> None:
+    """``model.load_state_dict(weights)``, refused in one sentence when the checkpoint is another model's."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError:
+        raise ValueError(f"--resume {path!r} holds the weights of another model (it was trained with --model "
+                         f"{recorded.get('model', '?')} on {recorded.get('data_dir', '?')}); resume with the same "
+                         "--model and data set, or start a new run.") from None
+
+
+def initial_weights(path: str) -> dict:
+    """The tensors of ``--initial-checkpoint`` (safetensors, or a weights-only torch file: a plain state dict,
+    or a train.py checkpoint's ``model``)."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch's and safetensors' errors on a cut, foreign or code-carrying file
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"--initial-checkpoint {path!r} cannot be read as weights ({reason}); pass a whole "
+                         ".safetensors or .pth file of tensors.") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--initial-checkpoint {path!r} holds no state dict of tensors; pass model weights.")
+    return state
+
+
+# What train.py writes in a checkpoint and a resume needs.
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "best", "rng")
+
+
 def build_model(args, num_classes):
     """The timm model: timm's pretrained weights with ``--pretrained``, a local file with ``--initial-checkpoint``."""
     import timm
@@ -341,15 +440,13 @@ def build_model(args, num_classes):
             f"({str(error).splitlines()[0]}). Without network access, download them elsewhere and pass the file "
             "with --initial-checkpoint.") from None
     if args.initial_checkpoint:
-        if args.initial_checkpoint.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(args.initial_checkpoint)
-        else:
-            state = torch.load(args.initial_checkpoint, map_location="cpu", weights_only=True)
+        state = initial_weights(args.initial_checkpoint)
         # Keep what fits this model: a checkpoint's classifier for another class count does not.
         own = model.state_dict()
         fitting = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+        if not fitting:
+            raise ValueError(f"--initial-checkpoint {args.initial_checkpoint!r}: none of its {len(state)} tensors fits "
+                             f"--model {args.model} (another architecture?); pass weights of that model.")
         missing, _ = model.load_state_dict(fitting, strict=False)
         logger.info("loaded %s (%d tensors missing, e.g. the new classifier)", args.initial_checkpoint, len(missing))
     return model
@@ -384,11 +481,7 @@ def train(args, state) -> dict:
 
     random_seed(args.seed, state.process_index)  # each rank draws its own augmentations
     device = torch.device(args.device)
-    run_dir = os.path.join(args.output, args.name or time.strftime("%Y%m%d-%H%M%S"))
-    if state.is_main_process:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.yaml"), "w") as f:
-            yaml.safe_dump(vars(args), f, sort_keys=True)
+    resumed = resume_checkpoint(args.resume, args.epochs) if args.resume else None
     with state.main_process_first():  # the toy set or demo world is written once, before the others read it
         splits = load_splits(args.data_dir, **data_options(args))
     num_classes = len(splits.class_names)
@@ -396,39 +489,62 @@ def train(args, state) -> dict:
     model = build_model(args, num_classes).to(device)
     mean, std = normalisation(model)
     train_loader, sampler, eval_loaders = loaders(args, splits, state, mean, std)
-    if args.gen_finetune_config and uses_personalisation(args.aug):
-        personalise_first(args, state)
-    mix, ring, pool, feedback = build_augmentation(args, splits, run_dir, state, mean, std)
-    fidelity = FidelityMonitor()
+    closed_loop = args.gen_policy != "uniform" or bool(args.strength_schedule)
+    if closed_loop and args.feedback_every > args.epochs * len(train_loader):
+        raise ValueError(f"--feedback-every {args.feedback_every} is more steps than the run has "
+                         f"({args.epochs} epochs of {len(train_loader)}): the generator would never hear from the "
+                         "classifier; pass a smaller --feedback-every.")
+    # Rank 0's choice for every rank: the time, and which folders exist, may differ by the time the others look.
+    run_dir = gather(state, run_folder(args.output, args.name or time.strftime("%Y%m%d-%H%M%S"),
+                                       resume=bool(args.resume)))[0]
+    fresh = state.is_main_process and not os.path.isdir(run_dir)
+    if state.is_main_process:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.yaml"), "w") as f:
+            yaml.safe_dump(vars(args), f, sort_keys=True)
+    ring = pool = feedback = None
+    try:
+        if args.gen_finetune_config and uses_personalisation(args.aug):
+            personalise_first(args, state)
+        mix, ring, pool, feedback = build_augmentation(args, splits, run_dir, state, mean, std)
+        fidelity = FidelityMonitor()
 
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum)
-    warmup = args.warmup_epochs * args.epochs if args.warmup_epochs < 1 else args.warmup_epochs
-    steps_per_epoch = len(train_loader)
-    loop = None  # with the uniform policy and no schedule, nothing of the closed loop runs
-    if args.gen_policy != "uniform" or args.strength_schedule:
-        loop = ClosedLoop(num_classes, feedback, every=args.feedback_every, total_steps=args.epochs * steps_per_epoch,
-                          gather=lambda value: gather(state, value))
-    scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch,
-                                  warmup_t=int(warmup * steps_per_epoch), warmup_lr_init=args.lr * 0.01,
-                                  t_in_epochs=False)
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    loss_fn = SoftTargetCrossEntropy()
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                        momentum=args.momentum)
+        warmup = args.warmup_epochs * args.epochs if args.warmup_epochs < 1 else args.warmup_epochs
+        steps_per_epoch = len(train_loader)
+        loop = None  # with the uniform policy and no schedule, nothing of the closed loop runs
+        if closed_loop:
+            loop = ClosedLoop(num_classes, feedback, every=args.feedback_every,
+                              total_steps=args.epochs * steps_per_epoch, gather=lambda value: gather(state, value))
+        scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch,
+                                      warmup_t=int(warmup * steps_per_epoch), warmup_lr_init=args.lr * 0.01,
+                                      t_in_epochs=False)
+        amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+        scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+        loss_fn = SoftTargetCrossEntropy()
 
-    start_epoch, best = 0, -1.0
-    if args.resume:
-        checkpoint = load_checkpoint(args.resume)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, best = checkpoint["epoch"] + 1, checkpoint["best"]
-        if len(checkpoint["rng"]) == state.num_processes:
-            set_rng_state(checkpoint["rng"][state.process_index])
-        logger.info("resumed from %s at epoch %d", args.resume, start_epoch)
+        start_epoch, best = 0, -1.0
+        steps_path = os.path.join(run_dir, "steps.csv")
+        if resumed is not None:
+            load_model_state(model, resumed["model"], args.resume, resumed.get("args", {}))
+            optimizer.load_state_dict(resumed["optimizer"])
+            scheduler.load_state_dict(resumed["scheduler"])
+            scaler.load_state_dict(resumed["scaler"])
+            start_epoch, best = resumed["epoch"] + 1, resumed["best"]
+            if len(resumed["rng"]) == state.num_processes:
+                set_rng_state(resumed["rng"][state.process_index])
+            if state.is_main_process:
+                trim_steps(steps_path, start_epoch)  # the interrupted epoch's steps: they are run again
+            logger.info("resumed from %s: going on with epoch %d/%d", args.resume, start_epoch + 1, args.epochs)
+            del resumed
+    except BaseException:
+        close_generator(ring, pool, feedback)
+        if fresh:  # refused while setting up: no run folder is left behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     forward = model
     if state.num_processes > 1:
         forward = torch.nn.parallel.DistributedDataParallel(
@@ -438,18 +554,20 @@ def train(args, state) -> dict:
 
     board = tensorboard(run_dir) if state.is_main_process else None
     metrics_path, csv_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "metrics.csv")
-    steps_path = os.path.join(run_dir, "steps.csv")
-    result, heatmap_pairs = {}, None
+    columns = metrics_columns({name: loader.dataset.split.groups is not None for name, loader in eval_loaders.items()})
+    result, heatmap_pairs, failed_write, trained = {}, None, False, False
     try:
         if pool is not None:
             pool.start().warm_up(args.batch_size, timeout=args.gen_warmup)
         state.wait_for_everyone()
+        trained = True
         for epoch in range(start_epoch, args.epochs):
             model.train()
             sampler.set_epoch(epoch)
             losses = []
+            # On a terminal only (disable=None): in a log file the epoch's line says it all.
             bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True,
-                       disable=not state.is_main_process)
+                       disable=None if state.is_main_process else True)
             for step, (x, y) in enumerate(bar):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 labels = y
@@ -486,15 +604,16 @@ def train(args, state) -> dict:
             # After evaluation, which draws from the RNG too: a resumed run starts where this one goes on.
             rng = gather(state, rng_state())
             if state.is_main_process:
+                write_metrics(result, metrics_path, csv_path, columns)  # first: a failed checkpoint loses none
                 # Without a validation split the latest evaluated epoch is the best.
                 score = result.get("val", {}).get("top1", -epoch) if evaluated else best
                 checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                               "best": max(best, score), "rng": rng, "args": vars(args)}
-                save_checkpoint(checkpoint, os.path.join(run_dir, "last.pth"))
-                if evaluated and score > best:
+                failed_write = write_or_warn(checkpoint, os.path.join(run_dir, "last.pth"), failed_write)
+                if evaluated and score > best and not failed_write:
                     best = score
-                    save_checkpoint(checkpoint, os.path.join(run_dir, "best.pth"))
+                    failed_write = write_or_warn(checkpoint, os.path.join(run_dir, "best.pth"), failed_write)
                 save_grid(mix.recent, fidelity.recent_predictions,
                           os.path.join(run_dir, f"synthetic-epoch{epoch + 1:03d}.png"))
                 if policy is not None:
@@ -505,7 +624,6 @@ def train(args, state) -> dict:
                         save_policy_heatmap(policy["confusion"], heatmap_pairs, splits.class_names,
                                             os.path.join(run_dir, f"policy-epoch{epoch + 1:03d}.png"))
                         heatmap_pairs = None
-                write_metrics(result, metrics_path, csv_path)
                 if board is not None:
                     for key, value in flat_scalars(result).items():
                         board.add_scalar(key, value, epoch + 1)
@@ -514,13 +632,39 @@ def train(args, state) -> dict:
     finally:
         if board is not None:
             board.close()
-        if pool is not None:
-            pool.stop()
-        if ring is not None:
-            ring.close()
-        if feedback is not None:
-            feedback.close()
+        close_generator(ring, pool, feedback)
+        if fresh and not trained:  # the generator failed its warm-up: nothing was trained, nothing is kept
+            shutil.rmtree(run_dir, ignore_errors=True)
+    if state.is_main_process and result:
+        logger.info(run_summary(run_dir, result, best if "val" in eval_loaders else None))
     return result
+
+
+def close_generator(ring, pool, feedback) -> None:
+    """Stop the generator pool, then close the ring and the feedback block (each may be None)."""
+    if pool is not None:
+        pool.stop()
+    if ring is not None:
+        ring.close()
+    if feedback is not None:
+        feedback.close()
+
+
+def write_or_warn(checkpoint: dict, path: str, failed_before: bool) -> bool:
+    """Write ``checkpoint``; when the disk refuses (full, gone), keep the previous file, warn with the free
+    space and go on, and stop the run cleanly when the write before failed too. Returns whether this one failed."""
+    try:
+        save_checkpoint(checkpoint, path)
+        return False
+    except OSError as error:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        message = (f"could not write {path} ({error.strerror or error}; {free / 2**20:.0f} MiB free there); "
+                   "the previous checkpoint is kept")
+        if failed_before:
+            raise CheckpointWriteError(f"{message}, and the write before failed too, so the run stops: free some "
+                                       "space and continue with --resume on the last checkpoint.") from None
+        logger.warning("%s; training goes on and writes again after the next epoch.", message)
+        return True
 
 
 def epoch_report(args, epoch, losses, optimizer, augmentation, calls, ring, pool, eval_loaders, model, device,
@@ -551,8 +695,17 @@ def epoch_report(args, epoch, losses, optimizer, augmentation, calls, ring, pool
     return result
 
 
-if __name__ == "__main__":
+# What a user's input or machine can cause: said in one line, without a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError, CheckpointWriteError, GeneratorStartError)
+
+
+def cli(argv=None) -> None:
+    """``python train.py``: ``main``, with an error the user can fix said as ``error: ...`` and exit status 1."""
     try:
-        main()
-    except (ValueError, FileNotFoundError) as error:
+        main(argv)
+    except USER_ERRORS as error:
         sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    cli()

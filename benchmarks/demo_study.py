@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -87,6 +88,7 @@ def run(aug: str, seed: int, args, overrides: list) -> dict:
     if base == "sgid":
         command += ["--captions", caption_store(args.captions)]
     print(f"[{name}]", " ".join(command[1:]), flush=True)
+    shutil.rmtree(os.path.join(args.runs, name), ignore_errors=True)  # an earlier study's run: train.py would not reuse it
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)
     history = epochs(os.path.join(args.runs, name))

@@ -103,7 +103,7 @@ def create_generator(factory, devices: Sequence[str], *, workers_per_device: int
         if cluster:
             from .cluster import ClusterPool
 
-            pool = ClusterPool(ring, factory, workers=cluster_workers, address=None if cluster == "local" else cluster,
+            pool = ClusterPool(ring, factory, workers=cluster_workers, address=cluster,
                                num_gpus=cluster_gpus, seed=seed)
         else:
             pool = GeneratorPool(ring, factory, list(devices), workers_per_device=workers_per_device, seed=seed,

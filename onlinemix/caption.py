@@ -23,7 +23,7 @@ import torch
 
 from .data import check_data_options, load_splits
 from .generator.captions import CaptionStore
-from .options import add_data_arguments, data_options, parse_with_config
+from .options import HelpFormatter, add_data_arguments, data_options, parse_with_config
 
 logger = logging.getLogger("onlinemix")
 
@@ -31,7 +31,7 @@ SETTINGS = ("captioner", "scorer", "nucleus", "beam", "top_p", "max_new_tokens",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onlinemix caption", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="onlinemix caption", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--config", help="YAML file of defaults; flags given here override it")
     add_data_arguments(p.add_argument_group("data"))
     p.add_argument("--captioner", default="Salesforce/blip-image-captioning-base",
@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling's probability mass")
     p.add_argument("--max-new-tokens", type=int, default=30, help="longest caption, in tokens")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where BLIP and CLIP run")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled captions")
     p.add_argument("--resume", action="store_true", help="continue the store in --out, skipping captioned images")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--local-files-only", action="store_true", help="never reach a model hub")
@@ -188,7 +188,10 @@ def main(argv=None) -> dict:
     """``onlinemix caption``: returns the store's facts."""
     args = parse_with_config(build_parser(), argv)
     check_args(args)
-    return caption(args)
+    result = caption(args)
+    print(f"wrote the captions of {result['images']} images to {args.out}; train on them with --aug sgid "
+          f"--captions {args.out}", flush=True)
+    return result
 
 
 def caption(args) -> dict:

@@ -40,15 +40,25 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(state: dict, path: str) -> None:
     """Write ``state`` to a temporary file, then rename: a crash never leaves half a checkpoint.
 
-    The temporary files a killed writer left next to ``path`` are removed first.
+    The temporary files a killed writer left next to ``path`` are removed first; a write that fails
+    (``OSError``: the disk is full) removes its own and leaves ``path`` as it was.
     """
     for stale in glob.glob(f"{glob.escape(path)}.tmp-*"):
         pid = stale.rsplit("-", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
             os.remove(stale)
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or an interrupt: no half-written file stays behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class CheckpointWriteError(OSError):
+    """Checkpoint writes failed twice in a row (a full disk): the run stops, the last good checkpoint kept."""
 
 
 def _alive(pid: int) -> bool:
@@ -66,14 +76,23 @@ def load_checkpoint(path: str) -> dict:
 
     Raises:
         FileNotFoundError: ``path`` is not a file.
-        ValueError: the file holds objects other than tensors and plain values.
+        ValueError: the file holds objects other than tensors and plain values, or cannot be read.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume {path!r} is not a file; give a last.pth or best.pth of a run.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):  # no pickle at all: a text file, say
+            raise ValueError(f"{path!r} is not a readable torch checkpoint ({str(error).strip().splitlines()[0]}): "
+                             "a copy cut short, or another kind of file. Resume from the run's other checkpoint "
+                             "(last.pth or best.pth).") from None
         reason = str(error).strip().splitlines()[-1]
         raise ValueError(f"{path!r} holds objects other than tensors and plain values ({reason}); onlinemix "
                          "checkpoints hold none, so it was written by another program or an older onlinemix. "
                          "Start a new run (--initial-checkpoint loads its model weights).") from None
+    except Exception as error:  # torch's readers on a cut or foreign file: RuntimeError, IndexError, EOFError ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path!r} is not a readable torch checkpoint ({reason}): a copy cut short, or another "
+                         "kind of file. Resume from the run's other checkpoint (last.pth or best.pth).") from None
+    return checkpoint

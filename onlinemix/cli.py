@@ -11,6 +11,9 @@ from __future__ import annotations
 import sys
 
 
+# What a user's input or machine can cause: said in one line, without a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError)
+
 COMMANDS = {
     "finetune": "personalise a generator: textual inversion + LoRA (Diff-Mix's first stage)",
     "pretrain-demo": "pretrain the tiny demo generator on the demo world's generic corpus",
@@ -23,8 +26,15 @@ COMMANDS = {
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
+        import difflib
+
         usage = "\n".join(f"  {name:14s} {text}" for name, text in COMMANDS.items())
-        sys.exit(f"usage: onlinemix COMMAND [options]\n\ncommands:\n{usage}\n\n"
+        unknown = ""
+        if argv and argv[0] not in ("-h", "--help"):
+            close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            unknown = f"error: unknown command {argv[0]!r}{hint}\n\n"
+        sys.exit(f"{unknown}usage: onlinemix COMMAND [options]\n\ncommands:\n{usage}\n\n"
                  "`onlinemix COMMAND --help` lists a command's options.")
     try:
         if argv[0] == "finetune":
@@ -47,7 +57,7 @@ def main(argv=None) -> None:
             from .demo_model import main as pretrain_demo
 
             pretrain_demo(argv[1:])
-    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError) as error:
+    except USER_ERRORS as error:
         sys.exit(f"error: {error}")
 
 

@@ -38,6 +38,8 @@ from .ring import SampleRing
 logger = logging.getLogger("onlinemix")
 
 _WAIT_S = 0.2
+# ``address`` of a Ray instance the feeder starts on this machine, listening on loopback only.
+LOCAL = "local"
 # Columns of the feeder's shared statistics, one row per actor; they survive feeder restarts.
 _WRITTEN, _DROPPED, _INCARNATIONS, _ERRORS, _GONE, _STARTED, _PID = range(7)
 _COLUMNS = 7
@@ -121,7 +123,13 @@ class ClusterFeed:
 
     def __call__(self, device: str) -> "RemoteProducer":
         ray = import_ray()
-        ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+        if self.address == LOCAL:
+            # A Ray instance of this process, for this machine only: its services listen on loopback and
+            # take requests only with the token Ray generates (anyone reaching a Ray port could run code).
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
         module = type(self.factory).__module__
         if module in ("__main__", "__mp_main__"):  # a script's factory: actors cannot import it, so it travels whole
             ray.cloudpickle.register_pickle_by_value(sys.modules[module])
@@ -215,8 +223,9 @@ class ClusterPool:
         factory: Picklable ``factory(device) -> Producer``.
         workers: How many actors.
         address: The Ray cluster the feeder joins: ``"auto"`` (the one ``ray start`` joined this
-            machine to), ``"HOST:PORT"``, ``"ray://HOST:10001"`` (Ray Client); None: a Ray instance
-            on this machine (the one ``ray start`` began here, else a new one in the feeder).
+            machine to), ``"HOST:PORT"``, ``"ray://HOST:10001"`` (Ray Client); ``"local"``: a new Ray
+            instance the feeder starts on this machine, on loopback with token authentication; None:
+            Ray's own choice (the instance ``ray start`` began here, else a new one on the node's address).
         num_gpus: GPUs per actor (0: a CPU actor, for tests and CPU clusters).
         num_cpus: CPUs per actor.
         in_flight: Requests outstanding per actor.
@@ -271,7 +280,8 @@ class ClusterPool:
         """As ``GeneratorPool.warm_up``: wait for ``count`` samples in the ring, at most ``timeout`` seconds."""
         if not self._started:
             raise ValueError("Call ClusterPool.start() before warm_up().")
-        return fill_ring(self.ring, count, timeout=timeout, progress=progress, gone=self._gone)
+        return fill_ring(self.ring, count, timeout=timeout, progress=progress, gone=self._gone,
+                         errors=self._feeder.errors)
 
     def _gone(self) -> bool:
         feeder = self._feeder.stats()["workers"][0]

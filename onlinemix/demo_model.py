@@ -237,14 +237,16 @@ def pretrain(out: str, *, seed: int = 0, corpus: int = 20000, vae_steps: int = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onlinemix pretrain-demo", description=(
+    from .options import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="onlinemix pretrain-demo", formatter_class=HelpFormatter, description=(
         "Pretrain the demo generator on the demo world's generic captioned corpus (CPU is enough)."))
     p.add_argument("--out", required=True, help="output folder (a diffusers Stable Diffusion folder)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the corpus and the training")
     p.add_argument("--corpus", type=int, default=20000, help="generic images rendered")
-    p.add_argument("--vae-steps", type=int, default=2000)
-    p.add_argument("--unet-steps", type=int, default=2400)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--vae-steps", type=int, default=2000, help="training steps of the VAE")
+    p.add_argument("--unet-steps", type=int, default=2400, help="training steps of the U-Net")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step")
     return p
 
 

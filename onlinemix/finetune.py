@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .data import check_data_options, load_splits
-from .generator.components import load_components
-from .options import add_data_arguments, data_options, parse_with_config
+from .generator.components import PERSONALISATION_JSON, load_components, model_source
+from .options import HelpFormatter, add_data_arguments, data_options, parse_with_config
 from .personalise import INITIALIZER, Personaliser, cast_frozen
 from .plan import PERSONALISATIONS, get_strategy
 
@@ -66,13 +66,13 @@ class StepBatches(torch.utils.data.Dataset):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onlinemix finetune", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="onlinemix finetune", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--config", help="YAML file of defaults; flags given here override it")
     p.add_argument("--model", help="base model: a diffusers folder or hub id (Stable Diffusion 1.5)")
     add_data_arguments(p.add_argument_group("data"))
     p.add_argument("--method", choices=PERSONALISATIONS, default="ti_db",
                    help="ti_db: tokens + LoRA (the paper's); ti: tokens only (DA-Fusion); db: LoRA only")
-    p.add_argument("--steps", type=int, default=35000)
+    p.add_argument("--steps", type=int, default=35000, help="optimisation steps")
     p.add_argument("--rank", type=int, default=10, help="LoRA rank")
     p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate of LoRA (and of the tokens, "
                    "without --token-lr)")
@@ -80,13 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vectors-per-token", type=int, default=1,
                    help="learned vectors per class token (multi-vector textual inversion; 1 in the paper)")
     p.add_argument("--batch-size", type=int, default=8, help="images per step and process")
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--resolution", type=int, default=512, help="pixels the training images are stretched to")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast (accelerate)")
     p.add_argument("--initializer", default=INITIALIZER, help="existing word that starts every new token")
     p.add_argument("--class-descriptions", help="JSON file {class name: words}: each class's vectors start from "
                    "its words instead of --initializer")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes preparing batches")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the LoRA start, batches and noise")
     p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
@@ -100,6 +100,7 @@ def check_args(args) -> None:
     """Stop before any work on settings that cannot run."""
     if not args.model or not args.out:
         raise ValueError("--model (the base: a diffusers folder or hub id) and --out (the output folder) are required.")
+    model_source(args.model, local_files_only=args.local_files_only)
     check_data_options(args.data_dir, **data_options(args))
     if args.resolution <= 0 or args.resolution % 8:
         raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE's factor), got {args.resolution}.")
@@ -189,7 +190,11 @@ def main(argv=None) -> dict:
     """``onlinemix finetune``: returns the output folder's facts and the loss per step."""
     args = parse_with_config(build_parser(), argv)
     check_args(args)
-    return finetune(args)
+    result = finetune(args)
+    if result["info"]:  # the main process
+        print(f"wrote the personalised generator to {args.out} ({PERSONALISATION_JSON}, its weights, loss.csv); "
+              f"train on it with --gen-finetuned {args.out}", flush=True)
+    return result
 
 
 def finetune(args) -> dict:
@@ -270,7 +275,10 @@ def read_descriptions(path: Optional[str]) -> dict:
     if not os.path.isfile(path):  # read after the data is loaded: the demo world writes its own file
         raise FileNotFoundError(f"--class-descriptions: no file at {path!r}.")
     with open(path) as f:
-        descriptions = json.load(f)
+        try:
+            descriptions = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--class-descriptions {path!r} is not valid JSON ({error}).") from None
     if not isinstance(descriptions, dict) or not all(isinstance(v, str) for v in descriptions.values()):
         raise ValueError(f"--class-descriptions {path!r} must hold one JSON object of class name to words, "
                          'e.g. {"Black footed Albatross": "large dark seabird with long narrow wings"}.')

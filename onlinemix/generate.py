@@ -31,8 +31,8 @@ from .augmentation import augmentation_name
 from .batch import SampleBatch
 from .cluster import check_gpus, check_reachable, import_ray
 from .data import check_data_options, load_splits
-from .options import (add_data_arguments, add_generator_arguments, check_generator_args, data_options,
-                      generator_factory, parse_with_config)
+from .options import (HelpFormatter, add_data_arguments, add_generator_arguments, check_generator_args,
+                      data_options, generator_factory, parse_with_config)
 from .plan import STRATEGIES, Request
 from .sources import SampleRecorder
 
@@ -44,7 +44,7 @@ PLACEMENT = ("out", "regenerate", "cluster", "workers", "gpus", "config")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onlinemix generate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="onlinemix generate", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--config", help="YAML file of defaults; flags given here override it")
     add_data_arguments(p.add_argument_group("data"))
     what = p.add_argument_group("what to generate")

@@ -38,9 +38,9 @@ from tqdm import tqdm
 
 from .data import check_data_options, load_splits
 from .finetune import CHECKPOINTS, command_accelerator, publish_checkpoint
-from .generator.components import load_components
+from .generator.components import load_components, model_source
 from .generator.conditions import STORE, STORE_JSON
-from .options import add_data_arguments, data_options, parse_with_config
+from .options import HelpFormatter, add_data_arguments, data_options, parse_with_config
 from .training_noise import TrainingNoise, sample_latents
 
 logger = logging.getLogger("onlinemix")
@@ -126,7 +126,7 @@ def encode_images(components, split, indices, resolution: int, *, batch_size: in
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onlinemix invert", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="onlinemix invert", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--config", help="YAML file of defaults; flags given here override it")
     p.add_argument("--model", help="base model: a diffusers folder or hub id (Stable Diffusion 1.5), or 'demo'")
     add_data_arguments(p.add_argument_group("data"))
@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "UPDATES * ceil(G / BATCH) steps")
     p.add_argument("--lr", type=float, default=3e-2, help="AdamW learning rate of the conditions")
     p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay of the conditions")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast of the frozen model")
+    p.add_argument("--seed", type=int, default=0, help="seed of the starting conditions, batches and noise")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints of a group")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
@@ -157,6 +157,7 @@ def check_args(args) -> None:
     if not args.model or not args.out:
         raise ValueError("--model (the base: a diffusers folder, hub id or 'demo') and --out (the store's folder) "
                          "are required.")
+    model_source(args.model, local_files_only=args.local_files_only)
     check_data_options(args.data_dir, **data_options(args))
     if args.resolution <= 0 or args.resolution % 8:
         raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE's factor), got {args.resolution}.")
@@ -283,7 +284,11 @@ def main(argv=None) -> dict:
     """``onlinemix invert``: returns the store's facts and the loss of every ``(group, step)``."""
     args = parse_with_config(build_parser(), argv)
     check_args(args)
-    return invert(args)
+    result = invert(args)
+    if result["info"]:  # the main process
+        print(f"wrote {result['info']['count']} conditions to {os.path.join(args.out, STORE)} ({STORE_JSON} beside "
+              f"it, loss.csv); train on them with --aug diffinversion --inversion {args.out}", flush=True)
+    return result
 
 
 def invert(args) -> dict:

@@ -7,6 +7,7 @@ summing to 1); every function maps soft targets to soft targets.
 """
 from __future__ import annotations
 
+import math
 from typing import Union
 
 import torch
@@ -58,7 +59,15 @@ def translation_label(
 
     Returns:
         float32 ``[K, C]`` on ``source.device``, rows summing to 1.
+
+    Raises:
+        ValueError: ``gamma`` is not finite and >= 0, or a strength lies outside ``[0, 1]``.
     """
+    if not 0.0 <= gamma < math.inf:
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma}.")
+    if strength.numel() and not bool(((strength >= 0) & (strength <= 1)).all()):  # NaN fails too
+        raise ValueError(f"strength must lie in [0, 1], got values from {float(strength.min())} to "
+                         f"{float(strength.max())}; a label weight outside [0, 1] is no probability.")
     weight = translation_weight(strength.to(source.device), gamma).view(-1, 1)
     rows = torch.zeros(source.shape[0], num_classes, dtype=torch.float32, device=source.device)
     rows.scatter_add_(1, source.long().view(-1, 1), 1.0 - weight)

@@ -4,6 +4,12 @@ generator options, which map onto ``GeneratorSpec``."""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` of every command: the description as written, each option's default after its help."""
+
 
 DATA_OPTIONS = ("dataset", "class_names", "shots", "imbalance_factor", "val_fraction", "data_seed")
 
@@ -11,19 +17,64 @@ DATA_OPTIONS = ("dataset", "class_names", "shots", "imbalance_factor", "val_frac
 def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse ``argv``; a ``--config FILE.yaml`` sets defaults and flags given override them.
 
-    Keys of the YAML file are option names with ``_`` for ``-``; unknown keys are an error.
+    Keys of the YAML file are option names with ``_`` for ``-``. Each value goes through the option's
+    own type, choices and count as if it had been typed before the flags (``opt: rmsprop`` is refused
+    as ``--opt rmsprop`` is), and an error names the file; unknown keys are an error too.
     """
     import yaml
 
     known, _ = parser.parse_known_args(argv)
-    if getattr(known, "config", None):
-        with open(known.config) as f:
-            defaults = yaml.safe_load(f) or {}
-        unknown = sorted(set(defaults) - set(vars(known)))
-        if unknown:
-            parser.error(f"{known.config} sets unknown options {unknown}.")
-        parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
+    config = getattr(known, "config", None)
+    if not config:
+        return parser.parse_args(argv)
+    if not os.path.isfile(config):
+        parser.error(f"--config {config!r} is not a file; pass a YAML file of options (configs/ holds examples).")
+    try:
+        with open(config) as f:
+            settings = yaml.safe_load(f)
+    except yaml.YAMLError as error:
+        parser.error(f"{config} is not valid YAML: {' '.join(str(error).split())}")
+    settings = {} if settings is None else settings
+    if not isinstance(settings, dict):
+        parser.error(f"{config} must map option names to values (lr: 0.01, one per line); it holds a "
+                     f"{type(settings).__name__}.")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    unknown = sorted(str(key) for key in set(settings) - set(actions))
+    if unknown:
+        parser.error(f"{config} sets unknown options {unknown}.")
+    tokens = [token for key, value in settings.items() for token in config_tokens(actions[key], value, config, parser)]
+    error = parser.error
+    parser.error = lambda message: error(f"{config}: {message}")  # the file's values alone first: their errors
+    try:                                                             # name the file
+        parser.parse_args(tokens)
+    finally:
+        del parser.error
+    return parser.parse_args(tokens + list(sys.argv[1:] if argv is None else argv))
+
+
+def config_tokens(action: argparse.Action, value, config: str, parser: argparse.ArgumentParser) -> list:
+    """A YAML value as the command-line tokens of ``action`` (None: the option's default, no tokens)."""
+    flag = max(action.option_strings, key=len)
+    where = f"{config}: {action.dest}"
+    if value is None:
+        return []
+    if isinstance(action, argparse.BooleanOptionalAction) or action.nargs == 0:
+        if not isinstance(value, bool):
+            parser.error(f"{where} is a switch; set it to true or false, got {value!r}.")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return [action.option_strings[0] if value else action.option_strings[1]]
+        if value == (action.const is True):  # store_true on true, store_false on false
+            return [flag]
+        return []
+    if isinstance(value, dict):
+        parser.error(f"{where} must be a value or a list of values, got a mapping.")
+    if isinstance(value, list):
+        if action.nargs in (None, "?"):
+            parser.error(f"{where} takes one value, got the list {value}.")
+        return [flag, *(str(v) for v in value)]
+    if action.nargs in (None, "?"):
+        return [f"{flag}={value}"]  # '=': a value starting with '-' stays a value
+    return [flag, str(value)]
 
 
 def add_data_arguments(parser) -> None:
@@ -69,12 +120,12 @@ def add_generator_arguments(parser) -> None:
                         help="diffusers folder or hub id; 'demo': the shipped demo generator; "
                              "'tiny': an untrained tiny model (smoke runs only)")
     parser.add_argument("--gen-finetuned", help="personalised generator folder (onlinemix finetune)")
-    parser.add_argument("--gen-steps", type=int, default=25)
+    parser.add_argument("--gen-steps", type=int, default=25, help="sampling steps of a full trajectory")
     parser.add_argument("--guidance", type=float, nargs="+", metavar="SCALE",
                         help="classifier-free guidance scale, or several that each sample draws one of "
                              "(default: the strategy's set, diffinversion 2 3 4; else 7.5)")
-    parser.add_argument("--gen-resolution", type=int, default=512)
-    parser.add_argument("--gen-batch-size", type=int, default=8)
+    parser.add_argument("--gen-resolution", type=int, default=512, help="pixels the generator samples at")
+    parser.add_argument("--gen-batch-size", type=int, default=8, help="samples per U-Net call of a worker")
     parser.add_argument("--gen-continuous", action=argparse.BooleanOptionalAction, default=True,
                         help="continuous batching: start a request as soon as a slot of the generator batch frees")
     parser.add_argument("--gen-deep-cache", type=int, default=1, metavar="K",
@@ -94,7 +145,8 @@ def add_generator_arguments(parser) -> None:
     parser.add_argument("--gen-compile", choices=COMPILE_MODES, metavar="MODE",
                         help=f"torch.compile the U-Net in MODE ({', '.join(COMPILE_MODES)}; reduce-overhead adds "
                              "CUDA graphs)")
-    parser.add_argument("--gen-dtype", choices=["float32", "float16", "bfloat16"], default="float16")
+    parser.add_argument("--gen-dtype", choices=["float32", "float16", "bfloat16"], default="float16",
+                        help="the generator's weights (float32 on the CPU)")
     parser.add_argument("--inversion", metavar="STORE",
                         help="--aug diffinversion: the condition store of `onlinemix invert` on this run's data")
     parser.add_argument("--inversion-noise", type=float, default=0.1, metavar="LAMBDA",
@@ -120,9 +172,17 @@ def check_generator_args(args: argparse.Namespace) -> None:
     from .augmentation import strategy_of
     from .generator.captions import CaptionStore, check_caption_options
     from .generator.conditions import check_inversion_options, read_store_info
+    from .generator.components import accelerator_location, model_source, personalisation_info
     from .plan import check_guidance, get_strategy
 
     strategy = get_strategy(strategy_of(args.aug))
+    check_generator_numbers(args)
+    if args.gen_model != "tiny":
+        model_source(args.gen_model, local_files_only=args.local_files_only)
+    if args.gen_finetuned and not getattr(args, "gen_finetune_config", None) and strategy.personalised:
+        personalisation_info(args.gen_finetuned)  # made by `onlinemix finetune`, or to be made first
+    if args.gen_accelerator:
+        accelerator_location(args.gen_accelerator, local_files_only=args.local_files_only)
     check_inversion_options(strategy, args.inversion, args.inversion_noise, args.inversion_interpolation)
     if args.guidance is not None:
         check_guidance(args.guidance)
@@ -131,6 +191,25 @@ def check_generator_args(args: argparse.Namespace) -> None:
     check_caption_options(strategy, args.captions, args.caption_weights)
     if args.captions:  # its rows now; whether it covers every training image once the data is loaded
         CaptionStore.load(args.captions)
+
+
+def check_generator_numbers(args: argparse.Namespace) -> None:
+    """The generator's counts and sizes in range: steps, batch, resolution (the VAE halves it three times), caches,
+    the ring."""
+    for flag, value, least in (("--gen-steps", args.gen_steps, 1), ("--gen-batch-size", args.gen_batch_size, 1),
+                               ("--gen-deep-cache", args.gen_deep_cache, 1),
+                               ("--gen-posterior-cache", args.gen_posterior_cache, 0)):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}.")
+    if args.gen_resolution < 8 or args.gen_resolution % 8:
+        raise ValueError(f"--gen-resolution must be a multiple of 8 (the VAE's downsampling), got "
+                         f"{args.gen_resolution}.")
+    if args.strengths and not all(0 < s <= 1 for s in args.strengths):
+        raise ValueError(f"--strengths are SDEdit strengths in (0, 1], got {args.strengths}.")
+    for flag in ("ring_slots", "max_reuse", "ring_size"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}.")
 
 
 def generator_factory(args: argparse.Namespace, splits, work_dir: str, *, image_size: int, seed: int = 0,

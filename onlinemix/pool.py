@@ -123,20 +123,36 @@ def share_cpu_threads(devices: Sequence[str], workers_per_device: int = 1) -> Op
     return per_worker
 
 
-def fill_ring(ring: SampleRing, count: int, *, timeout: float, progress: bool, gone) -> int:
+class GeneratorStartError(RuntimeError):
+    """The generator delivered nothing during its warm-up and its workers failed: a run would silently
+    train without synthetic samples."""
+
+
+def fill_ring(ring: SampleRing, count: int, *, timeout: float, progress: bool, gone, errors) -> int:
     """Wait until ``ring`` holds ``count`` samples (at most its slots), ``timeout`` seconds pass or ``gone()``
-    says no producer is left; the samples it holds, with a warning when short."""
+    says no producer is left; the samples it holds, with a warning when short.
+
+    Raises:
+        GeneratorStartError: The ring is empty at the end and ``errors()`` holds the workers' tracebacks
+            (an empty ring without errors is a slow generator: training starts, and takes what comes).
+    """
     from tqdm import tqdm
 
     count = min(count, ring.slots)
     end = time.monotonic() + timeout
-    with tqdm(total=count, desc="generator warm-up", leave=False, disable=not progress) as bar:
+    # disable=None: drawn on a terminal only, not redrawn line after line into a log file.
+    with tqdm(total=count, desc="generator warm-up", leave=False, disable=None if progress else True) as bar:
         while True:
             filled = min(ring.stats()["filled"], count)
             bar.update(filled - bar.n)
             if filled >= count or time.monotonic() >= end or gone():
                 break
             time.sleep(0.2)
+    failures = errors() if filled == 0 else []
+    if failures:
+        last = [line for line in failures[-1].strip().splitlines() if line.strip()][-1]
+        raise GeneratorStartError(f"the generator delivered no sample during its warm-up and its workers failed "
+                                  f"({len(failures)} error(s)), the last with: {last}")
     if filled < count:
         logger.warning("the ring holds %d of %d samples after the generator warm-up; training starts, with "
                        "real images where synthetic ones are missing", filled, count)
@@ -266,11 +282,14 @@ class GeneratorPool:
         A head start, so the first batches already find synthetic samples; training may
         start anyway (``DiffMix`` keeps real images where none are ready). Returns the
         number of samples in the ring and warns when it is short of ``count``.
+
+        Raises:
+            GeneratorStartError: Nothing arrived and the workers failed (``fill_ring``).
         """
         if self._watcher is None:
             raise ValueError("Call GeneratorPool.start() before warm_up().")
         return fill_ring(self.ring, count, timeout=timeout, progress=progress,
-                         gone=lambda: all(w.gone for w in self._workers))
+                         gone=lambda: all(w.gone for w in self._workers), errors=self.errors)
 
     def wait_started(self, timeout: float) -> None:
         """Wait until every worker has built its producer and attached to the ring.

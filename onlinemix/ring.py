@@ -215,6 +215,9 @@ class SampleRing:
         self._pid = os.getpid()
         if self.role == "producer":
             self._claim_producer()
+        elif self._requested_index is not None and not 0 <= self._requested_index < self.consumers:
+            raise ValueError(f"consumer index must be in [0, {self.consumers}) for ring {self.name!r}, got "
+                             f"{self._requested_index}; pass None to claim a free one.")
 
     def _claim_producer(self) -> None:
         index = self._requested_index
@@ -345,6 +348,8 @@ class SampleRing:
         """
         if self.role != "consumer":
             raise ValueError("take() needs a ring attached with role='consumer'.")
+        if n < 0:
+            raise ValueError(f"take() needs a count n >= 0, got {n}.")
         self._ensure_attached()
         if self.index is None:
             self._claim_consumer()

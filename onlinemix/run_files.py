@@ -42,17 +42,60 @@ def log_step(path: str, epoch: int, step: int, loss: float, lr: float) -> None:
         writer.writerow([epoch, step, f"{loss:.6f}", lr])
 
 
-def write_metrics(result: dict, jsonl: str, csv_path: str) -> None:
-    """Append an epoch's metrics: all of them to ``jsonl``, the headline numbers to ``csv_path``."""
+def trim_steps(path: str, epoch: int) -> None:
+    """Drop the step log's rows of ``epoch`` and later: a resumed run trains them again and logs them anew."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [row for row in rows[1:] if int(row[0]) < epoch]
+    if len(kept) < len(rows):
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
+
+def run_summary(run_dir: str, result: dict, best_val: Optional[float]) -> str:
+    """What a finished run tells its user: the last epoch's accuracy, the best validation top-1, where its files are."""
+    accuracy = ", ".join(f"{split} top-1 {metrics['top1']:.4f}" for split, metrics in result.items()
+                         if isinstance(metrics, dict) and "top1" in metrics) or "not evaluated"
+    best = f"; best val top-1 {best_val:.4f} (best.pth)" if best_val is not None else ""
+    grids = len([f for f in os.listdir(run_dir) if f.startswith("synthetic-epoch")]) if os.path.isdir(run_dir) else 0
+    files = "last.pth, best.pth, metrics.csv and metrics.jsonl, steps.csv"
+    if grids:
+        files += f", {grids} grids of the synthetic samples (synthetic-epochNNN.png)"
+    return (f"finished {result['epoch'] + 1} epochs: {accuracy}{best}\n"
+            f"run folder {os.path.abspath(run_dir)}: {files}")
+
+
+FIDELITY_COLUMNS = ("synthetic_called_target", "synthetic_called_source", "synthetic_first_read_called_target")
+
+
+def metrics_columns(splits: dict) -> list:
+    """The columns of ``metrics.csv``, fixed for the whole run so that every row has all of them.
+
+    Args:
+        splits: Each evaluated split's name and whether it defines groups (a ``worst_group`` column).
+    """
+    columns = ["epoch", "train_loss", "lr", "synthetic_fraction", *FIDELITY_COLUMNS]
+    for split, grouped in splits.items():
+        columns += [f"{split}_top1", f"{split}_top5", f"{split}_balanced_top1"]
+        if grouped:
+            columns.append(f"{split}_worst_group")
+    return columns
+
+
+def write_metrics(result: dict, jsonl: str, csv_path: str, columns: Sequence[str]) -> None:
+    """Append an epoch's metrics: all of them to ``jsonl``, the headline numbers to ``csv_path`` under
+    ``columns`` (``metrics_columns``); what the epoch did not measure (an epoch not evaluated) stays empty."""
     with open(jsonl, "a") as f:
         f.write(json.dumps(result) + "\n")
     row = {"epoch": result["epoch"], "train_loss": result["train_loss"], "lr": result["lr"],
            "synthetic_fraction": result["augmentation"]["replaced_fraction"]}
     if "fidelity" in result:
-        row["synthetic_called_target"] = result["fidelity"]["all"]["target"]
-        row["synthetic_called_source"] = result["fidelity"]["all"]["source"]
-        if "first_read" in result["fidelity"]["all"]:
-            row["synthetic_first_read_called_target"] = result["fidelity"]["all"]["first_read"]["target"]
+        shares = result["fidelity"]["all"]
+        row["synthetic_called_target"], row["synthetic_called_source"] = shares["target"], shares["source"]
+        if "first_read" in shares:
+            row["synthetic_first_read_called_target"] = shares["first_read"]["target"]
     for split, metrics in result.items():
         if isinstance(metrics, dict) and "top1" in metrics:
             row[f"{split}_top1"], row[f"{split}_top5"] = metrics["top1"], metrics["top5"]
@@ -61,7 +104,7 @@ def write_metrics(result: dict, jsonl: str, csv_path: str) -> None:
                 row[f"{split}_worst_group"] = metrics["worst_group"]
     new = not os.path.exists(csv_path)
     with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
+        writer = csv.DictWriter(f, fieldnames=list(columns), restval="")
         if new:
             writer.writeheader()
         writer.writerow(row)

@@ -119,7 +119,7 @@ def create_segment(name: str, size: int, too_small: Callable[[int], str]) -> sha
 def sweep_stale_segments() -> list[str]:
     """Unlink onlinemix segments whose owner process is gone (e.g. after ``kill -9``).
 
-    Only names with the ``onlinemix-`` prefix are considered: those whose header carries
+    Only this user's names with the ``onlinemix-`` prefix are considered: those whose header carries
     one of ``MAGICS`` and names an owner that no longer runs, and those without a known
     header older than a minute (a creation that died half-way). Returns the names removed.
     """
@@ -131,11 +131,14 @@ def sweep_stale_segments() -> list[str]:
             continue
         path = os.path.join(SHM_DIR, entry)
         try:
+            status = os.stat(path)
+            if status.st_uid != os.getuid():  # another user's: not ours to judge, nor to remove
+                continue
             with open(path, "rb") as f:
                 header = np.frombuffer(f.read(HEADER_WORDS * 8), dtype=np.int64)
-            young = time.time() - os.stat(path).st_mtime < 60
         except OSError:
             continue
+        young = time.time() - status.st_mtime < 60
         if len(header) < HEADER_WORDS or int(header[MAGIC_WORD]) not in MAGICS:
             if young:  # possibly being created right now
                 continue
@@ -144,7 +147,7 @@ def sweep_stale_segments() -> list[str]:
         try:
             os.unlink(path)
             removed.append(entry)
-        except FileNotFoundError:
+        except OSError:  # gone already, or not ours after all: a sweep never stops a ring being made
             pass
     return removed
 

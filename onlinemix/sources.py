@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from .batch import SampleBatch
+from .data.image_files import check_image_files
 
 Size = Union[int, Sequence[int]]
 
@@ -121,7 +122,7 @@ class ReplaySource:
                 s, t = (class_index.get(_class_key(row[c])) for c in self.COLUMNS[:2])
                 unknown.update(row[c] for c, i in zip(self.COLUMNS[:2], (s, t)) if i is None)
                 strength.append(self._strength(row["Strength"], meta, line))
-                paths.append(os.path.join(self.root, "data", row["Path"]))
+                paths.append(self._image_path(row["Path"], meta, line))
                 source.append(s)
                 target.append(t)
         if unknown:
@@ -138,6 +139,7 @@ class ReplaySource:
                 f"{len(absent)} of the {len(paths)} images listed in {meta} are missing, e.g. "
                 f"{absent[:3]}; regenerate them or remove their rows."
             )
+        check_image_files(paths, meta)  # now, not when a damaged one is drawn epochs into training
         self.paths = paths
         self.source = torch.tensor(source, dtype=torch.int64)
         self.target = torch.tensor(target, dtype=torch.int64)
@@ -167,6 +169,16 @@ class ReplaySource:
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{meta} line {line}: Strength must be a number in [0, 1], got {text!r}.")
         return value
+
+    def _image_path(self, path: str, meta: str, line: int) -> str:
+        # A listed path stays inside data/ or is refused: '../' or an absolute path would read other files,
+        # the test set's among them. (Links inside data/ are the folder's own choice and are followed.)
+        data = os.path.abspath(os.path.join(self.root, "data"))
+        resolved = os.path.normpath(os.path.join(data, path))
+        if os.path.commonpath([data, resolved]) != data or resolved == data:
+            raise ValueError(f"{meta}, line {line}: Path {path!r} points outside {data}; a replay folder lists "
+                             "only its own images, as paths inside data/.")
+        return resolved
 
     def __len__(self) -> int:
         return len(self.paths)

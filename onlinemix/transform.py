@@ -216,8 +216,8 @@ class DiffMix(Mixup):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} is a probability and must lie in [0, 1], got {value}.")
         for name, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha), ("gamma", gamma)):
-            if not value >= 0.0:
-                raise ValueError(f"{name} must be >= 0, got {value}.")
+            if not 0.0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
         if cutmix_minmax is not None and not (
             len(cutmix_minmax) == 2 and 0.0 < cutmix_minmax[0] < cutmix_minmax[1] <= 1.0
         ):

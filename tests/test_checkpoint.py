@@ -30,3 +30,21 @@ def test_a_checkpoint_holding_pickled_objects_is_refused(tmp_path):
         load_checkpoint(str(tmp_path / "foreign.pth"))
     with pytest.raises(FileNotFoundError, match="is not a file"):
         load_checkpoint(str(tmp_path / "missing.pth"))
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    path = str(tmp_path / "last.pth")
+    save_checkpoint({"epoch": 1}, path)
+
+    def full_disk(state, f):
+        with open(f, "wb") as half:
+            half.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1 and not list(tmp_path.glob("*.tmp-*"))

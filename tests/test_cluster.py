@@ -11,6 +11,7 @@ import torch
 from onlinemix import SampleBatch, SampleRing
 import train
 from onlinemix.cluster import ClusterPool, check_reachable
+from onlinemix.pool import GeneratorStartError
 
 ray = pytest.importorskip("ray", reason="the ray extra (pip install 'onlinemix[ray]')")
 pytestmark = pytest.mark.slow  # a Ray instance takes seconds to start; CI runs these
@@ -109,7 +110,8 @@ def test_a_worker_that_keeps_failing_is_given_up_without_stopping_the_trainer(ad
                 wait_for(lambda: pool.stats()["feeder"]["gone"])
             stats = pool.stats()
             assert stats["workers"][0]["errors"] >= 2 and "keeps failing" in stats["lost"]
-            assert pool.warm_up(4, timeout=1, progress=False) == 0, "the ring runs dry; nothing raises"
+            with pytest.raises(GeneratorStartError, match="keeps failing|the generator broke"):
+                pool.warm_up(4, timeout=1, progress=False)  # at a run's start: it stops, saying why
 
 
 def test_losing_the_cluster_ends_the_feeder_not_this_process(monkeypatch):

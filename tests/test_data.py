@@ -156,6 +156,50 @@ def test_image_folder_errors(tmp_path):
         ImageFolderSplits(str(tmp_path))
 
 
+def test_class_folders_without_training_images_or_outside_train_are_refused(tmp_path):
+    write_toy_dataset(str(tmp_path), classes=3, train_per_class=2, val_per_class=1, test_per_class=1)
+    os.makedirs(tmp_path / "train" / "class_3")
+    with pytest.raises(ValueError, match=r"1 class folders .* hold no images.*'class_3'"):
+        ImageFolderSplits(str(tmp_path))
+    os.rename(tmp_path / "train" / "class_3", tmp_path / "val" / "class_3")
+    with pytest.raises(ValueError, match=r"val' has class folders that train/ lacks: \['class_3'\]"):
+        ImageFolderSplits(str(tmp_path))
+
+
+def test_damaged_images_are_all_named_before_training(tmp_path):
+    from PIL import Image
+
+    from onlinemix.data import load_splits
+
+    write_toy_dataset(str(tmp_path), classes=2, train_per_class=3, val_per_class=1, test_per_class=1)
+    good = tmp_path / "train" / "class_0" / "0000.png"
+    data = good.read_bytes()
+    Image.open(good).convert("RGB").resize((64, 64)).save(tmp_path / "train" / "class_1" / "photo.jpg", quality=90)
+    jpeg = (tmp_path / "train" / "class_1" / "photo.jpg").read_bytes()
+    assert len(load_splits(str(tmp_path), val_fraction=0.0).train) == 7  # the JPEG whole: no complaint ...
+    (tmp_path / "train" / "class_1" / "photo.jpg").write_bytes(jpeg[: len(jpeg) * 2 // 3])
+    (tmp_path / "train" / "class_0" / "0001.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "test" / "class_1" / "0000.png").write_text("not an image")
+    with pytest.raises(ValueError, match="cannot be read") as refused:
+        load_splits(str(tmp_path), val_fraction=0.0)
+    message = str(refused.value)
+    assert "class_0/0001.png" in message and "photo.jpg" in message, "... cut short, it is named, as the PNG"
+    assert "2 of the 7 images" in message and "(train)" in message
+    os.remove(tmp_path / "train" / "class_0" / "0001.png")
+    os.remove(tmp_path / "train" / "class_1" / "photo.jpg")
+    with pytest.raises(ValueError, match=r"1 of the 2 images in .*\(test\)"):
+        load_splits(str(tmp_path), val_fraction=0.0)
+
+
+def test_a_few_shot_subset_that_keeps_every_image_is_refused(tmp_path):
+    from onlinemix.data import load_splits
+
+    write_toy_dataset(str(tmp_path), classes=2, train_per_class=4, val_per_class=1, test_per_class=1)
+    assert len(load_splits(str(tmp_path), shots=3).train) == 6
+    with pytest.raises(ValueError, match="--shots 4 keeps every training image"):
+        load_splits(str(tmp_path), shots=4)
+
+
 def test_toy_dataset_is_deterministic(tmp_path):
     write_toy_dataset(str(tmp_path / "a"), classes=2, train_per_class=2, val_per_class=1, test_per_class=1)
     write_toy_dataset(str(tmp_path / "b"), classes=2, train_per_class=2, val_per_class=1, test_per_class=1)

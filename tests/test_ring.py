@@ -225,6 +225,33 @@ def test_owner_killed_with_sigkill_is_swept_by_next_create():
         assert not os.path.exists(os.path.join(SHM_DIR, name))
 
 
+def test_another_users_leftover_segment_neither_is_removed_nor_stops_a_ring(monkeypatch):
+    """Another user's old, header-less ``onlinemix-*`` file: the sweep leaves it, and an unlink the
+    system refuses (what a non-root user gets on another's file in sticky /dev/shm) stops nothing."""
+    foreign = os.path.join(SHM_DIR, f"onlinemix-foreign-{os.getpid()}")
+    with open(foreign, "wb") as f:
+        f.write(b"\0" * 8)
+    os.utime(foreign, (time.time() - 3600, time.time() - 3600))
+    try:
+        if os.getuid() == 0:
+            os.chown(foreign, 54321, 54321)
+            with SampleRing.create(2, 4, producers=1, consumers=1):
+                assert os.path.exists(foreign), "not ours: left alone"
+            os.chown(foreign, 0, 0)
+
+        def refused(path):
+            raise PermissionError(13, "Operation not permitted", path)
+
+        monkeypatch.setattr(os, "unlink", refused)
+        from onlinemix.segments import sweep_stale_segments
+
+        assert foreign not in [os.path.join(SHM_DIR, n) for n in sweep_stale_segments()]
+        monkeypatch.undo()
+        assert os.path.exists(foreign)
+    finally:
+        os.remove(foreign)
+
+
 def test_owner_sigterm_unlinks():
     code = (
         "import time\n"

@@ -101,6 +101,23 @@ def test_replay_source_rejects_bad_meta(tmp_path):
         ReplaySource(tmp_path, CLASSES, size=16)
 
 
+@pytest.mark.parametrize("path", ["../../secret.png", "/etc/hostname", "a/../../meta.csv", "."])
+def test_replay_paths_outside_the_folder_are_refused(tmp_path, path):
+    write_offline_output(tmp_path / "replay", ROWS)
+    meta = (tmp_path / "replay" / "meta.csv").read_text().splitlines()
+    meta[2] = ",".join(meta[2].split(",")[:-1] + [path])
+    (tmp_path / "replay" / "meta.csv").write_text("\n".join(meta) + "\n")
+    with pytest.raises(ValueError, match=r"meta.csv, line 3: Path .* points outside"):
+        ReplaySource(tmp_path / "replay", CLASSES, size=16)
+
+
+def test_a_damaged_replay_image_is_refused_before_any_is_drawn(tmp_path):
+    write_offline_output(tmp_path, ROWS)
+    (tmp_path / "data" / "Laysan_Albatross" / "Sooty_Albatross-000002-0.5.png").write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(ValueError, match="1 of the 4 images in .*meta.csv cannot be read"):
+        ReplaySource(tmp_path, CLASSES, size=16)
+
+
 def test_tensor_source_draws_uniformly_with_replacement():
     images = torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 3, 2, 2).contiguous()
     pool = TensorSource(images, torch.arange(4), torch.arange(4), torch.full((4,), 0.5))

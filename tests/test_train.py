@@ -103,6 +103,61 @@ def test_groups_and_extra_test_splits_are_reported(data_dir, tmp_path):
     assert "test_shifted_top1" in header and "test_shifted_worst_group" in header
 
 
+def test_metrics_csv_keeps_its_columns_on_epochs_not_evaluated(data_dir, tmp_path):
+    run(data_dir, tmp_path, "--aug", "none", "--epochs", "3", "--eval-every", "2")
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = list(csv.reader(f))
+    assert len(rows) == 4 and {len(row) for row in rows} == {len(rows[0])}, "one header, three rows, all as wide"
+    table = [dict(zip(rows[0], row)) for row in rows[1:]]
+    assert [row["epoch"] for row in table] == ["0", "1", "2"]
+    assert table[0]["val_top1"] == "" and table[0]["train_loss"] != "", "epoch 1 was not evaluated"
+    assert 0 <= float(table[1]["val_top1"]) <= 1 and 0 <= float(table[2]["test_top5"]) <= 1, "2 and the last were"
+
+
+def test_a_second_run_of_the_same_name_gets_its_own_folder(data_dir, tmp_path):
+    run(data_dir, tmp_path, "--aug", "none")
+    run(data_dir, tmp_path, "--aug", "none")
+    assert len(lines(tmp_path / "run" / "metrics.jsonl")) == 1, "the first run's metrics are its own"
+    assert len(lines(tmp_path / "run-1" / "metrics.jsonl")) == 1
+    run(data_dir, tmp_path, "--aug", "none", "--epochs", "2", "--resume", str(tmp_path / "run" / "last.pth"))
+    assert [m["epoch"] for m in lines(tmp_path / "run" / "metrics.jsonl")] == [0, 1], "--resume goes on in place"
+    assert not (tmp_path / "run-2").exists()
+
+
+@pytest.mark.parametrize("failing_epochs, stops", [({1}, False), ({1, 2}, True)])
+def test_a_full_disk_at_a_checkpoint_keeps_the_previous_one(data_dir, tmp_path, monkeypatch, failing_epochs, stops):
+    import errno
+
+    real_save = torch.save
+
+    def full_disk(state, path):
+        if state["epoch"] in failing_epochs:
+            with open(path, "wb") as f:
+                f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(state, path)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    if stops:
+        with pytest.raises(train.CheckpointWriteError, match="write before failed too.*--resume"):
+            run(data_dir, tmp_path, "--aug", "none", "--epochs", "3")
+    else:
+        run(data_dir, tmp_path, "--aug", "none", "--epochs", "3")
+    run_dir = tmp_path / "run"
+    assert not list(run_dir.glob("*.tmp-*")), "the failed writes removed their temporary files"
+    assert [m["epoch"] for m in lines(run_dir / "metrics.jsonl")] == [0, 1, 2], "every epoch's metrics, first"
+    assert load_checkpoint(str(run_dir / "last.pth"))["epoch"] == (0 if stops else 2)
+
+
+def test_run_folders_outside_output_are_refused(data_dir, tmp_path):
+    for name in ("/tmp/elsewhere", "../up", ".."):
+        with pytest.raises(ValueError, match="not a plain folder name"):
+            run(data_dir, tmp_path, "--aug", "none", "--name", name)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file; pass a folder"):
+        train.main(["--data-dir", data_dir, "--output", str(tmp_path / "file"), "--aug", "none", "--device", "cpu"])
+
+
 def read_loss(path, epoch, step):
     with open(path) as f:
         for row in csv.DictReader(f):
@@ -118,16 +173,16 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
     class Interrupted(Exception):
         pass
 
-    real_write = train.write_metrics
+    real_save = train.save_checkpoint
 
-    def write_then_stop(*args):
-        real_write(*args)
+    def save_then_stop(checkpoint, path):
+        real_save(checkpoint, path)
         raise Interrupted
 
-    monkeypatch.setattr(train, "write_metrics", write_then_stop)
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
     with pytest.raises(Interrupted):
         run(data_dir, tmp_path / "interrupted", *common)
-    monkeypatch.setattr(train, "write_metrics", real_write)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
     checkpoint = tmp_path / "interrupted" / "run" / "last.pth"
     run(data_dir, tmp_path / "interrupted", *common, "--resume", str(checkpoint))
     straight = read_loss(tmp_path / "straight" / "run" / "steps.csv", 1, 0)
@@ -207,6 +262,7 @@ def test_bad_input_stops_before_any_work(data_dir, tmp_path):
 def test_every_config_parses(config, monkeypatch):
     monkeypatch.setattr(train, "check_device", lambda device, flag: None)  # recipes name GPUs
     monkeypatch.setattr(train, "check_data_options", lambda *args, **kw: None)  # and data sets not here
+    monkeypatch.setattr("onlinemix.generator.components.personalisation_info", lambda folder: {})  # nor their tunings
     args = train.parse_args(["--config", os.path.join("configs", config)])
     assert args.aug in train.AUGMENTATIONS and 0 <= args.p <= 1
     if args.gen_model.startswith("stable-diffusion"):  # the paper's recipes

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .image_files import check_image_files
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DATASETS = ("folder", "hf", "toy", "demo")
 
@@ -198,6 +200,10 @@ def select_training_images(train: Split, val: Split | None, *, shots: int | None
     labels = np.asarray(train.labels)
     keep = None
     if shots is not None:
+        largest = int(np.bincount(labels).max())
+        if shots >= largest:
+            raise ValueError(f"--shots {shots} keeps every training image (no class has more than {largest}): "
+                             f"that is no few-shot subset; pass fewer than {largest}, or leave --shots out.")
         keep = few_shot_indices(labels, shots, seed=seed)
     elif imbalance_factor is not None:
         keep = long_tail_indices(labels, imbalance_factor, seed=seed)
@@ -245,14 +251,22 @@ class ImageFolderSplits:
         if len(self.class_names) < 2:
             raise ValueError(f"{train_dir!r} holds {len(self.class_names)} class folders; a classifier needs >= 2.")
         self.train = self._read(train_dir)
-        if not len(self.train):
-            raise ValueError(f"{train_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+        empty = sorted(set(self.class_names) - {self.class_names[y] for y in self.train.labels})
+        if empty:
+            raise ValueError(f"{len(empty)} class folders of {train_dir!r} hold no images "
+                             f"({', '.join(IMAGE_EXTENSIONS)}), e.g. {empty[:3]}: a class needs training images; "
+                             "fill or remove them.")
         val_dir = os.path.join(root, "val")
         self.val = self._read(val_dir) if os.path.isdir(val_dir) else None
         self.tests = {name: self._read(os.path.join(root, name)) for name in sorted(os.listdir(root))
                       if (name == "test" or name.startswith("test_")) and os.path.isdir(os.path.join(root, name))}
 
     def _read(self, folder: str) -> FileSplit:
+        unknown = sorted(set(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+                         - set(self.class_names))
+        if unknown:  # its images would be left out of the evaluation without a word
+            raise ValueError(f"{folder!r} has class folders that train/ lacks: {unknown[:5]}; give every class "
+                             "training images, or remove these folders.")
         paths, labels = [], []
         for label, name in enumerate(self.class_names):
             class_dir = os.path.join(folder, name)
@@ -361,6 +375,9 @@ def load_splits(data_dir: str, *, dataset: str = "folder", class_names: str | No
     splits.train, splits.val = select_training_images(
         splits.train, splits.val, shots=shots, imbalance_factor=imbalance_factor,
         val_fraction=val_fraction, seed=data_seed)
+    for name, split in {"train": splits.train, "val": splits.val, **splits.tests}.items():
+        if isinstance(split, FileSplit):  # a saved DatasetDict's images were decoded when it was made
+            check_image_files(split.paths, f"{data_dir} ({name})")
     return splits
 
 

@@ -4,10 +4,15 @@
 scheduler. ``load_components`` reads a diffusers folder or hub id (Stable
 Diffusion 1.x/2.x layout); ``tiny_components`` builds a small model in code, with
 the same architecture family and an 8x VAE, for tests and demos without downloads.
+
+It stays one module because every part of it answers one question, "which weights does
+this generator run": where a model is read from (``model_source``, checked before any
+work), the parts, the LoRAs and tokens attached to them, and the tiny stand-ins.
 """
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from typing import Optional, Union
@@ -134,6 +139,55 @@ def attach_accelerator(components: Components, source: Union[str, os.PathLike], 
     components.unet.set_adapters(names, weights=[1.0 if name == "personalised" else weight for name in names])
 
 
+MODEL_PARTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+
+
+def model_source(model: Union[str, os.PathLike], *, local_files_only: bool = False) -> str:
+    """What ``load_components`` reads ``model`` from, checked without loading any weights: a complete
+    diffusers folder (``demo``: the shipped one), or a hub id of the form org/name (with
+    ``local_files_only``, one already in the hub cache).
+
+    Raises:
+        FileNotFoundError: A path that is no complete diffusers folder, or an uncached hub id offline.
+    """
+    model = os.fspath(model)
+    if model == "demo":
+        model = demo_model_path()
+    if model == "tiny":
+        raise FileNotFoundError("'tiny' is train.py's untrained smoke-test generator, made in its run folder, with "
+                                "nothing to learn from; pass 'demo' (the pretrained demo generator), a diffusers "
+                                "folder or a hub id.")
+    looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") != 1
+    if not os.path.isdir(model) and looks_like_path:
+        raise FileNotFoundError(f"No model folder at {model!r}; pass a diffusers folder or a hub id (org/name).")
+    if os.path.isdir(model):
+        missing = [p for p in MODEL_PARTS if not os.path.isdir(os.path.join(model, p))]
+        if missing:
+            raise FileNotFoundError(
+                f"{model!r} is not a complete diffusers Stable Diffusion folder: it lacks {missing}. "
+                "Save one with StableDiffusionPipeline.save_pretrained(folder)."
+            )
+    elif local_files_only:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+            raise FileNotFoundError(f"{model!r} is not in the hub cache and --local-files-only forbids fetching it; "
+                                    "download it first, or pass its local folder.")
+    return model
+
+
+def quiet_loading_bars() -> None:
+    """No "Loading weights" bars from transformers and diffusers when stderr is no terminal: in a log file each
+    model load would leave a line per redraw."""
+    if sys.stderr.isatty():
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+
 def load_components(
     model: Union[str, os.PathLike],
     *,
@@ -159,20 +213,8 @@ def load_components(
 
     if attention not in ("sdpa", "xformers"):
         raise ValueError(f"attention must be 'sdpa' or 'xformers', got {attention!r}.")
-    model = os.fspath(model)
-    if model == "demo":
-        model = demo_model_path()
-    looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") != 1
-    if not os.path.isdir(model) and looks_like_path:
-        raise FileNotFoundError(f"No model folder at {model!r}; pass a diffusers folder or a hub id (org/name).")
-    if os.path.isdir(model):
-        missing = [p for p in ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
-                   if not os.path.isdir(os.path.join(model, p))]
-        if missing:
-            raise FileNotFoundError(
-                f"{model!r} is not a complete diffusers Stable Diffusion folder: it lacks {missing}. "
-                "Save one with StableDiffusionPipeline.save_pretrained(folder)."
-            )
+    model = model_source(model, local_files_only=local_files_only)
+    quiet_loading_bars()
     kwargs = dict(local_files_only=local_files_only)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kwargs)
