@@ -40,7 +40,7 @@ from onlinemix.options import (HelpFormatter, add_data_arguments, add_generator_
                                data_options, generator_factory, parse_with_config)
 from onlinemix.plan import POLICIES, check_policy, get_strategy
 from onlinemix.pool import GeneratorStartError
-from onlinemix.run_files import (flat_scalars, log_step, metrics_columns, save_grid, save_policy_heatmap, tensorboard,
+from onlinemix.run_files import (flat_scalars, log_step, metrics_columns, SampleGrid, save_policy_heatmap, tensorboard,
                                  run_summary, trim_steps, write_metrics)
 
 # RandomResizedCrop's area range for real training images; synthetic images get the same crop.
@@ -487,6 +487,8 @@ def train(args, state) -> dict:
     num_classes = len(splits.class_names)
     train_counts = np.bincount(splits.train.labels, minlength=num_classes)
     model = build_model(args, num_classes).to(device)
+    if resumed is not None:  # another model's checkpoint stops here, before any folder is written
+        load_model_state(model, resumed["model"], args.resume, resumed.get("args", {}))
     mean, std = normalisation(model)
     train_loader, sampler, eval_loaders = loaders(args, splits, state, mean, std)
     closed_loop = args.gen_policy != "uniform" or bool(args.strength_schedule)
@@ -498,15 +500,17 @@ def train(args, state) -> dict:
     run_dir = gather(state, run_folder(args.output, args.name or time.strftime("%Y%m%d-%H%M%S"),
                                        resume=bool(args.resume)))[0]
     fresh = state.is_main_process and not os.path.isdir(run_dir)
-    if state.is_main_process:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.yaml"), "w") as f:
-            yaml.safe_dump(vars(args), f, sort_keys=True)
     ring = pool = feedback = None
     try:
         if args.gen_finetune_config and uses_personalisation(args.aug):
             personalise_first(args, state)
+        # Checks the replay folder and every generator setting against the data before the run folder is
+        # written (only --gen-model tiny is written into it, once checked).
         mix, ring, pool, feedback = build_augmentation(args, splits, run_dir, state, mean, std)
+        if state.is_main_process:
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "args.yaml"), "w") as f:
+                yaml.safe_dump(vars(args), f, sort_keys=True)
         fidelity = FidelityMonitor()
 
         if args.channels_last:
@@ -529,7 +533,6 @@ def train(args, state) -> dict:
         start_epoch, best = 0, -1.0
         steps_path = os.path.join(run_dir, "steps.csv")
         if resumed is not None:
-            load_model_state(model, resumed["model"], args.resume, resumed.get("args", {}))
             optimizer.load_state_dict(resumed["optimizer"])
             scheduler.load_state_dict(resumed["scheduler"])
             scaler.load_state_dict(resumed["scaler"])
@@ -553,6 +556,7 @@ def train(args, state) -> dict:
         forward = torch.compile(forward)
 
     board = tensorboard(run_dir) if state.is_main_process else None
+    grid = SampleGrid(splits.class_names)
     metrics_path, csv_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "metrics.csv")
     columns = metrics_columns({name: loader.dataset.split.groups is not None for name, loader in eval_loaders.items()})
     result, heatmap_pairs, failed_write, trained = {}, None, False, False
@@ -578,6 +582,8 @@ def train(args, state) -> dict:
                     logits = forward(x)
                     loss = loss_fn(logits.float(), y)
                 fidelity.update(logits, mix.synthetic)
+                if state.is_main_process:
+                    grid.add(mix.recent, mix.synthetic, logits)
                 if loop is not None:
                     loop.step(epoch * steps_per_epoch + step, logits, labels, mix.synthetic)
                 optimizer.zero_grad(set_to_none=True)
@@ -614,8 +620,7 @@ def train(args, state) -> dict:
                 if evaluated and score > best and not failed_write:
                     best = score
                     failed_write = write_or_warn(checkpoint, os.path.join(run_dir, "best.pth"), failed_write)
-                save_grid(mix.recent, fidelity.recent_predictions,
-                          os.path.join(run_dir, f"synthetic-epoch{epoch + 1:03d}.png"))
+                grid.save(os.path.join(run_dir, f"synthetic-epoch{epoch + 1:03d}.png"), epoch + 1)
                 if policy is not None:
                     # Drawn at evaluations only: a figure every epoch would slow the trainer, which gives
                     # the generator more time and so changes the synthetic budget against uniform runs.

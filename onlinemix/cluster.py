@@ -40,6 +40,11 @@ logger = logging.getLogger("onlinemix")
 _WAIT_S = 0.2
 # ``address`` of a Ray instance the feeder starts on this machine, listening on loopback only.
 LOCAL = "local"
+# The environment of a feeder that starts a Ray instance for this machine alone: Ray then takes loopback
+# as the node's address, and its services (GCS, raylet, workers, agents) listen there only, where with
+# Ray's default they listen on every interface (anyone reaching a Ray port could run code on it). Ray
+# reads this on import, and rewrites a loopback _node_ip_address to the machine's own address.
+LOCAL_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # Columns of the feeder's shared statistics, one row per actor; they survive feeder restarts.
 _WRITTEN, _DROPPED, _INCARNATIONS, _ERRORS, _GONE, _STARTED, _PID = range(7)
 _COLUMNS = 7
@@ -124,10 +129,10 @@ class ClusterFeed:
     def __call__(self, device: str) -> "RemoteProducer":
         ray = import_ray()
         if self.address == LOCAL:
-            # A Ray instance of this process, for this machine only: its services listen on loopback and
-            # take requests only with the token Ray generates (anyone reaching a Ray port could run code).
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
-            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+            # ClusterPool started this process with LOCAL_ONLY: Ray's node address is loopback. Ray >= 2.59
+            # (what the extra requires) gives a new local instance token authentication unless RAY_AUTH_MODE
+            # says otherwise.
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
         else:
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
         module = type(self.factory).__module__
@@ -255,7 +260,7 @@ class ClusterPool:
                            num_cpus=num_cpus, in_flight=in_flight, max_restarts=max_restarts, cpu_threads=cpu_threads)
         # The feeder only moves bytes: one torch thread leaves the cores to training.
         self._feeder = GeneratorPool(ring, feed, "cpu", max_restarts=max_restarts, seed=seed, cpu_threads=1,
-                                     role="Ray cluster feeder")
+                                     role="Ray cluster feeder", environment=LOCAL_ONLY if address == LOCAL else None)
         self._started = self._stopped = False
 
     # -- lifecycle ----------------------------------------------------------------

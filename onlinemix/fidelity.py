@@ -42,15 +42,12 @@ class FidelityMonitor:
     """Counts what the classifier calls the synthetic rows of each training batch, per strength.
 
     Feed it each step's logits and ``DiffMix.synthetic``; read ``summary`` once per epoch
-    (after ``merge`` over ranks), then ``reset``. ``recent_predictions`` are the top-1
-    classes of the last batch's synthetic rows, aligned with ``DiffMix.recent`` for
-    sample-grid captions.
+    (after ``merge`` over ranks), then ``reset``.
     """
 
     def __init__(self):
         # strength (rounded to 3 decimals) -> [target, source, other] over all reads, then over first reads
         self.counts = {}
-        self.recent_predictions = None
 
     def reset(self) -> None:
         self.counts = {}
@@ -61,7 +58,6 @@ class FidelityMonitor:
         if synthetic is None:
             return
         predicted = logits.detach()[synthetic.rows.to(logits.device)].argmax(1).cpu()
-        self.recent_predictions = predicted
         calls = classifier_calls(predicted, synthetic.source, synthetic.target)
         first = synthetic.first_read
         for strength in torch.unique(synthetic.strength).tolist():

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .data import check_data_options, load_splits
 from .generator.components import PERSONALISATION_JSON, load_components, model_source
-from .options import HelpFormatter, add_data_arguments, data_options, parse_with_config
+from .options import HelpFormatter, add_data_arguments, data_options, data_record, model_record, parse_with_config
 from .personalise import INITIALIZER, Personaliser, cast_frozen
 from .plan import PERSONALISATIONS, get_strategy
 
@@ -299,15 +299,13 @@ def save_personalised(args, personaliser: Personaliser, train) -> dict:
     data options that chose them, so a classifier run on other images is refused."""
     from .generator.components import PERSONALISATION_JSON, save_personalisation
 
-    info = {"base_model": args.model, "method": args.method, "class_names": personaliser.class_names,
+    info = {"base_model": model_record(args.model), "method": args.method, "class_names": personaliser.class_names,
             "metaclass": personaliser.metaclass, "steps": args.steps, "rank": args.rank if args.method != "ti" else 0,
             "lr": args.lr, "token_lr": args.token_lr or args.lr, "vectors_per_token": args.vectors_per_token,
             "initializer": "class descriptions" if args.class_descriptions else args.initializer,
             "batch_size": args.batch_size, "resolution": args.resolution, "seed": args.seed,
             "captions": personaliser.captions[:3], "training_images": train.fingerprint(),
-            "data": {"data_dir": args.data_dir, "dataset": args.dataset, "shots": args.shots,
-                     "imbalance_factor": args.imbalance_factor, "val_fraction": args.val_fraction,
-                     "data_seed": args.data_seed}}
+            "data": data_record(args)}
     save_personalisation(args.out, personaliser.components.unet, personaliser.embeddings(), info)
     with open(os.path.join(args.out, PERSONALISATION_JSON)) as f:
         return json.load(f)

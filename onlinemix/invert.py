@@ -40,7 +40,7 @@ from .data import check_data_options, load_splits
 from .finetune import CHECKPOINTS, command_accelerator, publish_checkpoint
 from .generator.components import load_components, model_source
 from .generator.conditions import STORE, STORE_JSON
-from .options import HelpFormatter, add_data_arguments, data_options, parse_with_config
+from .options import HelpFormatter, add_data_arguments, data_options, data_record, model_record, parse_with_config
 from .training_noise import TrainingNoise, sample_latents
 
 logger = logging.getLogger("onlinemix")
@@ -379,16 +379,14 @@ def save_store(args, conditions: torch.Tensor, train, class_names, groups) -> di
     save_file({"conditions": conditions.contiguous(), "mean": conditions.mean(0).contiguous(),
                "ids": torch.arange(len(train), dtype=torch.int64),
                "labels": torch.tensor(list(train.labels), dtype=torch.int64)}, os.path.join(args.out, STORE))
-    info = {"base_model": args.model, "resolution": args.resolution, "vectors": args.vectors, "init": args.init,
+    info = {"base_model": model_record(args.model), "resolution": args.resolution, "vectors": args.vectors, "init": args.init,
             "width": int(conditions.shape[-1]), "count": len(train), "class_names": list(class_names),
             "metaclass": args.metaclass, "group_size": args.group_size, "groups": len(groups),
             "batch_size": args.batch_size, "updates_per_image": args.updates_per_image,
             "steps_per_group": [args.updates_per_image * batches_per_epoch(len(g), args.batch_size) for g in groups],
             "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
             "training_images": train.fingerprint(),
-            "data": {"data_dir": args.data_dir, "dataset": args.dataset, "shots": args.shots,
-                     "imbalance_factor": args.imbalance_factor, "val_fraction": args.val_fraction,
-                     "data_seed": args.data_seed}}
+            "data": data_record(args)}
     with open(os.path.join(args.out, STORE_JSON), "w") as f:
         json.dump(info, f, indent=2)
     return info

@@ -105,6 +105,17 @@ def data_options(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in DATA_OPTIONS}
 
 
+def data_record(args: argparse.Namespace) -> dict:
+    """What a written artefact records of the data it was made from: the data folder as an absolute path,
+    so the record reads the same from any working directory, and the data options."""
+    return {"data_dir": os.path.abspath(args.data_dir), **data_options(args)}
+
+
+def model_record(model: str) -> str:
+    """A base model as an artefact records it: a local folder as its absolute path, ``demo`` or a hub id as given."""
+    return os.path.abspath(model) if os.path.isdir(model) else model
+
+
 def add_generator_arguments(parser) -> None:
     """The generator's options (model, sampling, strategy inputs), on ``parser`` (or a group); ``--aug`` and the
     data options come from the caller. ``check_generator_args`` and ``generator_factory`` read them back."""
@@ -217,7 +228,10 @@ def generator_factory(args: argparse.Namespace, splits, work_dir: str, *, image_
                       strength_schedule=None):
     """The ``DiffusionProducerFactory`` of ``args.aug``'s strategy from the generator options, over ``splits``'
     training images, handing over images of ``image_size``; ``feedback`` and the policy options are the
-    closed loop's (``train.py``); ``seed`` makes ``--gen-model tiny`` in ``work_dir``."""
+    closed loop's (``train.py``); ``seed`` makes ``--gen-model tiny`` in ``work_dir``, once every setting
+    has been checked (a refused run writes nothing)."""
+    import dataclasses
+
     import numpy as np
 
     from .augmentation import generator_model, strategy_of
@@ -230,7 +244,7 @@ def generator_factory(args: argparse.Namespace, splits, work_dir: str, *, image_
         counts = np.bincount(splits.train.labels, minlength=len(splits.class_names))
         weights = tuple(long_tail_weights(counts).tolist())
     spec = GeneratorSpec(
-        model=generator_model(args.gen_model, work_dir, seed=seed), finetuned=args.gen_finetuned,
+        model=args.gen_model, finetuned=args.gen_finetuned,
         strategy=strategy_of(args.aug), target_weights=weights, referable_classes=args.referable_classes,
         strengths=tuple(args.strengths) if args.strengths else None, steps=args.gen_steps,
         guidance=None if args.guidance is None else tuple(np.atleast_1d(args.guidance).tolist()),
@@ -246,4 +260,6 @@ def generator_factory(args: argparse.Namespace, splits, work_dir: str, *, image_
         inversion_interpolation=tuple(args.inversion_interpolation) if args.inversion_interpolation else None,
         captions=args.captions, caption_weights=tuple(args.caption_weights),
     )
-    return DiffusionProducerFactory(spec, splits.train, splits.class_names, args.metaclass, feedback=feedback)
+    factory = DiffusionProducerFactory(spec, splits.train, splits.class_names, args.metaclass, feedback=feedback)
+    factory.spec = dataclasses.replace(spec, model=generator_model(args.gen_model, work_dir, seed=seed))
+    return factory

@@ -18,6 +18,7 @@ two halves of that protocol change together.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -41,11 +42,32 @@ logger = logging.getLogger("onlinemix")
 # leading row is the stop flag.
 _HEARTBEAT, _WRITTEN, _STARTED, _DROPPED, _WAITING = range(5)
 _COLUMNS = 5
+_ENVIRONMENT_LOCK = threading.Lock()
 _PUT_TIMEOUT_S = 0.2
 
 
 def _on_cpu(device: str) -> bool:
     return device.split(":")[0] == "cpu"
+
+
+@contextlib.contextmanager
+def _started_with(environment: dict):
+    """This process's environment with ``environment`` set, for a spawned child to inherit at its start,
+    then as it was; one pool at a time, since the environment is the whole process's."""
+    if not environment:
+        yield
+        return
+    with _ENVIRONMENT_LOCK:
+        saved = {name: os.environ.get(name) for name in environment}
+        os.environ.update(environment)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def _worker_main(ring_name: str, index: int, device: str, factory: ProducerFactory, state, conn,
@@ -207,6 +229,8 @@ class GeneratorPool:
         role: What the log and warnings call a worker (``ClusterPool``'s is the Ray cluster's feeder).
         stall_report: Seconds a worker may wait for a free slot (nothing it wrote has been read)
             before the pool warns that the trainer is not reading; the worker keeps waiting.
+        environment: Variables each worker process starts with, set before it imports anything
+            (settings a library fixes on import, as Ray does).
     """
 
     def __init__(
@@ -225,6 +249,7 @@ class GeneratorPool:
         cpu_threads: Optional[int] = None,
         role: str = "generator worker",
         stall_report: float = 120.0,
+        environment: Optional[dict] = None,
     ):
         devices = [devices] if isinstance(devices, str) else list(devices)
         if not devices:
@@ -253,6 +278,7 @@ class GeneratorPool:
         self.cpu_threads = cpu_threads
         self.role = role
         self.stall_report = stall_report
+        self.environment = dict(environment or {})
         self.recorder = SampleRecorder(record_dir, class_names) if record_dir is not None else None
         self._ctx = mp.get_context("spawn")
         self._state = self._ctx.RawArray("d", _COLUMNS * (count + 1))
@@ -327,7 +353,8 @@ class GeneratorPool:
         self._rows[worker.index + 1, _HEARTBEAT] = time.monotonic()
         self._rows[worker.index + 1, _WAITING] = 0.0
         worker.written_at_start = self._rows[worker.index + 1, _WRITTEN]
-        worker.process.start()
+        with _started_with(self.environment):
+            worker.process.start()
         send.close()
         worker.conn = receive
 

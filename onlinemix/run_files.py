@@ -110,34 +110,104 @@ def write_metrics(result: dict, jsonl: str, csv_path: str, columns: Sequence[str
         writer.writerow(row)
 
 
-TILE, CAPTION = 96, 28
+def tile_caption(class_names: Sequence[str], target: int, source: int, label: torch.Tensor, strength: float,
+                 called: Optional[int]) -> list[str]:
+    """The three caption lines of one synthetic sample: the label weight and name of the class its prompt
+    asked for, the same for the reference image's class, then the strength and the classifier's top-1
+    call ("target", "source" or the class's name). Weights come first so that a long name cut to the
+    tile's width loses nothing else."""
+    lines = [f"to {float(label[target]):.2f}: {class_names[target]}",
+             "from: the same class" if source == target else f"from {float(label[source]):.2f}: {class_names[source]}"]
+    call = ("" if called is None else ", called: target" if called == target
+            else ", called: source" if called == source else f", called: {class_names[called]}")
+    return lines + [f"s={strength:.2f}{call}"]
 
 
-def save_grid(recent: Optional[tuple], predictions: Optional[Sequence[int]], path: str) -> None:
-    """The latest synthetic images (``DiffMix.recent``: uint8 images and soft labels), up to 16, each
-    captioned with its two largest label entries and, when known, the classifier's top-1 on it
-    (``predictions``, aligned with the images)."""
-    from PIL import Image, ImageDraw
-    from torchvision.transforms.functional import to_pil_image
-    from torchvision.utils import make_grid
+class SampleGrid:
+    """The first ``tiles`` synthetic samples the classifier trained on in an epoch, drawn as one
+    image: a legend, then each sample over its ``tile_caption``.
 
-    if recent is None:
-        return
-    images, labels = recent[0][:16], recent[1][:16]
-    if predictions is None or len(predictions) != len(recent[1]):
-        predictions = [None] * len(labels)
-    tiles = []
-    for image, label, predicted in zip(images, labels, predictions):
-        canvas = Image.new("RGB", (TILE, TILE + CAPTION), "white")
-        canvas.paste(to_pil_image(image).resize((TILE, TILE)), (0, 0))
-        top = torch.topk(label, 2)
+    Feed ``add`` every training step; ``save`` writes the epoch's grid and starts the next one.
+    A fixed count per epoch makes grids of different epochs and runs comparable.
+
+    Args:
+        class_names: Names of the classes, by label index.
+        tiles: Samples per grid (fewer only when the epoch trained on fewer).
+        tile_size: Side in pixels each sample is drawn at.
+    """
+
+    COLUMNS, LINE = 8, 12
+
+    def __init__(self, class_names: Sequence[str], *, tiles: int = 16, tile_size: int = 128):
+        self.class_names = list(class_names)
+        self.tiles = int(tiles)
+        self.tile_size = int(tile_size)
+        self.entries = []
+        self.seen = 0
+
+    def add(self, recent: Optional[tuple], synthetic, logits: torch.Tensor) -> None:
+        """Keep this step's synthetic samples until the grid is full.
+
+        Args:
+            recent: ``DiffMix.recent``, (uint8 ``[K, 3, H, W]`` images, ``[K, C]`` labels) of this step.
+            synthetic: ``DiffMix.synthetic`` of this step; None when it replaced nothing.
+            logits: The classifier's ``[B, C]`` output on the batch.
+        """
+        if synthetic is None or recent is None:
+            return
+        self.seen += len(synthetic.rows)
+        room = self.tiles - len(self.entries)
+        if room <= 0:
+            return
+        called = logits.detach()[synthetic.rows[:room].to(logits.device)].argmax(1).cpu().tolist()
+        images, labels = recent
+        for k in range(min(room, len(synthetic.rows))):
+            self.entries.append((images[k].cpu(), tile_caption(
+                self.class_names, int(synthetic.target[k]), int(synthetic.source[k]), labels[k],
+                float(synthetic.strength[k]), called[k])))
+
+    def save(self, path: str, epoch: int) -> bool:
+        """Write the grid of ``epoch`` (1-based) to ``path`` and start the next; False, writing nothing,
+        when the epoch trained on no synthetic sample."""
+        from PIL import Image, ImageDraw, ImageFont
+        from torchvision.transforms.functional import to_pil_image
+
+        entries, seen = self.entries, self.seen
+        self.entries, self.seen = [], 0
+        if not entries:
+            return False
+        font = ImageFont.load_default()
+        legend = [f"epoch {epoch}: the first {len(entries)} of the {seen} synthetic samples the classifier "
+                  "trained on this epoch.",
+                  "Under each: to = the label weight and name of the class its prompt asked for; from = the "
+                  "same for the reference image's class;",
+                  "s = the SDEdit strength; called = the classifier's top-1 on it when it trained on it (target: "
+                  "the prompt's class, source: the reference's)."]
+        width = self.COLUMNS * self.tile_size
+        legend_height = len(legend) * self.LINE + 8
+        cell = self.tile_size + 3 * self.LINE + 6
+        rows = -(-len(entries) // self.COLUMNS)
+        canvas = Image.new("RGB", (width, legend_height + rows * cell), "white")
         draw = ImageDraw.Draw(canvas)
-        draw.text((2, TILE + 2), " ".join(f"{int(c)}:{float(v):.2f}" for v, c in zip(top.values, top.indices)
-                                         if v > 0), fill="black")
-        if predicted is not None:
-            draw.text((2, TILE + 14), f"called {int(predicted)}", fill="black")
-        tiles.append(torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1))
-    to_pil_image(make_grid(tiles, nrow=8, padding=0, pad_value=255)).save(path)
+        for i, line in enumerate(legend):
+            draw.text((4, 4 + i * self.LINE), line, fill="black", font=font)
+        for k, (image, lines) in enumerate(entries):
+            x, y = (k % self.COLUMNS) * self.tile_size, legend_height + (k // self.COLUMNS) * cell
+            canvas.paste(to_pil_image(image).resize((self.tile_size, self.tile_size)), (x, y))
+            for i, line in enumerate(lines):
+                draw.text((x + 2, y + self.tile_size + 2 + i * self.LINE), fit(draw, line, font, self.tile_size - 4),
+                          fill="black", font=font)
+        canvas.save(path)
+        return True
+
+
+def fit(draw, text: str, font, width: int) -> str:
+    """``text``, cut with an ellipsis to ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
 
 
 def save_policy_heatmap(confusion: np.ndarray, pairs: np.ndarray, class_names: Sequence[str], path: str) -> None:

@@ -203,7 +203,7 @@ class DiffMix(Mixup):
         self.samples = 0
         self.requested = 0
         self.replaced = 0
-        self.recent = None  # (uint8 images, unsmoothed labels) of the last replacement, for sample grids
+        self.recent = None  # (uint8 images, unsmoothed labels) of the last call's replacement, for sample grids
         self.synthetic = None  # the last call's SyntheticRows, or None when it replaced nothing
 
     @staticmethod
@@ -262,7 +262,7 @@ class DiffMix(Mixup):
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_batch(x, target)
-        self.synthetic = None
+        self.synthetic = self.recent = None
         rows = as_soft_targets(target, self.num_classes)
         if self.mixup_enabled:
             self.samples += x.shape[0]

@@ -5,6 +5,7 @@ Each command-line case runs ``train.cli`` / ``onlinemix.cli.main`` in this proce
 would: the user sees the ``SystemExit`` message (argparse's, or ``error: ...`` for the errors listed in
 ``USER_ERRORS``); anything else would reach them as a traceback and fails the case.
 """
+import json
 import os
 import shutil
 
@@ -52,6 +53,10 @@ def inputs(tmp_path_factory):
     meta = (replay / "meta.csv").read_text().splitlines()
     meta[1] = ",".join(meta[1].split(",")[:-1] + ["../../toy/test/class_0/0000.png"])
     (replay / "meta.csv").write_text("\n".join(meta) + "\n")
+    write_offline_output(root / "replay_of_birds", [("ember_finch", "class_1", 1, 0.5)])
+    os.makedirs(root / "tuned_on_two")
+    (root / "tuned_on_two" / "onlinemix.json").write_text(json.dumps({"method": "ti_db",
+                                                                      "class_names": ["class_0", "class_1"]}))
     for name, text in {"malformed.yaml": "lr: [0.1\n", "scalar.yaml": "a great config\n",
                        "unknown.yaml": "learning_rate: 0.1\n", "rmsprop.yaml": "opt: rmsprop\n",
                        "fp8.yaml": "amp: fp8\n", "nan.yaml": "lr: .nan\n", "switch.yaml": "compile: 'yes'\n",
@@ -122,6 +127,8 @@ TRAIN_CASES = [
     ("replay without folder", ["--aug", "replay"], "--aug replay needs --replay-dir"),
     ("replay folder missing", ["--aug", "replay", "--replay-dir", "{inputs}/nothing"], "No meta.csv in"),
     ("replay climbing out", ["--aug", "replay", "--replay-dir", "{inputs}/replay"], "points outside"),
+    ("replay of other classes", ["--aug", "replay", "--replay-dir", "{inputs}/replay_of_birds"],
+     "names 1 classes that are not in class_names, e.g. ['ember finch']"),
     ("generator on a GPU not here", ["--aug", "realmix", "--gen-device", "cuda:7"], "--gen-device cuda:7"),
     ("generator on no device", ["--aug", "realmix", "--gen-device", "potato"], "--gen-device 'potato'"),
     ("training on no device", ["--device", "potato"], "--device 'potato' is not a device"),
@@ -129,6 +136,8 @@ TRAIN_CASES = [
      "No model folder at '/models/none'"),
     ("generator model incomplete", ["--aug", "realmix", "--gen-device", "cpu", "--gen-model",
                                     "{inputs}/incomplete_model"], "not a complete diffusers Stable Diffusion folder"),
+    ("personalisation of other classes", ["--aug", "diffmix", "--gen-device", "cpu", "--gen-model", "demo",
+                                          "--gen-finetuned", "{inputs}/tuned_on_two"], "knows 2 classes but the data set has 3"),
     ("personalisation missing", ["--aug", "diffmix", "--gen-device", "cpu", "--gen-model", "demo",
                                  "--gen-finetuned", "{inputs}/none"], "No personalised generator folder"),
     ("no sampling steps", ["--aug", "realmix", "--gen-device", "cpu", "--gen-model", "demo", "--gen-steps", "0"],
@@ -194,12 +203,15 @@ def assert_left_nothing(tmp_path, before_shm):
 
 
 @pytest.mark.parametrize("extra, named", [case[1:] for case in TRAIN_CASES], ids=[case[0] for case in TRAIN_CASES])
-def test_train_refuses_bad_input_before_any_work(inputs, tmp_path, capsys, extra, named):
+def test_train_refuses_bad_input_before_any_work(inputs, tmp_path, capsys, monkeypatch, extra, named):
     if "cuda:7" in " ".join(extra) + named and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
     before = shm_names()
     argv = base(inputs, tmp_path) + [arg.replace("{inputs}", str(inputs)) for arg in extra]
+    made, makedirs = [], os.makedirs
+    monkeypatch.setattr(os, "makedirs", lambda path, *a, **k: (made.append(str(path)), makedirs(path, *a, **k)))
     message = refusal(lambda: train.cli(argv), capsys)
+    assert not [path for path in made if path.startswith(str(tmp_path / "out"))], "a run folder was made, then removed"
     assert named.replace("{inputs}", str(inputs)) in message, message
     assert "Traceback" not in message and len(message.strip().splitlines()) <= 1 + message.count("\n  ")
     assert_left_nothing(tmp_path, before)

@@ -1,5 +1,6 @@
 """ClusterPool on a local Ray instance (2 CPUs): CPU actors feed the ring through the feeder process, die
 and come back, wait for it; a lost cluster ends the feeder, never this process."""
+import contextlib
 import os
 import signal
 import time
@@ -138,6 +139,29 @@ def test_losing_the_cluster_ends_the_feeder_not_this_process(monkeypatch):
     for process in family:  # Ray's node agents outlive a lost head; a real node's would be restarted by `ray start`
         if process.is_running():
             process.kill()
+
+
+def test_a_local_cluster_listens_on_loopback_only_and_asks_for_a_token(tmp_path, monkeypatch):
+    """``--gen-cluster local``: every port the feeder's Ray instance opens is bound to loopback, so no other
+    machine can reach Ray (which runs whatever code a caller sends it), and it takes requests only with the
+    token ray.init generates, on a machine that has none yet (a fresh home)."""
+    psutil = pytest.importorskip("psutil")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with SampleRing.create(16, 8, producers=1, consumers=1) as ring:
+        reader = SampleRing.attach(ring.name, "consumer", 0)
+        with ClusterPool(ring, MarkedProducer, workers=1, address="local", num_gpus=0, max_restarts=0) as pool:
+            wait_for(lambda: reader.take(16) is not None and pool.stats()["written"] >= 16)
+            feeder = psutil.Process(pool.stats()["feeder"]["pid"])
+            listening = {}
+            for process in [feeder, *feeder.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    listening[process.name()] = sorted({c.laddr.ip for c in process.net_connections(kind="inet")
+                                                        if c.status == psutil.CONN_LISTEN})
+        reader.close()
+    assert any("gcs_server" in name for name in listening) and any(listening.values()), "Ray's services were seen"
+    assert {ip for ips in listening.values() for ip in ips} <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, repr(listening)
+    assert (tmp_path / ".ray" / "auth_token").is_file(), "token authentication was on"
 
 
 def test_bad_settings_are_refused(address):

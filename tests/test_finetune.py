@@ -10,6 +10,7 @@ from onlinemix.finetune import StepBatches, main
 from onlinemix.generator.components import (EMBEDDINGS, LORA_WEIGHTS, add_tokens, attach_personalisation,
                                             load_components, tiny_components)
 from onlinemix.generator.sampler import Sampler
+from onlinemix.options import model_record
 from onlinemix.personalise import Personaliser
 from tests.helpers import TensorImages
 
@@ -115,6 +116,14 @@ def test_db_output_prompts_with_class_names(base, data_dir, tmp_path):
     assert (tmp_path / "db" / LORA_WEIGHTS).exists()
     result = finetune(base, data_dir, tmp_path / "ti", "--steps", "2", "--method", "ti")
     assert result["info"]["rank"] == 0 and not (tmp_path / "ti" / LORA_WEIGHTS).exists()
+
+
+def test_the_folder_records_absolute_paths_whatever_the_working_directory(base, data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(data_dir))
+    relative_base = os.path.relpath(base)
+    info = finetune(relative_base, os.path.basename(data_dir), "tuned", "--steps", "1", "--method", "ti")["info"]
+    assert info["data"]["data_dir"] == os.path.abspath(data_dir) and info["base_model"] == os.path.abspath(base)
+    assert model_record("demo") == "demo" and model_record("org/name") == "org/name", "names are kept as given"
 
 
 def test_resume_continues_at_the_same_step_with_the_same_loss(base, data_dir, tmp_path):

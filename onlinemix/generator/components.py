@@ -64,6 +64,7 @@ class Components:
         """Save in the diffusers folder layout, loadable by ``load_components`` and diffusers' pipelines."""
         from diffusers import StableDiffusionPipeline
 
+        quiet_loading_bars()  # transformers draws a "Writing model shards" bar too
         self.pipeline(StableDiffusionPipeline).save_pretrained(folder, safe_serialization=True)
 
     def pipeline(self, cls):
@@ -177,8 +178,8 @@ def model_source(model: Union[str, os.PathLike], *, local_files_only: bool = Fal
 
 
 def quiet_loading_bars() -> None:
-    """No "Loading weights" bars from transformers and diffusers when stderr is no terminal: in a log file each
-    model load would leave a line per redraw."""
+    """No "Loading weights" or "Writing model shards" bars from transformers and diffusers when stderr is no
+    terminal: in a log file each model load or save would leave a line per redraw."""
     if sys.stderr.isatty():
         return
     from diffusers.utils import logging as diffusers_logging
