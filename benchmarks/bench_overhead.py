@@ -55,7 +55,7 @@ from timm.loss import SoftTargetCrossEntropy
 from sd15 import sd15_architecture
 
 from onlinemix import DiffMix, GeneratorPool, SampleBatch, SampleRing, one_hot, smooth_labels
-from onlinemix.augmentation import create_generator
+from onlinemix.augmentation import create_ring_and_pool
 from onlinemix.data import FileSplit
 from onlinemix.feedback import ClosedLoop, FeedbackBlock
 from onlinemix.generator.worker import DiffusionProducerFactory, GeneratorSpec
@@ -86,7 +86,7 @@ def start_generator(args, work_dir: str):
                          dtype=args.gen_dtype, local_files_only=True)
     factory = DiffusionProducerFactory(spec, FileSplit(paths, labels),
                                        [f"class_{c}" for c in range(args.num_classes)], "bird")
-    return create_generator(factory, [args.gen_device], slots=args.ring_slots, image_size=args.img_size,
+    return create_ring_and_pool(factory, [args.gen_device], slots=args.ring_slots, image_size=args.img_size,
                             max_reuse=args.max_reuse)
 
 

@@ -8,13 +8,15 @@ their augmentation through these functions:
 - ``mixing_options``: the Mixup/CutMix an augmentation runs, as ``DiffMix`` keyword arguments,
   with the paper's probability and mode unless told otherwise.
 - ``generator_model``: a model name as the generator loads it (``tiny`` becomes a folder).
-- ``create_generator``: a ``SampleRing`` and a ``GeneratorPool`` (not started) feeding it,
+- ``create_ring_and_pool``: a ``SampleRing`` and a ``GeneratorPool`` (not started) feeding it,
   with the CPU threads shared between the trainer and CPU generator workers.
+- ``OnlineGenerator``: what a training process holds of them, closed in one call.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .plan import STRATEGIES, strategy_name
 
@@ -76,7 +78,7 @@ def generator_model(model: str, work_dir: str, *, seed: int = 0) -> str:
     return folder
 
 
-def create_generator(factory, devices: Sequence[str], *, workers_per_device: int = 1, slots: int,
+def create_ring_and_pool(factory, devices: Sequence[str], *, workers_per_device: int = 1, slots: int,
                      image_size: int, consumers: int = 1, max_reuse: int = 4, seed: int = 0,
                      hang_timeout: float = 600.0, cluster: Optional[str] = None, cluster_workers: int = 1,
                      cluster_gpus: float = 1.0):
@@ -113,3 +115,21 @@ def create_generator(factory, devices: Sequence[str], *, workers_per_device: int
         ring.close()
         raise
     return ring, pool
+
+
+@dataclasses.dataclass
+class OnlineGenerator:
+    """What a training process holds of the online generator: the ring it reads and, on each node's local
+    rank 0 (the one that made them), the pool feeding the ring and the closed loop's ``FeedbackBlock``."""
+
+    ring: Any
+    pool: Any = None
+    feedback: Any = None
+
+    def close(self) -> None:
+        """Stop the pool, then close the ring and the feedback block."""
+        if self.pool is not None:
+            self.pool.stop()
+        self.ring.close()
+        if self.feedback is not None:
+            self.feedback.close()

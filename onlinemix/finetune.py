@@ -21,15 +21,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .commands import (STEP_CHECKPOINTS, check_base_model, check_out_folder, checked_loss, command_accelerator,
+                       latest_step, load_step, save_step)
 from .data import check_data_options, load_splits
-from .generator.components import PERSONALISATION_JSON, load_components, model_source
+from .generator.components import PERSONALISATION_JSON, load_components
 from .options import HelpFormatter, add_data_arguments, data_options, data_record, model_record, parse_with_config
 from .personalise import INITIALIZER, Personaliser, cast_frozen
 from .plan import PERSONALISATIONS, get_strategy
 
 logger = logging.getLogger("onlinemix")
 
-CHECKPOINTS = "checkpoints"
+TRAINABLE = "trainable.safetensors"  # a step checkpoint's learned tokens and LoRA
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -68,7 +70,7 @@ class StepBatches(torch.utils.data.Dataset):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onlinemix finetune", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--config", help="YAML file of defaults; flags given here override it")
-    p.add_argument("--model", help="base model: a diffusers folder or hub id (Stable Diffusion 1.5)")
+    p.add_argument("--model", help="base model: a diffusers folder or hub id (Stable Diffusion 1.5), or 'demo'")
     add_data_arguments(p.add_argument_group("data"))
     p.add_argument("--method", choices=PERSONALISATIONS, default="ti_db",
                    help="ti_db: tokens + LoRA (the paper's); ti: tokens only (DA-Fusion); db: LoRA only")
@@ -98,12 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """Stop before any work on settings that cannot run."""
-    if not args.model or not args.out:
-        raise ValueError("--model (the base: a diffusers folder or hub id) and --out (the output folder) are required.")
-    model_source(args.model, local_files_only=args.local_files_only)
+    check_base_model(args, out="the output folder")
     check_data_options(args.data_dir, **data_options(args))
-    if args.resolution <= 0 or args.resolution % 8:
-        raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE's factor), got {args.resolution}.")
     if args.steps < 1 or args.batch_size < 1 or args.checkpoint_every < 1:
         raise ValueError("--steps, --batch-size and --checkpoint-every must be >= 1.")
     if args.lr <= 0 or (args.token_lr is not None and args.token_lr <= 0):
@@ -115,75 +113,25 @@ def check_args(args) -> None:
                          "--class-descriptions, or use --method ti_db.")
     if args.workers < 0 or args.preview_steps < 0:
         raise ValueError("--workers and --preview-steps must be >= 0 (--preview-steps 0: no preview grid).")
-    busy = os.path.isdir(args.out) and os.listdir(args.out)
-    if args.resume:
-        if latest_checkpoint(args.out) is None:
-            raise FileNotFoundError(f"--resume: {args.out!r} holds no checkpoint to continue from.")
-    elif busy and not args.overwrite:
-        raise ValueError(f"--out {args.out!r} is not empty; pass --overwrite to write into it, --resume to "
-                         "continue its run, or choose another folder.")
+    check_out_folder(args.out, resume=args.resume, overwrite=args.overwrite,
+                     progress=latest_step_checkpoint(args.out) is not None, progress_is="checkpoint")
 
 
-def latest_checkpoint(out: str) -> Optional[str]:
-    pointer = os.path.join(out, CHECKPOINTS, "latest")
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer) as f:
-        return os.path.join(out, CHECKPOINTS, f.read().strip())
+def latest_step_checkpoint(out: str) -> Optional[str]:
+    """The folder of the newest step checkpoint in ``out``, or None."""
+    return latest_step(os.path.join(out, STEP_CHECKPOINTS))
 
 
-def save_checkpoint(out: str, step: int, personaliser: Personaliser, optimizer, scaler) -> None:
-    """A complete folder per checkpoint, then an atomic pointer to it: a crash never leaves a half one."""
-    from safetensors.torch import save_file
-
-    root = os.path.join(out, CHECKPOINTS)
-    name = f"step-{step:08d}"
-    folder = os.path.join(root, name)
-    os.makedirs(folder, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in personaliser.trainable_state().items()},
-              os.path.join(folder, "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "step": step}, os.path.join(folder, "optimizer.pt"))
-    publish_checkpoint(root, name)
+def save_step_checkpoint(out: str, step: int, personaliser: Personaliser, optimizer, scaler) -> None:
+    """The personaliser's trainable tensors, optimiser and scaler at ``step`` (``commands.save_step``)."""
+    save_step(os.path.join(out, STEP_CHECKPOINTS), step, personaliser.trainable_state(), TRAINABLE, optimizer, scaler)
 
 
-def publish_checkpoint(root: str, name: str) -> None:
-    """Point ``root/latest`` at the complete checkpoint folder ``name`` atomically, then drop older ones."""
-    with open(os.path.join(root, "latest.tmp"), "w") as f:
-        f.write(name)
-    os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
-    for old in os.listdir(root):
-        if old.startswith("step-") and old != name:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-
-
-def command_accelerator(mixed_precision: str):
-    """The accelerate ``Accelerator`` of a command; launched as several processes without a GPU,
-    accelerate would run independent copies unless told CPU."""
-    from accelerate import Accelerator
-
-    several_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=mixed_precision, cpu=several_on_cpu)
-
-
-def checked_loss(accelerator, loss: torch.Tensor, step: int) -> float:
-    """The loss averaged over processes; a non-finite one stops the run before any checkpoint."""
-    value = accelerator.reduce(loss.detach(), reduction="mean").item()
-    if not math.isfinite(value):  # before any checkpoint: the last good one stays the latest
-        raise ValueError(f"The loss became {value} at step {step}; lower --lr or use bf16 instead of fp16, "
-                         "then --resume from the last checkpoint.")
-    return value
-
-
-def load_checkpoint(folder: str, personaliser: Personaliser, optimizer, scaler) -> int:
-    from safetensors.torch import load_file
-
-    personaliser.load_trainable_state(load_file(os.path.join(folder, "trainable.safetensors")))
-    state = torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    return int(state["step"])
+def load_step_checkpoint(folder: str, personaliser: Personaliser, optimizer, scaler) -> int:
+    """Restore a ``save_step_checkpoint``; returns its step."""
+    tensors, step = load_step(folder, TRAINABLE, optimizer, scaler)
+    personaliser.load_trainable_state(tensors)
+    return step
 
 
 def main(argv=None) -> dict:
@@ -195,6 +143,21 @@ def main(argv=None) -> dict:
         print(f"wrote the personalised generator to {args.out} ({PERSONALISATION_JSON}, its weights, loss.csv); "
               f"train on it with --gen-finetuned {args.out}", flush=True)
     return result
+
+
+def personalise_first(out: str, config: str, *, num_processes: int = 1) -> None:
+    """Make ``out`` with ``onlinemix finetune --config config`` unless it already holds a personalised
+    generator (``train.py --gen-finetune-config``); an interrupted personalisation resumes from its last
+    checkpoint. A multi-process run is told to make it first: its ranks would each personalise."""
+    if os.path.isfile(os.path.join(out, PERSONALISATION_JSON)):
+        logger.info("using the personalised generator in %s", out)
+        return
+    if num_processes > 1:
+        raise FileNotFoundError(f"{out!r} holds no personalised generator; make it before a multi-process run: "
+                                f"onlinemix finetune --config {config} --out {out}")
+    argv = ["--config", config, "--out", out] + (["--resume"] if latest_step_checkpoint(out) is not None else [])
+    logger.info("personalising the generator first: onlinemix finetune %s", " ".join(argv))
+    main(argv)
 
 
 def finetune(args) -> dict:
@@ -224,10 +187,10 @@ def finetune(args) -> dict:
 
     start = 0
     if args.resume:
-        start = load_checkpoint(latest_checkpoint(args.out), personaliser, optimizer, scaler)
+        start = load_step_checkpoint(latest_step_checkpoint(args.out), personaliser, optimizer, scaler)
         logger.info("resuming %s at step %d", args.out, start)
     elif main_process and args.overwrite:
-        shutil.rmtree(os.path.join(args.out, CHECKPOINTS), ignore_errors=True)
+        shutil.rmtree(os.path.join(args.out, STEP_CHECKPOINTS), ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)
     balanced = bool(args.imbalance_factor)  # the paper: class-balanced sampling for long-tail data
     batches = StepBatches(splits.train, resolution=args.resolution, batch_size=args.batch_size, seed=args.seed,
@@ -256,7 +219,7 @@ def finetune(args) -> dict:
         if main_process:
             append_loss(log_path, step + 1, value)
             if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
-                save_checkpoint(args.out, step + 1, personaliser, optimizer, scaler)
+                save_step_checkpoint(args.out, step + 1, personaliser, optimizer, scaler)
     bar.close()
     accelerator.wait_for_everyone()
     info = {}

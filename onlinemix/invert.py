@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import check_data_options, load_splits
-from .finetune import CHECKPOINTS, command_accelerator, publish_checkpoint
-from .generator.components import load_components, model_source
+from .commands import (STEP_CHECKPOINTS, check_base_model, check_out_folder, command_accelerator, latest_step,
+                       load_step, save_step)
+from .generator.components import load_components
 from .generator.conditions import STORE, STORE_JSON
 from .options import HelpFormatter, add_data_arguments, data_options, data_record, model_record, parse_with_config
 from .training_noise import TrainingNoise, sample_latents
@@ -154,26 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """Stop before any work on settings that cannot run."""
-    if not args.model or not args.out:
-        raise ValueError("--model (the base: a diffusers folder, hub id or 'demo') and --out (the store's folder) "
-                         "are required.")
-    model_source(args.model, local_files_only=args.local_files_only)
+    check_base_model(args, out="the store's folder")
     check_data_options(args.data_dir, **data_options(args))
-    if args.resolution <= 0 or args.resolution % 8:
-        raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE's factor), got {args.resolution}.")
     if not 1 <= args.vectors <= 77:
         raise ValueError(f"--vectors must lie in [1, 77] (the text encoder's length), got {args.vectors}.")
     if min(args.group_size, args.batch_size, args.updates_per_image, args.checkpoint_every) < 1:
         raise ValueError("--group-size, --batch-size, --updates-per-image and --checkpoint-every must be >= 1.")
     if not args.lr > 0 or not args.weight_decay >= 0:
         raise ValueError(f"--lr must be positive and --weight-decay >= 0, got {args.lr} and {args.weight_decay}.")
+    check_out_folder(args.out, resume=args.resume, overwrite=args.overwrite, progress=has_progress(args.out),
+                     progress_is="finished group or checkpoint")
     if args.resume:
-        if not has_progress(args.out):
-            raise FileNotFoundError(f"--resume: {args.out!r} holds no finished group or checkpoint to continue from.")
         check_same_settings(args)
-    elif os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise ValueError(f"--out {args.out!r} is not empty; pass --overwrite to write into it, --resume to "
-                         "continue its run, or choose another folder.")
 
 
 def run_settings(args) -> dict:
@@ -201,7 +194,7 @@ def group_name(group: int) -> str:
 
 def has_progress(out: str) -> bool:
     return any(os.path.isdir(os.path.join(out, folder)) and os.listdir(os.path.join(out, folder))
-               for folder in (GROUPS, CHECKPOINTS))
+               for folder in (GROUPS, STEP_CHECKPOINTS))
 
 
 def finished_path(out: str, group: int) -> str:
@@ -209,37 +202,22 @@ def finished_path(out: str, group: int) -> str:
 
 
 def group_checkpoint(out: str, group: int) -> Optional[str]:
-    """The latest checkpoint folder of a group in progress, or None."""
-    pointer = os.path.join(out, CHECKPOINTS, group_name(group), "latest")
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer) as f:
-        return os.path.join(os.path.dirname(pointer), f.read().strip())
+    """The latest step checkpoint folder of a group in progress, or None."""
+    return latest_step(os.path.join(out, STEP_CHECKPOINTS, group_name(group)))
 
 
 def save_group_checkpoint(out: str, group: int, step: int, conditions, optimizer, scaler) -> None:
-    """A complete folder per checkpoint, then an atomic pointer to it: a crash never leaves a half one."""
-    from safetensors.torch import save_file
-
-    root = os.path.join(out, CHECKPOINTS, group_name(group))
-    name = f"step-{step:08d}"
-    os.makedirs(os.path.join(root, name), exist_ok=True)
-    save_file({"conditions": conditions.detach().cpu().contiguous()}, os.path.join(root, name, STORE))
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "step": step}, os.path.join(root, name, "optimizer.pt"))
-    publish_checkpoint(root, name)
+    """The group's conditions, optimiser and scaler at ``step`` (``commands.save_step``)."""
+    save_step(os.path.join(out, STEP_CHECKPOINTS, group_name(group)), step, {"conditions": conditions}, STORE,
+              optimizer, scaler)
 
 
 def load_group_checkpoint(folder: str, conditions, optimizer, scaler) -> int:
-    from safetensors.torch import load_file
-
+    """Restore a ``save_group_checkpoint`` into ``conditions``; returns its step."""
+    tensors, step = load_step(folder, STORE, optimizer, scaler)
     with torch.no_grad():
-        conditions.copy_(load_file(os.path.join(folder, STORE))["conditions"])
-    state = torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    return int(state["step"])
+        conditions.copy_(tensors["conditions"])
+    return step
 
 
 def save_finished_group(out: str, group: int, conditions: torch.Tensor) -> None:
@@ -249,7 +227,7 @@ def save_finished_group(out: str, group: int, conditions: torch.Tensor) -> None:
     path = finished_path(out, group)
     save_file({"conditions": conditions.detach().cpu().contiguous()}, f"{path}.tmp-{os.getpid()}")
     os.replace(f"{path}.tmp-{os.getpid()}", path)
-    shutil.rmtree(os.path.join(out, CHECKPOINTS, group_name(group)), ignore_errors=True)
+    shutil.rmtree(os.path.join(out, STEP_CHECKPOINTS, group_name(group)), ignore_errors=True)
 
 
 def group_losses_path(out: str, group: int) -> str:
@@ -303,7 +281,7 @@ def invert(args) -> dict:
     groups = image_groups(len(train), args.group_size)
     if main_process:
         if args.overwrite and not args.resume:
-            for folder in (GROUPS, CHECKPOINTS, LOSSES):
+            for folder in (GROUPS, STEP_CHECKPOINTS, LOSSES):
                 shutil.rmtree(os.path.join(args.out, folder), ignore_errors=True)
         for folder in (GROUPS, LOSSES):
             os.makedirs(os.path.join(args.out, folder), exist_ok=True)

@@ -178,64 +178,74 @@ def add_generator_arguments(parser) -> None:
     parser.add_argument("--local-files-only", action="store_true", help="never reach a model hub")
 
 
-def check_generator_args(args: argparse.Namespace) -> None:
-    """Stop before any work on generator options that cannot run with ``args.aug``'s strategy."""
-    from .augmentation import strategy_of
-    from .generator.captions import CaptionStore, check_caption_options
-    from .generator.conditions import check_inversion_options, read_store_info
-    from .generator.components import accelerator_location, model_source, personalisation_info
-    from .plan import check_guidance, get_strategy
+# GeneratorSpec's fields and the options that set them; a list value becomes a tuple. A new generator option
+# is a flag in add_generator_arguments, a spec field and a row here. Options a command lacks (generate has no
+# closed loop) leave their field at the spec's default.
+SPEC_OPTIONS = {
+    "model": "gen_model", "finetuned": "gen_finetuned", "referable_classes": "referable_classes",
+    "strengths": "strengths", "steps": "gen_steps", "guidance": "guidance", "resolution": "gen_resolution",
+    "batch_size": "gen_batch_size", "continuous": "gen_continuous", "deep_cache": "gen_deep_cache",
+    "posterior_cache": "gen_posterior_cache", "attention": "gen_attention", "channels_last": "gen_channels_last",
+    "compile": "gen_compile", "scheduler": "gen_scheduler", "accelerator": "gen_accelerator",
+    "accelerator_weight": "gen_accelerator_weight", "dtype": "gen_dtype", "clip_model": "clip_filter",
+    "local_files_only": "local_files_only", "policy": "gen_policy", "policy_floor": "gen_policy_floor",
+    "strength_schedule": "strength_schedule", "inversion": "inversion", "inversion_noise": "inversion_noise",
+    "inversion_interpolation": "inversion_interpolation", "captions": "captions",
+    "caption_weights": "caption_weights",
+}
 
-    strategy = get_strategy(strategy_of(args.aug))
-    check_generator_numbers(args)
+
+def generator_spec(args: argparse.Namespace):
+    """The ``GeneratorSpec`` of the generator options (``SPEC_OPTIONS``) and ``args.aug``'s strategy, checked by
+    the spec itself; a field out of range is reported by its flag. ``generator_factory`` completes the fields
+    that depend on the data (image size, long-tail weights, the ``tiny`` model's folder)."""
+    from .augmentation import strategy_of
+    from .generator.worker import GeneratorSpec, SpecFieldError
+
+    fields = {field: getattr(args, option) for field, option in SPEC_OPTIONS.items() if hasattr(args, option)}
+    fields = {field: tuple(value) if isinstance(value, list) else value for field, value in fields.items()}
+    try:
+        return GeneratorSpec(strategy=strategy_of(args.aug), **fields)
+    except SpecFieldError as error:
+        raise ValueError(f"--{SPEC_OPTIONS[error.field].replace('_', '-')} {error.requirement}") from None
+
+
+def check_generator_args(args: argparse.Namespace) -> None:
+    """Stop before any work on generator options that cannot run with ``args.aug``'s strategy: the spec's own
+    checks (``generator_spec``), then the files the options name (model, personalisation, acceleration LoRA,
+    condition and caption stores), read without loading weights."""
+    from .augmentation import strategy_of
+    from .generator.captions import CaptionStore
+    from .generator.conditions import read_store_info
+    from .generator.components import accelerator_location, model_source, personalisation_info
+    from .plan import get_strategy
+
     if args.gen_model != "tiny":
         model_source(args.gen_model, local_files_only=args.local_files_only)
-    if args.gen_finetuned and not getattr(args, "gen_finetune_config", None) and strategy.personalised:
-        personalisation_info(args.gen_finetuned)  # made by `onlinemix finetune`, or to be made first
+    to_be_made = getattr(args, "gen_finetune_config", None)  # train.py personalises it first
+    if args.gen_finetuned and not to_be_made and get_strategy(strategy_of(args.aug)).personalised:
+        personalisation_info(args.gen_finetuned)  # made by `onlinemix finetune`
     if args.gen_accelerator:
         accelerator_location(args.gen_accelerator, local_files_only=args.local_files_only)
-    check_inversion_options(strategy, args.inversion, args.inversion_noise, args.inversion_interpolation)
-    if args.guidance is not None:
-        check_guidance(args.guidance)
+    generator_spec(args)
     if args.inversion:
         read_store_info(args.inversion)
-    check_caption_options(strategy, args.captions, args.caption_weights)
     if args.captions:  # its rows now; whether it covers every training image once the data is loaded
         CaptionStore.load(args.captions)
 
 
-def check_generator_numbers(args: argparse.Namespace) -> None:
-    """The generator's counts and sizes in range: steps, batch, resolution (the VAE halves it three times), caches,
-    the ring."""
-    for flag, value, least in (("--gen-steps", args.gen_steps, 1), ("--gen-batch-size", args.gen_batch_size, 1),
-                               ("--gen-deep-cache", args.gen_deep_cache, 1),
-                               ("--gen-posterior-cache", args.gen_posterior_cache, 0)):
-        if value < least:
-            raise ValueError(f"{flag} must be >= {least}, got {value}.")
-    if args.gen_resolution < 8 or args.gen_resolution % 8:
-        raise ValueError(f"--gen-resolution must be a multiple of 8 (the VAE's downsampling), got "
-                         f"{args.gen_resolution}.")
-    if args.strengths and not all(0 < s <= 1 for s in args.strengths):
-        raise ValueError(f"--strengths are SDEdit strengths in (0, 1], got {args.strengths}.")
-    for flag in ("ring_slots", "max_reuse", "ring_size"):
-        value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}.")
-
-
 def generator_factory(args: argparse.Namespace, splits, work_dir: str, *, image_size: int, seed: int = 0,
-                      feedback=None, policy: str = "uniform", policy_floor: float = 0.2,
-                      strength_schedule=None):
-    """The ``DiffusionProducerFactory`` of ``args.aug``'s strategy from the generator options, over ``splits``'
-    training images, handing over images of ``image_size``; ``feedback`` and the policy options are the
-    closed loop's (``train.py``); ``seed`` makes ``--gen-model tiny`` in ``work_dir``, once every setting
-    has been checked (a refused run writes nothing)."""
+                      feedback=None):
+    """The ``DiffusionProducerFactory`` of ``generator_spec(args)`` over ``splits``' training images, handing
+    over images of ``image_size``; ``feedback`` is the closed loop's ``FeedbackBlock`` (``train.py``); ``seed``
+    makes ``--gen-model tiny`` in ``work_dir``, once every setting has been checked (a refused run writes
+    nothing)."""
     import dataclasses
 
     import numpy as np
 
-    from .augmentation import generator_model, strategy_of
-    from .generator.worker import DiffusionProducerFactory, GeneratorSpec
+    from .augmentation import generator_model
+    from .generator.worker import DiffusionProducerFactory
 
     weights = None
     if args.imbalance_factor:  # the paper: tail classes are translated toward more often
@@ -243,23 +253,7 @@ def generator_factory(args: argparse.Namespace, splits, work_dir: str, *, image_
 
         counts = np.bincount(splits.train.labels, minlength=len(splits.class_names))
         weights = tuple(long_tail_weights(counts).tolist())
-    spec = GeneratorSpec(
-        model=args.gen_model, finetuned=args.gen_finetuned,
-        strategy=strategy_of(args.aug), target_weights=weights, referable_classes=args.referable_classes,
-        strengths=tuple(args.strengths) if args.strengths else None, steps=args.gen_steps,
-        guidance=None if args.guidance is None else tuple(np.atleast_1d(args.guidance).tolist()),
-        resolution=args.gen_resolution, image_size=image_size, batch_size=args.gen_batch_size,
-        continuous=args.gen_continuous, deep_cache=args.gen_deep_cache, posterior_cache=args.gen_posterior_cache,
-        attention=args.gen_attention, channels_last=args.gen_channels_last, compile=args.gen_compile,
-        scheduler=args.gen_scheduler,
-        accelerator=args.gen_accelerator, accelerator_weight=args.gen_accelerator_weight,
-        dtype=args.gen_dtype, clip_model=args.clip_filter, local_files_only=args.local_files_only,
-        policy=policy, policy_floor=policy_floor,
-        strength_schedule=tuple(strength_schedule) if strength_schedule else None,
-        inversion=args.inversion, inversion_noise=args.inversion_noise,
-        inversion_interpolation=tuple(args.inversion_interpolation) if args.inversion_interpolation else None,
-        captions=args.captions, caption_weights=tuple(args.caption_weights),
-    )
+    spec = dataclasses.replace(generator_spec(args), image_size=image_size, target_weights=weights)
     factory = DiffusionProducerFactory(spec, splits.train, splits.class_names, args.metaclass, feedback=feedback)
     factory.spec = dataclasses.replace(spec, model=generator_model(args.gen_model, work_dir, seed=seed))
     return factory

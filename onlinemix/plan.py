@@ -134,6 +134,12 @@ def get_strategy(name: str) -> Strategy:
     return STRATEGIES[strategy_name(name)]
 
 
+def closed_loop(policy: str, strength_schedule: Optional[Sequence[float]]) -> bool:
+    """Whether the generator follows the classifier: a policy other than the paper's uniform draws, or a
+    strength schedule over training progress."""
+    return policy != "uniform" or strength_schedule is not None
+
+
 def check_policy(strategy, policy: str, floor: float, schedule: Optional[Sequence[float]]) -> None:
     """Stop on a planning policy, floor or strength schedule that ``strategy`` (a ``Strategy`` or
     its name) cannot run, with a message that says what to change."""
@@ -329,7 +335,7 @@ class Planner:
         return allowed
 
     def policy_state(self) -> dict:
-        """What the policy draws now: ``pairs`` ([target][source] probabilities, confusion) or ``targets``
+        """What the policy draws now: ``pairs`` (``[target, source]`` probabilities, confusion) or ``targets``
         (hard-class), the floor, and the scheduled strength."""
         state = {"policy": self.policy, "floor": self.floor, "progress": self.progress}
         if self.strength_schedule is not None:

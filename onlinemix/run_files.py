@@ -1,14 +1,125 @@
-"""What a training run writes besides checkpoints: metrics (JSON lines, CSV, TensorBoard), the
-loss every few steps, and a grid of the synthetic samples it trained on."""
+"""What a training run writes into its folder: ``RunRecorder`` (its options, the loss every few steps,
+each epoch's metrics in JSON lines, CSV and TensorBoard, the last and best checkpoints, a grid of the
+synthetic samples it trained on, the closed loop's heatmaps), the pieces it writes with, and what the
+run says at the end of each epoch and of the run."""
 from __future__ import annotations
 
 import csv
 import json
 import os
+import shutil
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import yaml
+
+from .checkpoint import save_or_warn
+
+
+class RunRecorder:
+    """Everything a run writes, done by the main process (timm's ``CheckpointSaver`` and ``update_summary``
+    in one); on every other process each method does nothing.
+
+    Files in ``run_dir``: ``args.yaml``; ``steps.csv``, the loss every ``log_interval`` steps; per epoch
+    ``metrics.jsonl`` and ``metrics.csv`` (columns fixed for the run), TensorBoard scalars when tensorboard
+    is installed, ``last.pth``, ``best.pth`` (best validation top-1; without a validation split the latest
+    evaluated epoch), ``synthetic-epochNNN.png`` (``SampleGrid``) and, for a closed loop,
+    ``policy-epochNNN.png`` at evaluations. Metrics are written before checkpoints, so a failed checkpoint
+    write (``save_or_warn``) loses none.
+
+    Args:
+        run_dir: The run folder; made here with ``args.yaml``, unless it exists (a resumed run).
+        class_names: Names of the classes, by label index.
+        splits: Each evaluated split's name and whether it defines groups (``metrics_columns``).
+        args: The run's resolved options: ``args.yaml`` and every checkpoint's ``args``.
+        main: Whether this process writes.
+        log_interval: Steps between rows of ``steps.csv``.
+    """
+
+    def __init__(self, run_dir: str, class_names: Sequence[str], splits: dict, *, args: dict, main: bool,
+                 log_interval: int = 50):
+        self.run_dir, self.class_names, self.args, self.main = run_dir, list(class_names), args, main
+        self.log_interval = log_interval
+        self.columns = metrics_columns(splits)
+        self.grid = SampleGrid(class_names)
+        self.best, self.failed_write, self.pairs = -1.0, False, None
+        self.made = main and not os.path.isdir(run_dir)
+        self.board = None
+        if main:
+            os.makedirs(run_dir, exist_ok=True)
+            with open(self.path("args.yaml"), "w") as f:
+                yaml.safe_dump(args, f, sort_keys=True)
+            self.board = tensorboard(run_dir)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.run_dir, name)
+
+    def resumed(self, epoch: int, best: float) -> None:
+        """Go on from a checkpoint: ``epoch`` (0-based) is the next to train, ``best`` its best score; the
+        interrupted epoch's step rows are dropped, as they are trained again."""
+        self.best = best
+        if self.main:
+            trim_steps(self.path("steps.csv"), epoch)
+
+    def step(self, epoch: int, step: int, loss: float, lr: float, mix, logits: torch.Tensor) -> None:
+        """After a training step: its loss (every ``log_interval`` steps), and the synthetic samples of
+        ``mix`` (a ``DiffMix``, its ``recent`` and ``synthetic``) for the epoch's grid."""
+        if not self.main:
+            return
+        self.grid.add(mix.recent, mix.synthetic, logits)
+        if step % self.log_interval == 0:
+            log_step(self.path("steps.csv"), epoch, step, loss, lr)
+
+    def epoch(self, result: dict, training_state: dict, *, evaluated: bool, policy: Optional[dict] = None) -> None:
+        """After an epoch: its metrics, then ``last.pth`` (and ``best.pth`` when validation top-1 rose), the
+        grid, the closed loop's heatmap and TensorBoard.
+
+        Args:
+            result: The epoch's metrics (``epoch`` 0-based, as ``write_metrics`` reads them).
+            training_state: What a resume needs besides ``epoch``, ``best`` and ``args``: model, optimizer,
+                scheduler, scaler and random states.
+            evaluated: Whether ``result`` holds this epoch's evaluation.
+            policy: The closed loop's ``ClosedLoop.epoch_state()``, or None.
+
+        Raises:
+            CheckpointWriteError: two checkpoint writes in a row failed.
+        """
+        if not self.main:
+            return
+        epoch = result["epoch"]
+        write_metrics(result, self.path("metrics.jsonl"), self.path("metrics.csv"), self.columns)
+        score = result.get("val", {}).get("top1", -epoch) if evaluated else self.best
+        checkpoint = {**training_state, "epoch": epoch, "best": max(self.best, score), "args": self.args}
+        self.failed_write = save_or_warn(checkpoint, self.path("last.pth"), self.failed_write)
+        if evaluated and score > self.best and not self.failed_write:
+            self.best = score
+            self.failed_write = save_or_warn(checkpoint, self.path("best.pth"), self.failed_write)
+        self.grid.save(self.path(f"synthetic-epoch{epoch + 1:03d}.png"), epoch + 1)
+        if policy is not None:
+            # Drawn at evaluations only: a figure every epoch would slow the trainer, which gives
+            # the generator more time and so changes the synthetic budget against uniform runs.
+            self.pairs = policy["pairs"] + (self.pairs if self.pairs is not None else 0)
+            if evaluated:
+                save_policy_heatmap(policy["confusion"], self.pairs, self.class_names,
+                                    self.path(f"policy-epoch{epoch + 1:03d}.png"))
+                self.pairs = None
+        if self.board is not None:
+            for key, value in flat_scalars(result).items():
+                self.board.add_scalar(key, value, epoch + 1)
+            self.board.flush()
+
+    def close(self, *, trained: bool) -> None:
+        """Close TensorBoard; a folder this recorder made for a run that trained nothing (its generator
+        failed the warm-up) is removed."""
+        if self.board is not None:
+            self.board.close()
+        if self.made and not trained:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def summary(self, result: dict, *, validated: bool) -> str:
+        """``run_summary`` of the run's last ``result``; the best validation top-1 when it had a validation split."""
+        return run_summary(self.run_dir, result, self.best if validated else None)
 
 
 def tensorboard(run_dir: str):
@@ -65,6 +176,20 @@ def run_summary(run_dir: str, result: dict, best_val: Optional[float]) -> str:
         files += f", {grids} grids of the synthetic samples (synthetic-epochNNN.png)"
     return (f"finished {result['epoch'] + 1} epochs: {accuracy}{best}\n"
             f"run folder {os.path.abspath(run_dir)}: {files}")
+
+
+def epoch_line(result: dict) -> str:
+    """An epoch's log line: loss, accuracy per evaluated split, the synthetic share, and what the
+    classifier called the synthetic samples."""
+    accuracy = ", ".join(f"{split} top1 {metrics['top1']:.4f}" for split, metrics in result.items()
+                         if isinstance(metrics, dict) and "top1" in metrics) or "not evaluated"
+    called = ""
+    if "fidelity" in result:
+        shares = result["fidelity"]["all"]
+        first = f", target on first reads {shares['first_read']['target']:.2f}" if "first_read" in shares else ""
+        called = f" (classifier calls it target {shares['target']:.2f}, source {shares['source']:.2f}{first})"
+    return (f"epoch {result['epoch'] + 1}: loss {result['train_loss']:.4f}, {accuracy}, synthetic "
+            f"{result['augmentation']['replaced_fraction']:.3f}{called}")
 
 
 FIDELITY_COLUMNS = ("synthetic_called_target", "synthetic_called_source", "synthetic_first_read_called_target")

@@ -265,12 +265,12 @@ def test_multi_vector_tokens_round_trip_through_the_folder(base, data_dir, tmp_p
     torch.testing.assert_close(table[ids], saved["<class_2>"])
 
     # The fine-tuned model in memory, rebuilt from its last checkpoint: the same images from the same prompt.
-    from onlinemix.finetune import load_checkpoint, latest_checkpoint
+    from onlinemix.finetune import latest_step_checkpoint, load_step_checkpoint
 
     tuned = load_components(base)
     personaliser = Personaliser(tuned, info["class_names"], "shape", vectors_per_token=3)
     optimizer = torch.optim.AdamW(personaliser.parameter_groups(1e-2, 0.1))
-    load_checkpoint(latest_checkpoint(str(out)), personaliser, optimizer, None)
+    load_step_checkpoint(latest_step_checkpoint(str(out)), personaliser, optimizer, None)
     prompt = [f"a photo of a {loaded['tokens'][1]} shape"]
     assert personaliser.captions[1] == prompt[0]
     expected = Sampler(tuned, steps=4).generate(prompt, [5], height=32, width=32)

@@ -66,6 +66,13 @@ def test_long_modules_say_why_they_are_long():
     assert not long, f"long modules whose docstring does not say why: {long}"
 
 
+def test_train_py_stays_a_recipe_a_newcomer_reads():
+    """train.py is wiring read top to bottom: options, recording and the algorithms live in onlinemix."""
+    with open(os.path.join(ROOT, "train.py")) as f:
+        lines = f.read().count("\n")
+    assert lines <= 300, f"train.py has {lines} lines; move what is not the recipe into onlinemix"
+
+
 def test_the_architecture_map_names_every_module():
     """Every module file with code in it has its line in ARCHITECTURE.md's module map."""
     with open(os.path.join(ROOT, "ARCHITECTURE.md")) as f:

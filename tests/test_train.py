@@ -8,7 +8,11 @@ import torch
 from accelerate import PartialState
 
 import train
+from onlinemix import checkpoint as checkpoint_module
+from onlinemix import train_options
+from onlinemix.augmentation import AUGMENTATIONS
 from onlinemix.checkpoint import load_checkpoint
+from onlinemix.data import loaders as data_loaders
 from onlinemix.data import SplitImages, load_splits
 from onlinemix.data.toy import write_toy_dataset
 from onlinemix.options import data_options, generator_factory
@@ -173,16 +177,16 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
     class Interrupted(Exception):
         pass
 
-    real_save = train.save_checkpoint
+    real_save = checkpoint_module.save_checkpoint
 
     def save_then_stop(checkpoint, path):
         real_save(checkpoint, path)
         raise Interrupted
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", save_then_stop)
     with pytest.raises(Interrupted):
         run(data_dir, tmp_path / "interrupted", *common)
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", real_save)
     checkpoint = tmp_path / "interrupted" / "run" / "last.pth"
     run(data_dir, tmp_path / "interrupted", *common, "--resume", str(checkpoint))
     straight = read_loss(tmp_path / "straight" / "run" / "steps.csv", 1, 0)
@@ -260,11 +264,11 @@ def test_bad_input_stops_before_any_work(data_dir, tmp_path):
 
 @pytest.mark.parametrize("config", sorted(f for f in os.listdir("configs") if f.endswith(".yaml")))
 def test_every_config_parses(config, monkeypatch):
-    monkeypatch.setattr(train, "check_device", lambda device, flag: None)  # recipes name GPUs
-    monkeypatch.setattr(train, "check_data_options", lambda *args, **kw: None)  # and data sets not here
+    monkeypatch.setattr(train_options, "check_device", lambda device, flag: None)  # recipes name GPUs
+    monkeypatch.setattr(train_options, "check_data_options", lambda *args, **kw: None)  # and data sets not here
     monkeypatch.setattr("onlinemix.generator.components.personalisation_info", lambda folder: {})  # nor their tunings
     args = train.parse_args(["--config", os.path.join("configs", config)])
-    assert args.aug in train.AUGMENTATIONS and 0 <= args.p <= 1
+    assert args.aug in AUGMENTATIONS and 0 <= args.p <= 1
     if args.gen_model.startswith("stable-diffusion"):  # the paper's recipes
         import timm
 
@@ -400,11 +404,11 @@ def test_the_synthetic_crop_is_the_real_one_and_normalisation_follows_the_model(
     args = train.parse_args(["--data-dir", data_dir, "--aug", "none", "--device", "cpu"])
     splits = load_splits(args.data_dir, **data_options(args))
     vit = timm.create_model("vit_tiny_patch16_224.augreg_in21k_ft_in1k", num_classes=3)
-    mean, std = train.normalisation(vit)
+    mean, std = data_loaders.normalisation(vit)
     assert mean == std == (0.5, 0.5, 0.5), "augreg ViTs expect [-1, 1] inputs"
     mix, *_ = train.build_augmentation(args, splits, str(tmp_path), PartialState(cpu=True), mean, std)
     assert mix.mean == mean and mix.std == std
-    crop = train.transforms(32, mean, std)[0].transforms[0]
+    crop = data_loaders.transforms(32, mean, std)[0].transforms[0]
     assert tuple(mix.synthetic_transform.scale) == tuple(crop.scale) and mix.synthetic_transform.flip == 0.5
     assert mix.synthetic_transform.size == (args.img_size, args.img_size), "each crop resized once"
     assert tuple(mix.synthetic_transform.ratio) == pytest.approx(tuple(crop.ratio))
@@ -417,8 +421,12 @@ def test_the_synthetic_crop_is_the_real_one_and_normalisation_follows_the_model(
     ("cutmix", ["--mixup-prob", "1", "--mixup-mode", "batch"], dict(mix_prob=1.0, mode="batch")),
 ])
 def test_mixup_and_cutmix_follow_the_paper_unless_told(data_dir, tmp_path, aug, flags, expected):
+    tuned = tmp_path / "tuned"  # diffmix is refused without a personalisation while the options are parsed
+    tuned.mkdir()
+    (tuned / "onlinemix.json").write_text(json.dumps({"method": "ti_db", "class_names": CLASSES, "tokens": []}))
     args = train.parse_args(["--data-dir", data_dir, "--aug", aug, "--device", "cpu", "--gen-device", "cpu",
-                             "--gen-model", "tiny", "--gen-resolution", "32", "--gen-steps", "2", *flags])
+                             "--gen-model", "tiny", "--gen-resolution", "32", "--gen-steps", "2",
+                             "--gen-finetuned", str(tuned), *flags])
     args.aug = "cutmix" if aug == "diffmix+cutmix" else aug  # the same mixing; no generator needed here
     splits = load_splits(args.data_dir, **data_options(args))
     mix, *_ = train.build_augmentation(args, splits, str(tmp_path), PartialState(cpu=True), (0, 0, 0), (1, 1, 1))

@@ -157,7 +157,7 @@ def test_pool_worker_fills_a_ring_with_labelled_samples(folders, tmp_path):
         (dict(strengths=(0.0,)), r"\(0, 1\]"),
         (dict(dtype="float8"), "dtype"),
         (dict(deep_cache=0), "deep_cache must be >= 1"),
-        (dict(posterior_cache=-1), "posterior_cache >= 0"),
+        (dict(posterior_cache=-1), "posterior_cache must be >= 0"),
         (dict(compile="fast"), "compile must be None or one of"),
         (dict(attention="flash"), "attention must be 'sdpa' or 'xformers'"),
         (dict(compile="default", deep_cache=2), "compile and deep_cache > 1 do not mix"),

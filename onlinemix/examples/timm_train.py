@@ -6,7 +6,7 @@ shared-memory ring, then build ``DiffMix`` / ``DiffMixCollate`` in their place, 
 same ``mixup_args``; the loss stays ``SoftTargetCrossEntropy``::
 
     factory = DiffusionProducerFactory(spec, references, class_names, metaclass)
-    ring, pool = create_generator(factory, ["cuda:1"], slots=256, image_size=img_size)   # onlinemix.augmentation
+    ring, pool = create_ring_and_pool(factory, ["cuda:1"], slots=256, image_size=img_size)   # onlinemix.augmentation
     pool.start().warm_up(batch_size, timeout=60)                               # optional head start
     mixup_fn = DiffMix(**mixup_args, source=ring, p=0.1, gamma=0.5)            # was Mixup(**mixup_args)
     collate_fn = DiffMixCollate(**mixup_args, source=ring, p=0.1, gamma=0.5)   # was FastCollateMixup(...)
@@ -40,7 +40,7 @@ from timm.scheduler import create_scheduler_v2
 from tqdm import tqdm
 
 from onlinemix import DiffMix, DiffMixCollate, FidelityMonitor  # onlinemix
-from onlinemix.augmentation import create_generator, generator_model  # onlinemix
+from onlinemix.augmentation import create_ring_and_pool, generator_model  # onlinemix
 from onlinemix.data import FileSplit  # onlinemix
 from onlinemix.generator.worker import DiffusionProducerFactory, GeneratorSpec  # onlinemix
 
@@ -91,7 +91,7 @@ def start_generator(args, dataset, work_dir: str):  # onlinemix
                          strategy=args.strategy, steps=args.gen_steps, resolution=args.gen_resolution,
                          image_size=args.img_size, batch_size=args.gen_batch_size, dtype=args.gen_dtype)
     factory = DiffusionProducerFactory(spec, references, class_names, args.metaclass)
-    ring, pool = create_generator(factory, args.gen_device, slots=args.ring_slots, image_size=args.img_size)
+    ring, pool = create_ring_and_pool(factory, args.gen_device, slots=args.ring_slots, image_size=args.img_size)
     pool.start().warm_up(args.batch_size, timeout=args.gen_warmup)  # a head start: the first batches find samples
     return ring, pool
 

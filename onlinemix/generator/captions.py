@@ -63,7 +63,8 @@ def check_caption_options(strategy, captions: Optional[str], weights: Sequence[f
     store, a store for a strategy that reads none, weights <= 0."""
     if strategy.captioned and not captions:
         raise ValueError(f"{strategy.name} prompts with each training image's caption: pass --captions "
-                         "(captions=), a file from `onlinemix caption --out FILE` or your own (see the README).")
+                         "(captions=), a file from `onlinemix caption --out FILE` or your own "
+                         "(see docs/usage/caption.md).")
     if captions and not strategy.captioned:
         raise ValueError(f"{strategy.name} reads no captions; --captions (captions=) is for sgid.")
     check_caption_weights(weights)
@@ -85,7 +86,7 @@ class CaptionStore:
         """Read and check a store file: every row an id, a non-empty caption and a similarity in [-1, 1]."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No caption store at {path!r}; make one with `onlinemix caption --out {path}` "
-                                    "on this run's data options, or bring your own (see the README).")
+                                    "on this run's data options, or bring your own (see docs/usage/caption.md).")
         try:
             with open(path) as f:
                 data = json.load(f)

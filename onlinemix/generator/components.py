@@ -308,7 +308,7 @@ def demo_model_path() -> str:
     if not os.path.isfile(os.path.join(DEMO_MODEL, "model_index.json")):
         raise FileNotFoundError(
             f"The pretrained demo generator is missing from {DEMO_MODEL!r}; rebuild it with "
-            f"`onlinemix pretrain-demo --out {DEMO_MODEL}` (see the README)."
+            f"`onlinemix pretrain-demo --out {DEMO_MODEL}` (see docs/usage/demo-generator.md)."
         )
     return DEMO_MODEL
 

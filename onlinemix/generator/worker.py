@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..plan import Planner, check_guidance, check_policy, get_strategy, strategy_name
+from ..plan import Planner, check_guidance, check_policy, closed_loop, get_strategy, strategy_name
 from ..batch import SampleBatch
 from ..feedback import FeedbackBlock
 from .captions import CAPTION_WEIGHTS, CaptionStore, captioned_guidance, captioned_prompt, check_caption_options
@@ -35,6 +35,14 @@ logger = logging.getLogger("onlinemix")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class SpecFieldError(ValueError):
+    """A ``GeneratorSpec`` field out of range; ``field`` names it, so that a command line can name its flag."""
+
+    def __init__(self, field: str, requirement: str):
+        super().__init__(f"{field} {requirement}")
+        self.field, self.requirement = field, requirement
 
 
 @dataclass(frozen=True)
@@ -143,24 +151,24 @@ class GeneratorSpec:
     @property
     def closed_loop(self) -> bool:
         """Whether the planner follows the trainer's feedback (a policy other than uniform, or a schedule)."""
-        return self.policy != "uniform" or self.strength_schedule is not None
+        return closed_loop(self.policy, self.strength_schedule)
 
     def __post_init__(self):
         """Checks that need no data set, model or process; ``DiffusionProducerFactory`` checks the rest."""
         object.__setattr__(self, "strategy", strategy_name(self.strategy))  # the one spelling, from an alias too
         strategy = get_strategy(self.strategy)
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}.")
+        for field, least, meaning in (("steps", 1, ""), ("batch_size", 1, ""), ("image_size", 1, ""),
+                                      ("deep_cache", 1, " (1: no reuse)"), ("posterior_cache", 0, " (0: no cache)")):
+            if getattr(self, field) < least:
+                raise SpecFieldError(field, f"must be >= {least}{meaning}, got {getattr(self, field)}.")
         if self.guidance is not None:
             check_guidance(self.guidance)
         if self.resolution <= 0 or self.resolution % 8:
-            raise ValueError(f"The generation resolution must be a positive multiple of 8, got {self.resolution}.")
-        if self.image_size <= 0 or self.batch_size < 1:
-            raise ValueError(f"image_size and batch_size must be positive, got {self.image_size} and "
-                             f"{self.batch_size}.")
-        if self.deep_cache < 1 or self.posterior_cache < 0:
-            raise ValueError(f"deep_cache must be >= 1 (1: no reuse) and posterior_cache >= 0 (0: no cache), got "
-                             f"{self.deep_cache} and {self.posterior_cache}.")
+            raise SpecFieldError("resolution", f"must be a multiple of 8 above 0 (the VAE's downsampling), got "
+                                               f"{self.resolution}.")
+        if self.strengths is not None and not all(0 < s <= 1 for s in np.atleast_1d(self.strengths)):
+            raise SpecFieldError("strengths", f"are SDEdit strengths in (0, 1], got "
+                                              f"{np.atleast_1d(self.strengths).tolist()}.")
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be None or one of {COMPILE_MODES}, got {self.compile!r}.")
         if self.compile and self.deep_cache > 1:
@@ -177,18 +185,12 @@ class GeneratorSpec:
             raise ValueError("An acceleration LoRA needs the scheduler it was distilled for: scheduler='ddim-trailing' "
                              "(Hyper-SD), 'lcm' (LCM-LoRA) or 'tcd' (TCD-LoRA), with its step count.")
         if self.accelerator_weight <= 0:
-            raise ValueError(f"accelerator_weight must be > 0, got {self.accelerator_weight}.")
+            raise SpecFieldError("accelerator_weight", f"must be > 0, got {self.accelerator_weight}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
-        if strategy.personalised and not self.finetuned:
-            raise ValueError(f"{strategy.name} needs a personalised generator: pass finetuned= (--gen-finetuned), "
-                             "the output folder of `onlinemix finetune`.")
         check_policy(strategy, self.policy, self.policy_floor, self.strength_schedule)
         check_inversion_options(strategy, self.inversion, self.inversion_noise, self.inversion_interpolation)
         check_caption_options(strategy, self.captions, self.caption_weights)
-        if strategy.filtered and not self.clip_model:
-            raise ValueError(f"{strategy.name} is real-gen with the CLIP filter: pass clip_model= (--clip-filter), "
-                             "a CLIP folder or hub id (the paper's openai/clip-vit-base-patch32).")
 
 
 def warn_coarse_strengths(steps: int, strengths) -> None:
@@ -238,6 +240,14 @@ class DiffusionProducerFactory:
         self.spec, self.references, self.feedback = spec, references, feedback
         self.class_names, self.metaclass = list(class_names), metaclass
         self.strategy = get_strategy(spec.strategy)
+        # The files a strategy runs on are the run's to name, so they are asked for here, with the data:
+        # the spec alone can be built (and checked) while they are still to be made.
+        if self.strategy.personalised and not spec.finetuned:
+            raise ValueError(f"{self.strategy.name} needs a personalised generator: pass finetuned= "
+                             "(--gen-finetuned), the output folder of `onlinemix finetune`.")
+        if self.strategy.filtered and not spec.clip_model:
+            raise ValueError(f"{self.strategy.name} is real-gen with the CLIP filter: pass clip_model= "
+                             "(--clip-filter), a CLIP folder or hub id (the paper's openai/clip-vit-base-patch32).")
         if len(self.class_names) < 2:
             raise ValueError(f"Need at least 2 classes, got {len(self.class_names)}.")
         if spec.finetuned and not self.strategy.personalised:
