@@ -44,7 +44,7 @@ def save_models(folder: str, size: str) -> None:
     from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
                               BlipProcessor, CLIPConfig, CLIPModel)
 
-    from onlinemix.generator.components import tiny_tokenizer
+    from onlinemix.generator.tiny import tiny_tokenizer
 
     tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     text, vision = ({}, {}) if size == "report" else (dict(encoder_hidden_size=32, **tiny),

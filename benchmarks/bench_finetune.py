@@ -23,7 +23,7 @@ from report import RESULTS, machine, sync, write_report
 from sd15 import sd15_architecture
 
 from onlinemix.personalise import Personaliser, cast_frozen
-from onlinemix.generator.components import tiny_components
+from onlinemix.generator.tiny import tiny_components
 
 AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 

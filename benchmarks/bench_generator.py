@@ -41,7 +41,8 @@ from diffusers import StableDiffusionImg2ImgPipeline
 from report import RESULTS, machine, pyplot, sync, write_report
 from sd15 import sd15_architecture
 
-from onlinemix.generator.components import load_components, tiny_components
+from onlinemix.generator.components import load_components
+from onlinemix.generator.tiny import tiny_components
 from onlinemix.generator.sampler import Sampler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from report import RESULTS, machine, write_report
 
 from onlinemix.data.demo_world import ENVIRONMENTS, SPECIES, caption, render
-from onlinemix.generator.components import attach_personalisation, load_components
+from onlinemix.generator.adapters import attach_personalisation
+from onlinemix.generator.components import load_components
 from onlinemix.generator.sampler import Sampler
 
 STRENGTHS = (0.5, 0.7, 0.9)

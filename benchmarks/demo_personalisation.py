@@ -30,7 +30,8 @@ from report import RESULTS, machine, write_report
 
 from onlinemix.data.demo_world import SPECIES, class_descriptions
 from onlinemix.finetune import main as finetune
-from onlinemix.generator.components import attach_personalisation, load_components
+from onlinemix.generator.adapters import attach_personalisation
+from onlinemix.generator.components import load_components
 from onlinemix.generator.sampler import Sampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

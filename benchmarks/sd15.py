@@ -2,7 +2,8 @@
 model, nothing to download. Users load the real model with ``onlinemix.generator.components.load_components``."""
 import torch
 
-from onlinemix.generator.components import Components, dpm_solver_scheduler, set_attention, tiny_tokenizer
+from onlinemix.generator.components import Components, dpm_solver_scheduler, set_attention
+from onlinemix.generator.tiny import tiny_tokenizer
 
 
 def sd15_architecture(seed: int = 0) -> Components:

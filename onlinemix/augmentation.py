@@ -7,7 +7,6 @@ their augmentation through these functions:
 - ``strategy_of``: the generator strategy an augmentation runs, if any.
 - ``mixing_options``: the Mixup/CutMix an augmentation runs, as ``DiffMix`` keyword arguments,
   with the paper's probability and mode unless told otherwise.
-- ``generator_model``: a model name as the generator loads it (``tiny`` becomes a folder).
 - ``create_ring_and_pool``: a ``SampleRing`` and a ``GeneratorPool`` (not started) feeding it,
   with the CPU threads shared between the trainer and CPU generator workers.
 - ``OnlineGenerator``: what a training process holds of them, closed in one call.
@@ -15,7 +14,6 @@ their augmentation through these functions:
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Optional, Sequence
 
 from .plan import STRATEGIES, strategy_name
@@ -63,19 +61,6 @@ def mixing_options(aug: str, *, mixup_alpha: float = 1.0, cutmix_alpha: float = 
     return {f"{kind}_alpha": mixup_alpha if kind == "mixup" else cutmix_alpha,
             "prob": PAPER_MIXING[kind]["prob"] if prob is None else prob,
             "mode": mode or PAPER_MIXING[kind]["mode"]}
-
-
-def generator_model(model: str, work_dir: str, *, seed: int = 0) -> str:
-    """``model`` as the generator loads it: ``tiny`` is written once, untrained, to ``work_dir/tiny-generator``
-    (smoke runs only); anything else (a folder, a hub id, ``demo``) is passed through."""
-    if model != "tiny":
-        return model
-    from .generator.components import tiny_components
-
-    folder = os.path.join(work_dir, "tiny-generator")
-    if not os.path.isdir(folder):
-        tiny_components(seed=seed).save(folder)
-    return folder
 
 
 def create_ring_and_pool(factory, devices: Sequence[str], *, workers_per_device: int = 1, slots: int,

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from .data.demo_world import generic_corpus
-from .generator.components import Components, dpm_solver_scheduler, set_attention, tiny_tokenizer
+from .generator.components import Components, dpm_solver_scheduler, set_attention
+from .generator.tiny import tiny_tokenizer
 from .training_noise import TrainingNoise
 
 TEXT_WIDTH = 64

@@ -19,17 +19,15 @@ from __future__ import annotations
 import os
 import time
 import uuid
-import weakref
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
-from .segments import (FEEDBACK_MAGIC, HEADER_WORDS, MAGIC_WORD, OWNER_PID_WORD, OWNER_START_WORD, PREFIX,
-                       close_on_sigterm, create_segment, open_untracked, start_ticks, sweep_stale_segments, unlink)
+from .segments import FEEDBACK_MAGIC, HEADER_WORDS, LAYOUT_WORD, PREFIX, SharedSegment
 
 _LAYOUT_VERSION = 1
-_H_LAYOUT, _H_CLASSES = 1, 2
+_H_CLASSES = LAYOUT_WORD + 1
 _VERSION, _PUBLICATION, _STEP, _PROGRESS = range(4)  # the int64/float64 words after the header
 _STATE_WORDS = 4
 _MAX_RETRIES = 1000
@@ -46,67 +44,36 @@ class Feedback(NamedTuple):
     publication: int
 
 
-class FeedbackBlock:
+class FeedbackBlock(SharedSegment):
     """A shared-memory block carrying the trainer's latest ``Feedback``; pickles as its name.
 
     Create it with ``FeedbackBlock.create(num_classes)`` in the trainer (the only writer);
     workers get it pickled and attach on first ``read``.
     """
 
-    def __init__(self, name: str):
-        self.name = name
-        self._pid: Optional[int] = None
-        self._shm = None
-        self._owner = False
-        self._closed = False
-        self._finalizer: Optional[weakref.finalize] = None
+    KIND, MAGIC, LAYOUT = "FeedbackBlock", FEEDBACK_MAGIC, _LAYOUT_VERSION
 
     @classmethod
     def create(cls, num_classes: int, *, name: Optional[str] = None) -> "FeedbackBlock":
         if int(num_classes) != num_classes or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes}.")
-        sweep_stale_segments()
         name = name or f"{PREFIX}feedback-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         size = _size(num_classes)
-        shm = create_segment(name, size, lambda available: (
-            f"The feedback block needs {size} bytes of shared memory but /dev/shm has {available}."))
-        header = np.ndarray((HEADER_WORDS,), np.int64, shm.buf)
-        header[:] = 0
-        header[[_H_LAYOUT, _H_CLASSES]] = [_LAYOUT_VERSION, num_classes]
-        header[OWNER_PID_WORD], header[OWNER_START_WORD] = os.getpid(), start_ticks(os.getpid()) or 0
-        header[MAGIC_WORD] = FEEDBACK_MAGIC
-        del header
+        shm = cls._new_segment(name, size, lambda available: (
+            f"The feedback block needs {size} bytes of shared memory but /dev/shm has {available}."),
+            {_H_CLASSES: num_classes})
         block = cls(name)
-        block._map(shm)
-        block._owner = True
-        block._finalizer = weakref.finalize(block, unlink, name, os.getpid())
-        close_on_sigterm(block)
+        block._own(shm)
         return block
 
-    def __reduce__(self):
-        return (FeedbackBlock, (self.name,))
+    def _missing_message(self) -> str:
+        return f"No FeedbackBlock named {self.name!r}: its trainer closed it or exited."
 
-    def _ensure_attached(self) -> None:
-        if self._closed:
-            raise ValueError(f"FeedbackBlock {self.name!r} is closed.")
-        if self._pid == os.getpid():
-            return
-        try:
-            shm = open_untracked(self.name)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"No FeedbackBlock named {self.name!r}: its trainer closed it or exited.") from None
-        self._map(shm)
-
-    def _map(self, shm) -> None:
-        header = np.ndarray((HEADER_WORDS,), np.int64, shm.buf).copy()
-        if header[MAGIC_WORD] != FEEDBACK_MAGIC or header[_H_LAYOUT] != _LAYOUT_VERSION:
-            shm.close()
-            raise ValueError(f"Shared-memory segment {self.name!r} is not an onlinemix FeedbackBlock of this version.")
+    def _views(self, shm, header: np.ndarray) -> None:
         self.num_classes = int(header[_H_CLASSES])
         offset = HEADER_WORDS * 8
         self._state = np.ndarray((_STATE_WORDS,), np.float64, shm.buf, offset)
         self._matrix = np.ndarray((self.num_classes, self.num_classes), np.float64, shm.buf, offset + _STATE_WORDS * 8)
-        self._shm, self._pid = shm, os.getpid()
 
     def publish(self, confusion: np.ndarray, *, progress: float, step: int) -> int:
         """Write a new publication (creator only); returns its number."""
@@ -136,25 +103,6 @@ class FeedbackBlock:
                     return Feedback(matrix, float(copy[_PROGRESS]), int(copy[_STEP]), int(copy[_PUBLICATION]))
             time.sleep(0)
         raise TimeoutError(f"FeedbackBlock {self.name!r} stayed mid-write for {_MAX_RETRIES} reads.")
-
-    def close(self) -> None:
-        """Detach; the creator also unlinks the segment. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        shm, self._shm = self._shm, None
-        if shm is not None:
-            del self._state, self._matrix
-            if self._pid == os.getpid():
-                shm.close()
-        if self._finalizer is not None:
-            self._finalizer()
-
-    def __enter__(self) -> "FeedbackBlock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _size(num_classes: int) -> int:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from .commands import (STEP_CHECKPOINTS, check_base_model, check_out_folder, checked_loss, command_accelerator,
                        latest_step, load_step, save_step)
 from .data import check_data_options, load_splits
-from .generator.components import PERSONALISATION_JSON, load_components
+from .generator.adapters import PERSONALISATION_JSON
+from .generator.components import load_components
 from .options import HelpFormatter, add_data_arguments, data_options, data_record, model_record, parse_with_config
 from .personalise import INITIALIZER, Personaliser, cast_frozen
 from .plan import PERSONALISATIONS, get_strategy
@@ -260,7 +261,7 @@ def append_loss(path: str, step: int, loss: float) -> None:
 def save_personalised(args, personaliser: Personaliser, train) -> dict:
     """The output folder; ``onlinemix.json`` records the training images (``train.fingerprint()``) and the
     data options that chose them, so a classifier run on other images is refused."""
-    from .generator.components import PERSONALISATION_JSON, save_personalisation
+    from .generator.adapters import PERSONALISATION_JSON, save_personalisation
 
     info = {"base_model": model_record(args.model), "method": args.method, "class_names": personaliser.class_names,
             "metaclass": personaliser.metaclass, "steps": args.steps, "rank": args.rank if args.method != "ti" else 0,

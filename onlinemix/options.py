@@ -217,7 +217,8 @@ def check_generator_args(args: argparse.Namespace) -> None:
     from .augmentation import strategy_of
     from .generator.captions import CaptionStore
     from .generator.conditions import read_store_info
-    from .generator.components import accelerator_location, model_source, personalisation_info
+    from .generator.adapters import accelerator_location, personalisation_info
+    from .generator.components import model_source
     from .plan import get_strategy
 
     if args.gen_model != "tiny":
@@ -244,7 +245,7 @@ def generator_factory(args: argparse.Namespace, splits, work_dir: str, *, image_
 
     import numpy as np
 
-    from .augmentation import generator_model
+    from .generator.components import generator_model
     from .generator.worker import DiffusionProducerFactory
 
     weights = None

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .generator.components import LORA_TARGETS, Components, add_tokens, token_words
+from .generator.adapters import LORA_TARGETS, add_tokens, token_words
+from .generator.components import Components
 from .plan import PERSONALISATIONS, get_strategy, placeholder_token
 from .training_noise import TrainingNoise
 

@@ -30,7 +30,6 @@ import fcntl
 import os
 import time
 import uuid
-import weakref
 from multiprocessing import shared_memory
 from typing import Optional, Sequence, Union
 
@@ -38,17 +37,14 @@ import numpy as np
 import torch
 
 from .batch import SampleBatch
-from .segments import (HEADER_WORDS, MAGIC_WORD, OWNER_PID_WORD, OWNER_START_WORD, PREFIX, RING_MAGIC, SHM_DIR,
-                       alive, close_on_sigterm, create_segment, open_untracked, start_ticks, sweep_stale_segments,
-                       unlink)
+from .segments import HEADER_WORDS, LAYOUT_WORD, PREFIX, RING_MAGIC, SHM_DIR, SharedSegment, alive, start_ticks
 
 _LAYOUT_VERSION = 1
 _ALIGN = 64
 _MAX_RETRIES = 8
 _POLL_S = 0.0005
-# Header words; the magic number and the owner are where onlinemix.segments looks for them.
-_H_MAGIC, _H_OWNER_PID, _H_OWNER_START = MAGIC_WORD, OWNER_PID_WORD, OWNER_START_WORD
-_H_LAYOUT, _H_SLOTS, _H_HEIGHT, _H_WIDTH, _H_PRODUCERS, _H_CONSUMERS, _H_MAX_REUSE = range(1, 8)
+# Header words after the layout version (the magic number and the owner are onlinemix.segments').
+_H_SLOTS, _H_HEIGHT, _H_WIDTH, _H_PRODUCERS, _H_CONSUMERS, _H_MAX_REUSE = range(LAYOUT_WORD + 1, LAYOUT_WORD + 7)
 # Columns of the per-consumer statistics.
 _C_READS, _C_FRESH, _C_AGE_SUM, _C_RETRIES, _C_SHORTFALL, _C_TAKES = range(6)
 # Columns of the per-producer statistics.
@@ -87,7 +83,7 @@ def _bins(max_reuse: int, consumers: int) -> int:
     return min(max_reuse + consumers, 64)
 
 
-class SampleRing:
+class SampleRing(SharedSegment):
     """A shared-memory ring of synthetic samples; a ``SampleSource`` for ``DiffMix``.
 
     Create it with ``SampleRing.create`` in the owning (training) process and attach
@@ -96,17 +92,15 @@ class SampleRing:
     once per process, and claims a free consumer index.
     """
 
+    KIND, MAGIC, LAYOUT = "SampleRing", RING_MAGIC, _LAYOUT_VERSION
+
     def __init__(self, name: str, role: str = "consumer", index: Optional[int] = None):
         if role not in ("producer", "consumer"):
             raise ValueError(f"role must be 'producer' or 'consumer', got {role!r}.")
-        self.name = name
+        super().__init__(name)
         self.role = role
         self._requested_index = index
         self.index: Optional[int] = None
-        self._pid: Optional[int] = None
-        self._shm: Optional[shared_memory.SharedMemory] = None
-        self._closed = False
-        self._finalizer: Optional[weakref.finalize] = None
 
     # -- construction -------------------------------------------------------------
 
@@ -143,24 +137,14 @@ class SampleRing:
                 raise ValueError(f"{label} must be a positive integer, got {value}.")
         if slots < producers:
             raise ValueError(f"slots ({slots}) must be at least producers ({producers}): each producer owns slots.")
-        sweep_stale_segments()
         offsets, size = _layout(slots, height, width, producers, consumers, _bins(max_reuse, consumers))
         name = name or f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        shm = create_segment(name, size, lambda available: _space_message(size, available, slots, height, width))
-        header = np.ndarray((HEADER_WORDS,), np.int64, shm.buf)
-        header[:] = 0
-        header[[_H_LAYOUT, _H_SLOTS, _H_HEIGHT, _H_WIDTH, _H_PRODUCERS, _H_CONSUMERS, _H_MAX_REUSE]] = \
-            [_LAYOUT_VERSION, slots, height, width, producers, consumers, max_reuse]
-        header[_H_OWNER_PID] = os.getpid()
-        header[_H_OWNER_START] = start_ticks(os.getpid()) or 0
-        header[_H_MAGIC] = RING_MAGIC
-        del header
+        shm = cls._new_segment(name, size, lambda available: _space_message(size, available, slots, height, width),
+                               {_H_SLOTS: slots, _H_HEIGHT: height, _H_WIDTH: width, _H_PRODUCERS: producers,
+                                _H_CONSUMERS: consumers, _H_MAX_REUSE: max_reuse})
         ring = cls(name, "consumer", None)
-        ring._map(shm)
+        ring._own(shm)
         ring._seq[:] = -1
-        # Unlinks at close(), when the ring is garbage collected, or at interpreter exit.
-        ring._finalizer = weakref.finalize(ring, unlink, name, os.getpid())
-        close_on_sigterm(ring)
         return ring
 
     @classmethod
@@ -180,30 +164,15 @@ class SampleRing:
     def __reduce__(self):
         return (SampleRing, (self.name, self.role, self._requested_index if self.role == "producer" else None))
 
-    def _ensure_attached(self) -> None:
-        if self._closed:
-            raise ValueError(f"SampleRing {self.name!r} is closed.")
-        if self._pid == os.getpid():
-            return
-        if self._shm is not None:
-            # Forked after attaching: the parent's mapping and consumer index are not ours.
-            self._views_off()
-            self._shm = None
-            self.index = None
-        try:
-            shm = open_untracked(self.name)
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"No SampleRing named {self.name!r}: its owner closed it or exited. Create it with "
-                "SampleRing.create in the training process before starting readers and producers."
-            ) from None
-        self._map(shm)
+    def _missing_message(self) -> str:
+        return (f"No SampleRing named {self.name!r}: its owner closed it or exited. Create it with "
+                "SampleRing.create in the training process before starting readers and producers.")
 
-    def _map(self, shm: shared_memory.SharedMemory) -> None:
-        header = np.ndarray((HEADER_WORDS,), np.int64, shm.buf).copy()
-        if header[_H_MAGIC] != RING_MAGIC or header[_H_LAYOUT] != _LAYOUT_VERSION:
-            shm.close()
-            raise ValueError(f"Shared-memory segment {self.name!r} is not an onlinemix SampleRing of this version.")
+    def _forked(self) -> None:
+        super()._forked()
+        self.index = None  # the parent's consumer index is not this process's
+
+    def _views(self, shm: shared_memory.SharedMemory, header: np.ndarray) -> None:
         self.slots, height, width, self.producers, self.consumers, self.max_reuse = (
             int(v) for v in header[[_H_SLOTS, _H_HEIGHT, _H_WIDTH, _H_PRODUCERS, _H_CONSUMERS, _H_MAX_REUSE]])
         self.image_size = (height, width)
@@ -211,8 +180,8 @@ class SampleRing:
                              _bins(self.max_reuse, self.consumers))
         for field, (offset, dtype, shape) in offsets.items():
             setattr(self, "_" + field, np.ndarray(shape, dtype, shm.buf, offset))
-        self._shm = shm
-        self._pid = os.getpid()
+
+    def _attached(self) -> None:
         if self.role == "producer":
             self._claim_producer()
         elif self._requested_index is not None and not 0 <= self._requested_index < self.consumers:
@@ -454,33 +423,9 @@ class SampleRing:
             "reads_per_sample": histogram.tolist(),
         }
 
-    def _views_off(self) -> None:
-        # Views into the buffer must go before the mapping is closed.
-        for field in list(vars(self)):
-            if isinstance(getattr(self, field), np.ndarray):
-                delattr(self, field)
-
-    def close(self) -> None:
-        """Detach; the owner also unlinks the segment. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        shm, self._shm = self._shm, None
-        if shm is not None and self._pid == os.getpid():
-            if self.role == "consumer" and self.index is not None:
-                self._consumer_owner[self.index] = 0
-            self._views_off()
-            shm.close()
-        elif shm is not None:
-            self._views_off()
-        if self._finalizer is not None:
-            self._finalizer()
-
-    def __enter__(self) -> "SampleRing":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _detaching(self) -> None:
+        if self.role == "consumer" and self.index is not None:
+            self._consumer_owner[self.index] = 0  # the index is free for another reader
 
     def __repr__(self) -> str:
         return f"SampleRing(name={self.name!r}, role={self.role!r}, index={self.index})"

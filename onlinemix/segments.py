@@ -16,6 +16,9 @@ what the operating system and CPython need around it:
   remove what a ``kill -9`` left, of every kind, and nothing whose owner still runs.
 - Liveness is read from ``/proc`` with the process start time, so a reused pid does
   not keep a dead owner's segment alive.
+
+``SharedSegment`` is the base both kinds build on: creation with the header, attaching by
+name once per process (again after a fork), pickling as the name, closing and unlinking.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import numpy as np
 PREFIX = "onlinemix-"
 SHM_DIR = "/dev/shm"
 HEADER_WORDS = 16
-MAGIC_WORD, OWNER_PID_WORD, OWNER_START_WORD = 0, 8, 9
+MAGIC_WORD, LAYOUT_WORD, OWNER_PID_WORD, OWNER_START_WORD = 0, 1, 8, 9
 RING_MAGIC = 0x6F6E6C696E656D78  # "onlinemx"
 FEEDBACK_MAGIC = 0x6F6D66656564626B  # "omfeedbk"
 # Every kind of segment onlinemix makes: a sweep judges each by its owner, whichever kind sweeps.
@@ -179,3 +182,121 @@ def close_on_sigterm(owner) -> None:
             _PREVIOUS_SIGTERM = previous
     except ValueError:  # not the main thread: close(), garbage collection and exit still clean up
         pass
+
+
+class SharedSegment:
+    """A named shared-memory segment of one of onlinemix's kinds; ``SampleRing`` and ``FeedbackBlock``
+    are its subclasses.
+
+    The creating process owns the segment: it unlinks it at ``close()``, when the object is garbage
+    collected, at interpreter exit or on SIGTERM; nobody else does. The object pickles as its name,
+    and any other process attaches lazily, once (again after a fork: the parent's mapping is not the
+    child's). A subclass sets ``KIND`` (its name in messages), ``MAGIC`` and ``LAYOUT`` (checked on every
+    attach), lays out its views in ``_views(shm, header)``, and may act once mapped (``_attached``) and
+    before it detaches in its own process (``_detaching``).
+    """
+
+    KIND = "segment"
+    MAGIC = 0
+    LAYOUT = 0
+
+    def __init__(self, name: str):
+        self.name = name
+        self._pid: Optional[int] = None
+        self._shm: Optional[shared_memory.SharedMemory] = None
+        self._owner = False
+        self._closed = False
+        self._finalizer: Optional[weakref.finalize] = None
+
+    @classmethod
+    def _new_segment(cls, name: str, size: int, too_small: Callable[[int], str],
+                     header_words: dict) -> shared_memory.SharedMemory:
+        """Sweep what dead owners left, then create segment ``name`` owned by this process, its header
+        holding ``header_words`` (word index: value), the layout, the owner and, written last so that a
+        sweep takes a half-made segment for an unknown young one, the magic number."""
+        sweep_stale_segments()
+        shm = create_segment(name, size, too_small)
+        header = np.ndarray((HEADER_WORDS,), np.int64, shm.buf)
+        header[:] = 0
+        for word, value in {LAYOUT_WORD: cls.LAYOUT, **header_words}.items():
+            header[word] = value
+        header[OWNER_PID_WORD], header[OWNER_START_WORD] = os.getpid(), start_ticks(os.getpid()) or 0
+        header[MAGIC_WORD] = cls.MAGIC
+        del header
+        return shm
+
+    def _own(self, shm: shared_memory.SharedMemory) -> None:
+        """Map the segment this process just made, and unlink it at close, collection, exit or SIGTERM."""
+        self._map(shm)
+        self._owner = True
+        self._finalizer = weakref.finalize(self, unlink, self.name, os.getpid())
+        close_on_sigterm(self)
+
+    def __reduce__(self):
+        return (type(self), (self.name,))
+
+    def _missing_message(self) -> str:
+        return f"No {self.KIND} named {self.name!r}: its owner closed it or exited."
+
+    def _ensure_attached(self) -> None:
+        """Map the segment into this process unless it is already (raises once closed)."""
+        if self._closed:
+            raise ValueError(f"{self.KIND} {self.name!r} is closed.")
+        if self._pid == os.getpid():
+            return
+        if self._shm is not None:  # forked after attaching: the parent's mapping and claims are not ours
+            self._forked()
+        try:
+            shm = open_untracked(self.name)
+        except FileNotFoundError:
+            raise FileNotFoundError(self._missing_message()) from None
+        self._map(shm)
+
+    def _forked(self) -> None:
+        self._views_off()
+        self._shm = None
+
+    def _map(self, shm: shared_memory.SharedMemory) -> None:
+        header = np.ndarray((HEADER_WORDS,), np.int64, shm.buf).copy()
+        if header[MAGIC_WORD] != self.MAGIC or header[LAYOUT_WORD] != self.LAYOUT:
+            shm.close()
+            raise ValueError(f"Shared-memory segment {self.name!r} is not an onlinemix {self.KIND} of this version.")
+        self._views(shm, header)
+        self._shm, self._pid = shm, os.getpid()
+        self._attached()
+
+    def _views(self, shm: shared_memory.SharedMemory, header: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _attached(self) -> None:
+        """After mapping: claims a subclass makes in this process."""
+
+    def _detaching(self) -> None:
+        """Before this process unmaps: releases a subclass made."""
+
+    def _views_off(self) -> None:
+        # Views into the buffer must go before the mapping is closed.
+        for field in list(vars(self)):
+            if isinstance(getattr(self, field), np.ndarray):
+                delattr(self, field)
+
+    def close(self) -> None:
+        """Detach; the owner also unlinks the segment. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        shm, self._shm = self._shm, None
+        if shm is not None and self._pid == os.getpid():
+            self._detaching()
+            self._views_off()
+            shm.close()
+        elif shm is not None:  # a fork's copy of the parent's mapping: drop the views, leave the mapping
+            self._views_off()
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

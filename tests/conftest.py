@@ -25,7 +25,7 @@ def _no_leftover_shared_memory():
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """The tiny model saved as a diffusers folder (the base of fine-tuning and inversion tests)."""
-    from onlinemix.generator.components import tiny_components
+    from onlinemix.generator.tiny import tiny_components
 
     folder = tmp_path_factory.mktemp("base") / "tiny"
     tiny_components(seed=0).save(str(folder))

@@ -42,7 +42,7 @@ def tiny_clip(seed: int = 0):
     """A small CLIP model and tokenizer built in code."""
     from transformers import CLIPConfig, CLIPModel
 
-    from onlinemix.generator.components import tiny_tokenizer
+    from onlinemix.generator.tiny import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)

@@ -308,7 +308,7 @@ def test_a_generator_that_fails_its_warm_up_stops_the_run_and_leaves_nothing(inp
     """A generator whose workers all fail (here: a model folder that breaks when loaded) stops the run with
     the workers' error instead of training without synthetic samples."""
     from onlinemix import pool
-    from onlinemix.generator.components import tiny_components
+    from onlinemix.generator.tiny import tiny_components
 
     broken = tmp_path / "broken_model"
     tiny_components().save(str(broken))

@@ -5,14 +5,9 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from onlinemix.generator.components import (
-    DIFFMIX_EMBEDDINGS,
-    add_tokens,
-    attach_personalisation,
-    load_components,
-    save_personalisation,
-    tiny_components,
-)
+from onlinemix.generator.adapters import DIFFMIX_EMBEDDINGS, add_tokens, attach_personalisation, save_personalisation
+from onlinemix.generator.components import load_components
+from onlinemix.generator.tiny import tiny_components
 from onlinemix.generator.sampler import Sampler
 from onlinemix.plan import get_strategy, placeholder_token
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from onlinemix.finetune import StepBatches, main
-from onlinemix.generator.components import (EMBEDDINGS, LORA_WEIGHTS, add_tokens, attach_personalisation,
-                                            load_components, tiny_components)
+from onlinemix.generator.adapters import EMBEDDINGS, LORA_WEIGHTS, add_tokens, attach_personalisation
+from onlinemix.generator.components import load_components
+from onlinemix.generator.tiny import tiny_components
 from onlinemix.generator.sampler import Sampler
 from onlinemix.options import model_record
 from onlinemix.personalise import Personaliser

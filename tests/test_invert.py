@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from onlinemix.generator.components import tiny_components
+from onlinemix.generator.tiny import tiny_components
 from onlinemix.generator.conditions import STORE, STORE_JSON
 from onlinemix.invert import build_parser, group_batch, image_groups, main
 from tests.helpers import held_out

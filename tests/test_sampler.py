@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
-from onlinemix.generator.components import tiny_components
+from onlinemix.generator.tiny import tiny_components
 from onlinemix.generator.sampler import Sampler, check_steps
 
 

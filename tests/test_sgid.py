@@ -9,7 +9,7 @@ import train
 from onlinemix.data import load_splits
 from onlinemix.generator.captions import (CaptionStore, captioned_guidance, captioned_prompt, check_caption_options,
                                           guidance_factor)
-from onlinemix.generator.components import tiny_components
+from onlinemix.generator.tiny import tiny_components
 from onlinemix.generator.sampler import Sampler, weighted_tokens
 from onlinemix.generator.worker import DiffusionProducerFactory, GeneratorSpec, to_uint8
 from onlinemix.plan import Planner, get_strategy

@@ -266,7 +266,7 @@ def test_bad_input_stops_before_any_work(data_dir, tmp_path):
 def test_every_config_parses(config, monkeypatch):
     monkeypatch.setattr(train_options, "check_device", lambda device, flag: None)  # recipes name GPUs
     monkeypatch.setattr(train_options, "check_data_options", lambda *args, **kw: None)  # and data sets not here
-    monkeypatch.setattr("onlinemix.generator.components.personalisation_info", lambda folder: {})  # nor their tunings
+    monkeypatch.setattr("onlinemix.generator.adapters.personalisation_info", lambda folder: {})  # nor their tunings
     args = train.parse_args(["--config", os.path.join("configs", config)])
     assert args.aug in AUGMENTATIONS and 0 <= args.p <= 1
     if args.gen_model.startswith("stable-diffusion"):  # the paper's recipes

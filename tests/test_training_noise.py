@@ -84,7 +84,7 @@ def test_an_unsupported_prediction_type_is_refused():
 def test_personalisation_inversion_and_pretraining_all_noise_through_it(monkeypatch):
     """The three objectives cannot diverge: each calls ``TrainingNoise`` for its noised latents."""
     from onlinemix import demo_model, training_noise
-    from onlinemix.generator.components import tiny_components
+    from onlinemix.generator.tiny import tiny_components
     from onlinemix.invert import inversion_loss
     from onlinemix.personalise import Personaliser
 

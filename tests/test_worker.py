@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from onlinemix import GeneratorPool, SampleRing
-from onlinemix.generator.components import (attach_personalisation, load_components, save_personalisation,
-                                             tiny_components)
+from onlinemix.generator.adapters import attach_personalisation, save_personalisation
+from onlinemix.generator.components import load_components
+from onlinemix.generator.tiny import tiny_components
 from onlinemix.data import FileSplit
 from onlinemix.generator.sampler import denoising_steps
 from onlinemix.generator.worker import DiffusionProducerFactory, GeneratorSpec, to_uint8
@@ -343,7 +344,8 @@ def accelerator(tmp_path_factory):
 def test_acceleration_lora_next_to_the_personalisation_equals_diffusers(folders, ti_db, accelerator, scheduler):
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from onlinemix.generator.components import attach_accelerator, sampling_scheduler
+    from onlinemix.generator.adapters import attach_accelerator
+    from onlinemix.generator.components import sampling_scheduler
 
     base, _ = folders
     np.random.seed(4)
@@ -375,7 +377,7 @@ def test_acceleration_lora_next_to_the_personalisation_equals_diffusers(folders,
 
 
 def test_accelerator_errors(folders, accelerator, tmp_path):
-    from onlinemix.generator.components import attach_accelerator
+    from onlinemix.generator.adapters import attach_accelerator
 
     base, _ = folders
     with pytest.raises(ValueError, match="needs the scheduler it was distilled for"):

@@ -40,8 +40,9 @@ from timm.scheduler import create_scheduler_v2
 from tqdm import tqdm
 
 from onlinemix import DiffMix, DiffMixCollate, FidelityMonitor  # onlinemix
-from onlinemix.augmentation import create_ring_and_pool, generator_model  # onlinemix
+from onlinemix.augmentation import create_ring_and_pool  # onlinemix
 from onlinemix.data import FileSplit  # onlinemix
+from onlinemix.generator.components import generator_model  # onlinemix
 from onlinemix.generator.worker import DiffusionProducerFactory, GeneratorSpec  # onlinemix
 
 

@@ -27,8 +27,8 @@ from ..feedback import FeedbackBlock
 from .captions import CAPTION_WEIGHTS, CaptionStore, captioned_guidance, captioned_prompt, check_caption_options
 from .clip_filter import ClipFilter
 from .conditions import ConditionStore, check_inversion_options
-from .components import (SCHEDULERS, Components, accelerator_location, attach_accelerator, attach_personalisation, load_components,
-                         personalisation_info, sampling_scheduler)
+from .components import SCHEDULERS, Components, load_components, sampling_scheduler
+from .adapters import accelerator_location, attach_accelerator, attach_personalisation, personalisation_info
 from .sampler import Sampler, Trajectory, check_steps, denoising_steps
 
 logger = logging.getLogger("onlinemix")
