@@ -14,7 +14,7 @@ _HOMES = {
     "DiffMixCollate": "transform",
     "FidelityMonitor": "fidelity",
     "GeneratorPool": "pool",
-    "RandomResizedCropFlip": "transform",
+    "RandomResizedCropFlip": "crop",
     "Producer": "batch",
     "ProducerFactory": "batch",
     "ReplayProducerFactory": "sources",
@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from .pool import GeneratorPool
     from .ring import SampleRing
     from .sources import ReplayProducerFactory, ReplaySource, SampleRecorder, TensorSource
-    from .transform import DiffMix, DiffMixCollate, RandomResizedCropFlip
+    from .crop import RandomResizedCropFlip
+    from .transform import DiffMix, DiffMixCollate
 
 
 def __getattr__(name: str):

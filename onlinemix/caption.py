@@ -21,6 +21,7 @@ import os
 import numpy as np
 import torch
 
+from .commands import check_resume_settings
 from .data import check_data_options, load_splits
 from .generator.captions import CaptionStore
 from .options import HelpFormatter, add_data_arguments, data_options, parse_with_config
@@ -67,11 +68,7 @@ def check_args(args) -> None:
         raise ValueError("--captioner demo describes the demo world's images (--dataset demo); caption other data "
                          "with a BLIP model.")
     if args.resume:
-        stored, now = read_partial(args.out), recorded(args)
-        changed = {k: (stored.get(k), v) for k, v in now.items() if stored.get(k) != v}
-        if changed:
-            raise ValueError(f"--resume: {args.out!r} was made with other settings ({changed}, stored against now); "
-                             "resume with its settings, or --overwrite.")
+        check_resume_settings(args.out, read_partial(args.out), recorded(args), otherwise="--overwrite")
     elif os.path.exists(args.out) and not args.overwrite:
         raise ValueError(f"--out {args.out!r} exists; pass --resume to continue it, --overwrite to replace it, or "
                          "choose another file.")

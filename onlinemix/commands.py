@@ -1,6 +1,6 @@
 """What the commands that make a generator's inputs share (``onlinemix finetune``, ``invert`` and ``caption``):
-their accelerate ``Accelerator``, the checks of the base model, resolution and output folder, a loss that
-stops the run when it is no longer finite, and step checkpoints.
+their accelerate ``Accelerator``, the checks of the base model, resolution, output folder and a resume's
+settings, a loss that stops the run when it is no longer finite, and step checkpoints.
 
 A step checkpoint is a complete folder ``ROOT/step-NNNNNNNN`` (the command's tensors in one safetensors
 file, the optimiser and loss scaler in ``optimizer.pt``), then an atomic pointer ``ROOT/latest`` to it, then
@@ -46,6 +46,15 @@ def check_base_model(args, *, out: str) -> None:
     model_source(args.model, local_files_only=args.local_files_only)
     if args.resolution <= 0 or args.resolution % 8:
         raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE's factor), got {args.resolution}.")
+
+
+def check_resume_settings(out: str, started: dict, now: dict, *, otherwise: str) -> None:
+    """Stop a ``--resume`` of ``out`` whose settings ``now`` differ from those it ``started`` with
+    (keys are option names with underscores); ``otherwise`` says what else the user can do."""
+    changed = [f"--{k.replace('_', '-')} {started.get(k)!r} (now {v!r})" for k, v in now.items() if started.get(k) != v]
+    if changed:
+        raise ValueError(f"--resume: {out!r} was made with other settings: it started with {', '.join(changed)}; "
+                         f"resume with its settings, or {otherwise}.")
 
 
 def check_out_folder(out: str, *, resume: bool, overwrite: bool, progress: bool, progress_is: str) -> None:

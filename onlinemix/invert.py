@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import check_data_options, load_splits
-from .commands import (STEP_CHECKPOINTS, check_base_model, check_out_folder, command_accelerator, latest_step,
-                       load_step, save_step)
+from .commands import (STEP_CHECKPOINTS, check_base_model, check_out_folder, check_resume_settings,
+                       command_accelerator, latest_step, load_step, save_step)
 from .generator.components import load_components
 from .generator.conditions import STORE, STORE_JSON
 from .options import HelpFormatter, add_data_arguments, data_options, data_record, model_record, parse_with_config
@@ -181,11 +181,7 @@ def check_same_settings(args) -> None:
                                 "`onlinemix invert` of this version, so start a new --out.")
     with open(path) as f:
         started = json.load(f)
-    changed = [f"--{k.replace('_', '-')} {started.get(k)!r} (now {v!r})" for k, v in run_settings(args).items()
-               if started.get(k) != v]
-    if changed:
-        raise ValueError(f"--resume: the run in {args.out!r} started with {', '.join(changed)}; resume with its "
-                         "settings, or start a new --out.")
+    check_resume_settings(args.out, started, run_settings(args), otherwise="start a new --out")
 
 
 def group_name(group: int) -> str:

@@ -40,5 +40,5 @@ def made_on_node_main(state, make: Callable[[], object], name: Callable[[object]
         raise error
     made_name, failure = shared[state.process_index - state.local_process_index]
     if failure:
-        raise ValueError(f"local rank 0 could not set up the generator: {failure}")
+        raise ValueError(f"local rank 0 of this node failed: {failure}")
     return made, made_name

@@ -18,99 +18,47 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from timm.data import FastCollateMixup, Mixup
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.mixup import cutmix_bbox_and_lam
 from torch.utils.data import default_collate
 
+from .crop import RandomResizedCropFlip, resize_images
 from .labels import Lam, as_soft_targets, mix_labels, smooth_labels, translation_label
 from .batch import SampleBatch, SampleSource, SyntheticRows
 
 SyntheticTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
-def crop_box(height: int, width: int, scale: Sequence[float], ratio: Sequence[float]) -> tuple[int, int, int, int]:
-    """A random ``(top, left, h, w)`` box as torchvision's ``RandomResizedCrop`` draws it.
+class ReplacementCounts:
+    """Samples seen, chosen for replacement and replaced, summed over every process a transform runs in.
 
-    Area a fraction ``U(scale)`` of the image, aspect ratio log-uniform in ``ratio``,
-    up to 10 tries; then the largest centred box within ``ratio``. Draws from NumPy's
-    global generator, like timm's Mixup.
-    """
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * np.random.uniform(scale[0], scale[1])
-        aspect = math.exp(np.random.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return np.random.randint(0, height - h + 1), np.random.randint(0, width - w + 1), h, w
-    aspect = width / height
-    if aspect < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif aspect > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        h, w = height, width
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-class RandomResizedCropFlip:
-    """The training crop and flip real images get, for a batch of synthetic uint8 images.
-
-    Each image of ``[K, 3, H, W]`` gets its own box (``crop_box``: torchvision's
-    ``RandomResizedCrop``), resized to ``size`` (default ``H×W``; bilinear, antialiased)
-    on the images' device, then a horizontal flip with probability ``flip``. The
-    defaults are timm's training transform (``scale=(0.08, 1)``, ``ratio=(3/4, 4/3)``,
-    flip 0.5); pass the ones your real images get, so synthetic and real images show
-    objects at the same scales, and the training size, so each crop is resized once.
-
-    Args:
-        scale: Range of the box's area as a fraction of the image.
-        ratio: Range of the box's aspect ratio (width / height).
-        flip: Probability of a horizontal flip.
-        size: Output size, an int (square) or ``(height, width)``; None keeps the input's.
+    A collate function runs in the DataLoader's worker processes, each on its own copy
+    of the transform, so plain attributes would count where nobody reads them. The
+    counts live in one shared-memory tensor that forked and spawned workers share with
+    the training process, one row per process (the training process, then each worker
+    by its id) because ``+=`` on shared memory is not atomic across processes.
     """
 
-    def __init__(self, *, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
-                 flip: float = 0.5, size: Optional[int | Sequence[int]] = None):
-        if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
-            raise ValueError(f"scale must be two fractions 0 < min <= max <= 1 of the image area, got {scale}.")
-        if not (len(ratio) == 2 and 0 < ratio[0] <= ratio[1]):
-            raise ValueError(f"ratio must be two aspect ratios 0 < min <= max, got {ratio}.")
-        if not 0 <= flip <= 1:
-            raise ValueError(f"flip is a probability and must lie in [0, 1], got {flip}.")
-        if isinstance(size, int):
-            size = (size, size)
-        if size is not None and not (len(size) == 2 and min(size) > 0):
-            raise ValueError(f"size must be a positive int or (height, width), got {size}.")
-        self.scale, self.ratio, self.flip = tuple(scale), tuple(ratio), float(flip)
-        self.size = None if size is None else (int(size[0]), int(size[1]))
+    MAX_WORKERS = 256
+    SAMPLES, REQUESTED, REPLACED = range(3)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        height, width = images.shape[-2:]
-        size = self.size or (height, width)
-        out = torch.empty((images.shape[0], images.shape[1], *size), dtype=images.dtype, device=images.device)
-        for k in range(images.shape[0]):
-            top, left, h, w = crop_box(height, width, self.scale, self.ratio)
-            crop = images[k:k + 1, :, top:top + h, left:left + w]
-            if (h, w) != size:
-                crop = resize_images(crop, size)
-            out[k] = crop[0].flip(-1) if np.random.rand() < self.flip else crop[0]
-        return out
+    def __init__(self):
+        self._rows = torch.zeros(1 + self.MAX_WORKERS, 3, dtype=torch.int64).share_memory_()
 
-    def __repr__(self) -> str:
-        return f"RandomResizedCropFlip(scale={self.scale}, ratio={self.ratio}, flip={self.flip}, size={self.size})"
+    def add(self, column: int, count: int) -> None:
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.id >= self.MAX_WORKERS:
+            raise ValueError(
+                f"DiffMix counts its replacements for at most {self.MAX_WORKERS} DataLoader workers, "
+                f"this is worker {info.id}; use fewer num_workers."
+            )
+        self._rows[0 if info is None else 1 + info.id, column] += count
 
-
-def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize with antialiasing of uint8 images ``[K, C, h, w]`` to ``size``."""
-    if images.device.type == "cpu":
-        # PyTorch's dedicated uint8 kernel: about 2.7x faster here than a float round trip.
-        return F.interpolate(images, size=size, mode="bilinear", antialias=True)
-    resized = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True)
-    return resized.round_().clamp_(0, 255).to(torch.uint8)
+    def totals(self) -> tuple[int, int, int]:
+        """``(samples, requested, replaced)`` over all processes."""
+        samples, requested, replaced = (int(v) for v in self._rows.sum(0))
+        return samples, requested, replaced
 
 
 def blend(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
@@ -200,9 +148,7 @@ class DiffMix(Mixup):
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
         self.synthetic_transform = synthetic_transform
-        self.samples = 0
-        self.requested = 0
-        self.replaced = 0
+        self.counts = ReplacementCounts()
         self.recent = None  # (uint8 images, unsmoothed labels) of the last call's replacement, for sample grids
         self.synthetic = None  # the last call's SyntheticRows, or None when it replaced nothing
 
@@ -245,18 +191,19 @@ class DiffMix(Mixup):
             raise ValueError(f"synthetic_transform must be callable or None, got {type(synthetic_transform).__name__}.")
 
     def stats(self) -> dict:
-        """Counts since construction, in this process (each DataLoader worker keeps its own).
+        """Counts since construction, over this process and the DataLoader workers it runs in.
 
         Of ``samples`` seen with mixing enabled, ``requested`` were chosen for
         replacement, ``replaced`` got a synthetic sample and ``shortfall`` stayed
         real because the source ran short.
         """
+        samples, requested, replaced = self.counts.totals()
         return {
-            "samples": self.samples,
-            "requested": self.requested,
-            "replaced": self.replaced,
-            "shortfall": self.requested - self.replaced,
-            "replaced_fraction": self.replaced / self.samples if self.samples else 0.0,
+            "samples": samples,
+            "requested": requested,
+            "replaced": replaced,
+            "shortfall": requested - replaced,
+            "replaced_fraction": replaced / samples if samples else 0.0,
         }
 
     @torch.no_grad()
@@ -265,7 +212,7 @@ class DiffMix(Mixup):
         self.synthetic = self.recent = None
         rows = as_soft_targets(target, self.num_classes)
         if self.mixup_enabled:
-            self.samples += x.shape[0]
+            self.counts.add(ReplacementCounts.SAMPLES, x.shape[0])
             if self.p > 0:
                 self._replace(x, rows)
             if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
@@ -290,7 +237,7 @@ class DiffMix(Mixup):
 
     def _replace(self, x: torch.Tensor, rows: torch.Tensor) -> None:
         chosen = np.flatnonzero(np.random.rand(x.shape[0]) < self.p)
-        self.requested += len(chosen)
+        self.counts.add(ReplacementCounts.REQUESTED, len(chosen))
         if len(chosen) == 0:
             return
         batch = self.source.take(len(chosen))
@@ -300,7 +247,7 @@ class DiffMix(Mixup):
                 f"got {type(batch).__name__} of length {len(batch) if isinstance(batch, SampleBatch) else '?'}."
             )
         k = len(batch)
-        self.replaced += k
+        self.counts.add(ReplacementCounts.REPLACED, k)
         if k == 0:
             return
         top = int(torch.maximum(batch.source.max(), batch.target.max()))
@@ -384,6 +331,11 @@ class DiffMixCollate(DiffMix, FastCollateMixup):
     (NumPy arrays or tensors), and returns uint8 ``[B, 3, H, W]`` and float32
     ``[B, C]`` targets; synthetic images stay raw pixels, and ``PrefetchLoader``
     normalises the whole batch on the device. Accepts the same arguments as ``DiffMix``.
+
+    ``stats()`` counts over the DataLoader's workers too. ``synthetic`` and ``recent``
+    describe the last batch collated in the process that asks, which is a worker when
+    ``num_workers > 0``, so the training process cannot pair them with its logits; for
+    ``FidelityMonitor`` and sample grids use ``DiffMix`` on the collated batch instead.
     """
 
     def __call__(self, batch, _=None) -> tuple[torch.Tensor, torch.Tensor]:

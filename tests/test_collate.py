@@ -117,3 +117,15 @@ def test_torchvision_style_collate_in_dataloader_workers(num_workers):
         torch.testing.assert_close(target.sum(1), torch.ones(8))
         synthetic += int((x > 0).flatten(1).any(1).sum())
     assert synthetic > 0
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_collate_counts_replacements_made_in_dataloader_workers(num_workers):
+    """The training process's stats() sees what the workers' copies of the collate replaced."""
+    collate = DiffMixCollate(num_classes=C, p=0.5, source=solid_pool(C), label_smoothing=0.0)
+    loader = DataLoader(UInt8Images(n=32), batch_size=8, num_workers=num_workers, collate_fn=collate)
+    synthetic = sum(int((x.flatten(1).min(1).values >= 200).sum()) for x, _ in loader)
+    stats = collate.stats()
+    assert stats["samples"] == 32
+    assert stats["replaced"] == synthetic > 0
+    assert stats["requested"] >= stats["replaced"] and stats["shortfall"] == stats["requested"] - stats["replaced"]

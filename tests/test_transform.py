@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -7,7 +8,7 @@ from timm.data import Mixup
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from onlinemix import DiffMix, RandomResizedCropFlip, SampleBatch, TensorSource, one_hot, smooth_labels, translation_label
-from onlinemix.transform import crop_box
+from onlinemix.crop import crop_box
 from tests.helpers import solid_pool
 
 C = 5
@@ -377,3 +378,5 @@ def test_crop_boxes_and_flips():
                             (dict(size=(0, 4)), "size")):
         with pytest.raises(ValueError, match=message):
             RandomResizedCropFlip(**kwargs)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RandomResizedCropFlip().flip = 1.0  # frozen: DiffMix's default instance is shared by every DiffMix

@@ -150,8 +150,7 @@ def main(argv=None) -> dict:
         work_dir.cleanup()
     stats = (mixup_fn or collate_fn).stats()
     print(f"trained {len(losses)} steps, last loss {losses[-1]:.4f}, synthetic fraction "
-          f"{stats['replaced_fraction']:.3f} (p = {args.diffmix_p}; with --workers > 0 the collate "
-          "counts in the workers)")
+          f"{stats['replaced_fraction']:.3f} (p = {args.diffmix_p})")
     calls = FidelityMonitor.summary(fidelity.state())
     if calls:
         print(f"the classifier called {calls['all']['target']:.2f} of the synthetic samples their target class and "
