@@ -64,8 +64,13 @@ def test_actors_feed_the_ring_through_the_feeder(address):
             assert pool.warm_up(32, timeout=240, progress=False) == 32
             reader = SampleRing.attach(ring.name, "consumer", 0)
             batch = reader.take(32)
+            def both_actors_wrote():
+                # Keep reading: a second actor that starts late finds a ring the first one has filled again, and
+                # its batch reaches the ring (and its count) only once a slot is free.
+                reader.take(16)
+                return all(w["written"] > 0 for w in pool.stats()["workers"])
+            wait_for(both_actors_wrote)
             reader.close()
-            wait_for(lambda: all(w["written"] > 0 for w in pool.stats()["workers"]))
             stats = pool.stats()
         assert len(batch) == 32 and set(batch.strength.tolist()) == {0.5}
         base = np.random.RandomState(3).randint(0, 2**31 - 2**20)  # the feeder's draw, seeded as worker 0
