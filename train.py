@@ -41,6 +41,7 @@ from onlinemix.plan import closed_loop, get_strategy
 from onlinemix.pool import GeneratorStartError
 from onlinemix.ranks import gather, local_world, made_on_node_main
 from onlinemix.run_files import RunRecorder, epoch_line
+from onlinemix.supply import SupplyMonitor
 
 logger = logging.getLogger("onlinemix")
 
@@ -165,14 +166,20 @@ def run(args, state) -> dict:
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         if args.compile:
             forward = torch.compile(forward)
+        supply = SupplyMonitor.for_run(args, generator, len(splits.train), start_epoch) if generator else None
         if generator is not None and generator.pool is not None:
-            generator.pool.start().warm_up(args.batch_size, timeout=args.gen_warmup)
+            supply.open_epoch(start_epoch)  # the first limit, before a worker starts
+            limit = supply.limit(start_epoch)
+            generator.pool.start().warm_up(args.batch_size if limit is None else min(args.batch_size, limit),
+                                           timeout=args.gen_warmup)
         state.wait_for_everyone()
         trained, result = True, {}
         fidelity = FidelityMonitor()
         train_counts = np.bincount(splits.train.labels, minlength=len(splits.class_names))
         for epoch in range(start_epoch, args.epochs):
             sampler.set_epoch(epoch)
+            if supply is not None:
+                supply.open_epoch(epoch)
             losses = train_one_epoch(args, epoch, forward, train_loader, mix, optimisation, fidelity, loop, recorder,
                                      show_progress=state.is_main_process)
             augmentation, calls = gather(state, mix.stats()), FidelityMonitor.merge(gather(state, fidelity.state()))
@@ -180,7 +187,7 @@ def run(args, state) -> dict:
             policy = loop.epoch_state() if loop is not None else None
             evaluated = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
             if state.is_main_process:
-                result = evaluate_epoch(args, epoch, losses, optimisation, augmentation, calls, generator,
+                result = evaluate_epoch(args, epoch, losses, optimisation, augmentation, calls, generator, supply,
                                         eval_loaders if evaluated else {}, model, train_counts)
                 if policy is not None:
                     result["policy"] = {"name": args.gen_policy, **{k: v for k, v in policy.items()
@@ -243,10 +250,11 @@ def train_one_epoch(args, epoch, forward, loader, mix, optimisation, fidelity, l
     return losses
 
 
-def evaluate_epoch(args, epoch, losses, optimisation, augmentation, calls, generator, eval_loaders, model,
+def evaluate_epoch(args, epoch, losses, optimisation, augmentation, calls, generator, supply, eval_loaders, model,
                    train_counts) -> dict:
-    """Rank 0's summary of an epoch: losses, augmentation over all ranks, what the classifier called the
-    synthetic samples (``FidelityMonitor``, merged ``calls``), ring, generator, evaluation on ``eval_loaders``."""
+    """Rank 0's summary of an epoch: losses, augmentation over all ranks (totals since the start), what the
+    classifier called the synthetic samples (``FidelityMonitor``, merged ``calls``), ring, generator, the
+    epoch's supply against demand (``SupplyMonitor``), evaluation on ``eval_loaders``."""
     totals = {k: sum(s[k] for s in augmentation) for k in ("samples", "requested", "replaced", "shortfall")}
     totals["replaced_fraction"] = totals["replaced"] / totals["samples"] if totals["samples"] else 0.0
     result = {"epoch": epoch, "train_loss": float(np.mean(losses)),
@@ -257,6 +265,7 @@ def evaluate_epoch(args, epoch, losses, optimisation, augmentation, calls, gener
         result["ring"] = generator.ring.stats()
         if generator.pool is not None:
             result["generator"] = generator.pool.stats()
+        result["supply"] = supply.close_epoch(totals)
     for name, loader in eval_loaders.items():
         result[name] = evaluate(model, loader, torch.device(args.device), len(train_counts), optimisation.amp_dtype,
                                 train_counts if args.imbalance_factor else None, args.shot_thresholds)

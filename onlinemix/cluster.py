@@ -307,8 +307,8 @@ class ClusterPool:
 
     def stats(self) -> dict:
         """``GeneratorPool.stats``' keys over the remote workers (restarts: incarnations after the first that
-        delivered; ``pid``: the current incarnation's process on its node), plus ``feeder`` (the feeder
-        process's row) and ``lost``: why the cluster is not feeding now (the feeder's last error), or None."""
+        delivered; ``pid``: the current incarnation's process on its node; no ``busy_s``), plus ``unused``
+        (the feeder's), ``feeder`` (the feeder process's row) and ``lost``: why the cluster is not feeding now (the feeder's last error), or None."""
         feeder = self._feeder.stats()["workers"][0]
         now = time.monotonic()
         workers = [{
@@ -323,4 +323,5 @@ class ClusterPool:
             errors = self._feeder.errors()
             lost = (errors[-1].strip().splitlines()[-1] if errors else "the feeder process exited without a "
                     "traceback, as Ray ends a driver whose cluster stays unreachable")
-        return {**worker_totals(workers), "feeder": feeder, "lost": lost}
+        # The actors' own busy time does not reach this machine; the feeder counts what the ring's limit left unused.
+        return {**worker_totals(workers), "unused": feeder["unused"], "feeder": feeder, "lost": lost}

@@ -40,8 +40,8 @@ logger = logging.getLogger("onlinemix")
 
 # Columns of the shared state, one row per worker; row 0 column 0 of the extra
 # leading row is the stop flag.
-_HEARTBEAT, _WRITTEN, _STARTED, _DROPPED, _WAITING = range(5)
-_COLUMNS = 5
+_HEARTBEAT, _WRITTEN, _STARTED, _DROPPED, _WAITING, _BUSY, _UNUSED = range(7)
+_COLUMNS = 7
 _ENVIRONMENT_LOCK = threading.Lock()
 _PUT_TIMEOUT_S = 0.2
 
@@ -101,7 +101,16 @@ def _worker_main(ring_name: str, index: int, device: str, factory: ProducerFacto
         ring = SampleRing.attach(ring_name, "producer", index)
         me[_STARTED] = time.monotonic()
         while not should_stop():
+            if ring.fresh_allowance() == 0:  # the fresh-supply budget is spent until the trainer raises it
+                time.sleep(_PUT_TIMEOUT_S)
+                continue
+            began = time.monotonic()
             batch = producer()
+            me[_BUSY] += time.monotonic() - began
+            allowance = ring.fresh_allowance()
+            if allowance is not None and allowance < len(batch):
+                me[_UNUSED] += len(batch) - allowance
+                batch = batch.select(slice(0, allowance))
             written = 0
             while written < len(batch) and not should_stop():
                 done = ring.put(batch.images[written:], batch.source[written:], batch.target[written:],
@@ -183,7 +192,8 @@ def fill_ring(ring: SampleRing, count: int, *, timeout: float, progress: bool, g
 
 def worker_totals(workers: list) -> dict:
     """A pool's statistics: its per-worker rows and their totals."""
-    totals = {key: sum(w[key] for w in workers) for key in ("written", "dropped", "images_per_s", "restarts", "alive")}
+    keys = ("written", "dropped", "images_per_s", "restarts", "alive", "busy_s", "unused")
+    totals = {key: sum(w[key] for w in workers) for key in keys if all(key in w for w in workers)}
     return {"workers": workers, **totals}
 
 
@@ -456,8 +466,9 @@ class GeneratorPool:
 
     def stats(self) -> dict:
         """Per-worker images written, dropped by the producer (non-finite, filtered), images/s
-        since the worker started, restarts (in all), state, process id and how long it has been waiting
-        for a reader (``waiting_s``, 0 when not)."""
+        since the worker started, restarts (in all), state, process id, how long it has been waiting
+        for a reader (``waiting_s``, 0 when not), seconds spent making batches (``busy_s``) and samples
+        made past the ring's fresh-supply limit (``unused``)."""
         now = time.monotonic()
         workers = []
         for worker in self._workers:
@@ -476,5 +487,7 @@ class GeneratorPool:
                 "pid": worker.process.pid if worker.process is not None else None,
                 "waiting_s": now - self._rows[worker.index + 1, _WAITING] if self._rows[worker.index + 1, _WAITING]
                 else 0.0,
+                "busy_s": float(self._rows[worker.index + 1, _BUSY]),
+                "unused": int(self._rows[worker.index + 1, _UNUSED]),
             })
         return worker_totals(workers)

@@ -16,6 +16,9 @@ Protocol (a seqlock per slot; it needs no lock):
 - Every consumer counts its own reads per slot (one writer per counter), so the
   reuse bound needs no lock either; the price is that ``C`` consumers racing for
   the same sample can read it up to ``max_reuse + C - 1`` times.
+- A fresh-supply limit (``set_fresh_limit``, a header word any process may set) caps
+  the samples all producers write in all; producer ``i`` owns its share of it, so
+  producers never race for the remainder (a dead producer's share stays unmade).
 
 Memory ordering relies on x86's total store order, where the writes above are seen
 in program order by other cores; weaker architectures (aarch64) are untested.
@@ -39,12 +42,13 @@ import torch
 from .batch import SampleBatch
 from .segments import HEADER_WORDS, LAYOUT_WORD, PREFIX, RING_MAGIC, SHM_DIR, SharedSegment, alive, start_ticks
 
-_LAYOUT_VERSION = 1
+_LAYOUT_VERSION = 2
 _ALIGN = 64
 _MAX_RETRIES = 8
 _POLL_S = 0.0005
 # Header words after the layout version (the magic number and the owner are onlinemix.segments').
 _H_SLOTS, _H_HEIGHT, _H_WIDTH, _H_PRODUCERS, _H_CONSUMERS, _H_MAX_REUSE = range(LAYOUT_WORD + 1, LAYOUT_WORD + 7)
+_H_FRESH_LIMIT = 10  # after the owner's words; -1: no limit
 # Columns of the per-consumer statistics.
 _C_READS, _C_FRESH, _C_AGE_SUM, _C_RETRIES, _C_SHORTFALL, _C_TAKES = range(6)
 # Columns of the per-producer statistics.
@@ -141,7 +145,7 @@ class SampleRing(SharedSegment):
         name = name or f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
         shm = cls._new_segment(name, size, lambda available: _space_message(size, available, slots, height, width),
                                {_H_SLOTS: slots, _H_HEIGHT: height, _H_WIDTH: width, _H_PRODUCERS: producers,
-                                _H_CONSUMERS: consumers, _H_MAX_REUSE: max_reuse})
+                                _H_CONSUMERS: consumers, _H_MAX_REUSE: max_reuse, _H_FRESH_LIMIT: -1})
         ring = cls(name, "consumer", None)
         ring._own(shm)
         ring._seq[:] = -1
@@ -226,6 +230,41 @@ class SampleRing(SharedSegment):
             fcntl.flock(self._shm._fd, fcntl.LOCK_UN)
         self.index = index
 
+    # -- fresh-supply limit --------------------------------------------------------
+
+    def set_fresh_limit(self, total: Optional[int]) -> None:
+        """Let the producers write ``total`` samples in all since the ring was made (None: no limit).
+
+        Raising it lets them go on; ``put`` writes nothing past a producer's share
+        (``fresh_allowance``), and reuse (up to ``max_reuse``) serves the readers meanwhile.
+
+        Raises:
+            ValueError: for a total below 0.
+        """
+        if total is not None and (int(total) != total or total < 0):
+            raise ValueError(f"The fresh-supply limit must be an integer >= 0 or None, got {total}.")
+        self._ensure_attached()
+        self._header[_H_FRESH_LIMIT] = -1 if total is None else int(total)
+
+    def fresh_limit(self) -> Optional[int]:
+        """The total ``set_fresh_limit`` set, or None."""
+        self._ensure_attached()
+        limit = int(self._header[_H_FRESH_LIMIT])
+        return None if limit < 0 else limit
+
+    def fresh_allowance(self) -> Optional[int]:
+        """How many more samples this producer may write under the fresh-supply limit (None: no limit).
+
+        Producer ``i`` of ``P`` owns ``L // P`` of a limit ``L``, one more when ``i < L % P``.
+        """
+        if self.role != "producer":
+            raise ValueError("fresh_allowance() is a producer's; attach with role='producer'.")
+        limit = self.fresh_limit()
+        if limit is None:
+            return None
+        share = limit // self.producers + (self.index < limit % self.producers)
+        return max(0, share - int(self._producer_stats[self.index, _P_WRITTEN]))
+
     # -- producer side ------------------------------------------------------------
 
     def put(
@@ -243,7 +282,8 @@ class SampleRing(SharedSegment):
         then the most-read, then the oldest. A slot whose sample was never read is
         not overwritten: when all of this producer's slots are fresh, ``put`` waits
         for a reader, up to ``timeout`` seconds (``None``: no limit), and returns
-        fewer than ``len(images)`` if time runs out.
+        fewer than ``len(images)`` if time runs out. It writes no more than
+        ``fresh_allowance()`` samples and returns at once when that is spent.
         """
         if self.role != "producer":
             raise ValueError("put() needs a ring attached with role='producer'.")
@@ -256,12 +296,14 @@ class SampleRing(SharedSegment):
             )
         pixels = batch.images.numpy()
         deadline = None if timeout is None else time.monotonic() + timeout
-        for i in range(len(batch)):
+        allowance = self.fresh_allowance()
+        count = len(batch) if allowance is None else min(len(batch), allowance)
+        for i in range(count):
             slot = self._free_slot(deadline)
             if slot is None:
                 return i
             self._write(slot, pixels[i], int(batch.source[i]), int(batch.target[i]), float(batch.strength[i]))
-        return len(batch)
+        return count
 
     def _free_slot(self, deadline: Optional[float]) -> Optional[int]:
         own = np.arange(self.index, self.slots, self.producers)
@@ -420,6 +462,7 @@ class SampleRing(SharedSegment):
             "retries": int(consumer[_C_RETRIES]),
             "shortfall": int(consumer[_C_SHORTFALL]),
             "producer_waits": int(producer[_P_WAITS]),
+            "fresh_limit": self.fresh_limit(),
             "reads_per_sample": histogram.tolist(),
         }
 

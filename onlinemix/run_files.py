@@ -188,11 +188,20 @@ def epoch_line(result: dict) -> str:
         shares = result["fidelity"]["all"]
         first = f", target on first reads {shares['first_read']['target']:.2f}" if "first_read" in shares else ""
         called = f" (classifier calls it target {shares['target']:.2f}, source {shares['source']:.2f}{first})"
+    supply = ""
+    if "supply" in result:
+        figures = result["supply"]
+        supply = (f"; got {figures['got']} of {figures['asked']} synthetic asked ({figures['fresh_reads']} fresh, "
+                  f"{figures['reused_reads']} reused), generator {figures['generator_images_per_s']:.2f} images/s "
+                  f"for {figures['demand_images_per_s']:.2f} asked")
     return (f"epoch {result['epoch'] + 1}: loss {result['train_loss']:.4f}, {accuracy}, synthetic "
-            f"{result['augmentation']['replaced_fraction']:.3f}{called}")
+            f"{result['augmentation']['replaced_fraction']:.3f}{called}{supply}")
 
 
 FIDELITY_COLUMNS = ("synthetic_called_target", "synthetic_called_source", "synthetic_first_read_called_target")
+# The epoch's supply against demand (onlinemix.supply.supply_figures), "supply_" + the figure's name.
+SUPPLY_FIGURES = ("asked", "got", "fresh_reads", "reused_reads", "generator_images_per_s", "demand_images_per_s",
+                  "ring_occupancy", "sample_age_s")
 
 
 def metrics_columns(splits: dict) -> list:
@@ -201,7 +210,8 @@ def metrics_columns(splits: dict) -> list:
     Args:
         splits: Each evaluated split's name and whether it defines groups (a ``worst_group`` column).
     """
-    columns = ["epoch", "train_loss", "lr", "synthetic_fraction", *FIDELITY_COLUMNS]
+    columns = ["epoch", "train_loss", "lr", "synthetic_fraction", *FIDELITY_COLUMNS,
+               *(f"supply_{name}" for name in SUPPLY_FIGURES)]
     for split, grouped in splits.items():
         columns += [f"{split}_top1", f"{split}_top5", f"{split}_balanced_top1"]
         if grouped:
@@ -221,6 +231,8 @@ def write_metrics(result: dict, jsonl: str, csv_path: str, columns: Sequence[str
         row["synthetic_called_target"], row["synthetic_called_source"] = shares["target"], shares["source"]
         if "first_read" in shares:
             row["synthetic_first_read_called_target"] = shares["first_read"]["target"]
+    for name in SUPPLY_FIGURES if "supply" in result else ():
+        row[f"supply_{name}"] = result["supply"][name]
     for split, metrics in result.items():
         if isinstance(metrics, dict) and "top1" in metrics:
             row[f"{split}_top1"], row[f"{split}_top5"] = metrics["top1"], metrics["top5"]

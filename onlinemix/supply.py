@@ -14,13 +14,16 @@ generator batches, so each epoch's samples are reused about as often as the othe
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import time
 from typing import Optional, Sequence
 
 STARVED_BELOW = 0.9  # of p: the realised fraction under which the trainer is starved
 # The recommended fast set and what it measured on the demo's CPU generator (docs/speed.md,
 # benchmarks/results/generator_options_cpu_demo_float32.json).
 FAST_SET, FAST_SET_SPEEDUP = "--gen-deep-cache 2 --gen-steps 20", 2.3
+logger = logging.getLogger("onlinemix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +41,8 @@ class SupplyCounts:
         age_sum: The reads' summed age (seconds since the sample was written).
         filled: Samples in the ring now.
         slots: The ring's slots.
-        busy_s: Seconds the generator workers spent making samples (``GeneratorPool.stats()``).
+        busy_s: Seconds the generator workers spent making samples (``GeneratorPool.stats()``; None where
+            the pool does not know, as on a Ray cluster).
     """
 
     time: float
@@ -51,7 +55,7 @@ class SupplyCounts:
     age_sum: float = 0.0
     filled: int = 0
     slots: int = 0
-    busy_s: float = 0.0
+    busy_s: Optional[float] = 0.0
 
     @classmethod
     def read(cls, time: float, augmentation: dict, ring: Optional[dict] = None,
@@ -65,7 +69,7 @@ class SupplyCounts:
                           fresh_reads=round(ring["fresh_fraction"] * ring["read"]),
                           age_sum=ring["mean_age_s"] * ring["read"], filled=ring["filled"], slots=ring["slots"])
         if generator is not None:
-            counts["busy_s"] = generator.get("busy_s", 0.0)
+            counts["busy_s"] = generator.get("busy_s")
         return cls(**counts)
 
 
@@ -76,7 +80,8 @@ def supply_figures(before: SupplyCounts, after: SupplyCounts, *, p: float) -> di
     Returns:
         ``asked`` and ``got`` synthetic samples, the realised ``fraction`` of samples (against ``p``),
         ``fresh_reads`` and ``reused_reads`` from the ring, ``generator_images_per_s`` (written) and
-        ``demand_images_per_s`` (asked) over the epoch's wall-clock seconds, ``generator_busy_s``,
+        ``demand_images_per_s`` (asked) over the epoch's wall-clock seconds, ``generator_busy_s`` (None
+        when unknown),
         ``ring_occupancy`` (filled share of the slots at the end) and ``sample_age_s`` (mean age of
         the epoch's reads; None without reads).
     """
@@ -95,7 +100,7 @@ def supply_figures(before: SupplyCounts, after: SupplyCounts, *, p: float) -> di
         "seconds": seconds,
         "generator_images_per_s": (after.written - before.written) / seconds,
         "demand_images_per_s": (after.requested - before.requested) / seconds,
-        "generator_busy_s": after.busy_s - before.busy_s,
+        "generator_busy_s": None if after.busy_s is None else after.busy_s - (before.busy_s or 0.0),
         "ring_occupancy": after.filled / after.slots if after.slots else 0.0,
         "sample_age_s": (after.age_sum - before.age_sum) / reads if reads else None,
     }
@@ -183,3 +188,69 @@ def budget_schedule(budget: int, epochs: int, quantum: int) -> list[int]:
     if budget < 1 or epochs < 1 or quantum < 1:
         raise ValueError(f"budget, epochs and quantum must be >= 1, got {budget}, {epochs} and {quantum}.")
     return [min(budget, -(-budget * (epoch + 1) // (epochs * quantum)) * quantum) for epoch in range(epochs)]
+
+
+class SupplyMonitor:
+    """A run's supply bookkeeping: each epoch's fresh-supply limit on the ring (from ``budget_schedule``)
+    and, at its end, the ``supply_figures`` with ``SupplyWatch``'s warning logged.
+
+    Args:
+        generator: The ``OnlineGenerator``; only where it holds the pool (a node's local rank 0) does the
+            monitor set the ring's limit.
+        p: The replacement probability.
+        epochs: The run's epochs.
+        watch: The ``SupplyWatch``.
+        budget: Unique samples the generator may make over the run (``--gen-budget``), or None.
+        quantum: Samples per round of every generator worker (``budget_schedule``).
+        start_epoch: The first epoch this process trains (a resumed run's ring is new, so the samples of
+            the epochs before are not its to count).
+    """
+
+    def __init__(self, generator, *, p: float, epochs: int, watch: SupplyWatch, budget: Optional[int] = None,
+                 quantum: int = 1, start_epoch: int = 0):
+        self.generator, self.p, self.watch = generator, p, watch
+        self.schedule = budget_schedule(budget, epochs, quantum) if budget is not None else None
+        self.made_before = self.schedule[start_epoch - 1] if self.schedule and start_epoch > 0 else 0
+        self.before: Optional[SupplyCounts] = None
+
+    @classmethod
+    def for_run(cls, args, generator, samples_per_epoch: int, start_epoch: int) -> "SupplyMonitor":
+        """The monitor of a ``train.py`` run (``args``), warning at the start when ``--gen-budget`` is too small
+        for ``--max-reuse`` to keep ``--p``."""
+        watch = SupplyWatch(max_reuse=args.max_reuse, devices=None if args.gen_cluster else args.gen_device,
+                            fast_set=args.gen_deep_cache > 1, budget=args.gen_budget)
+        if args.gen_budget is not None:
+            reuse = reuse_to_keep_p(args.p * samples_per_epoch * args.epochs, args.gen_budget)
+            if reuse > args.max_reuse:
+                logger.warning("--gen-budget %d unique samples with --max-reuse %d serve at most %d of the about "
+                               "%d synthetic samples --p %g asks for over the run; --max-reuse %d would keep p.",
+                               args.gen_budget, args.max_reuse, args.gen_budget * args.max_reuse,
+                               round(args.p * samples_per_epoch * args.epochs), args.p, reuse)
+        return cls(generator, p=args.p, epochs=args.epochs, watch=watch, budget=args.gen_budget,
+                   quantum=args.gen_batch_size * generator.ring.producers, start_epoch=start_epoch)
+
+    def limit(self, epoch: int) -> Optional[int]:
+        """The ring's fresh-supply limit during ``epoch`` (None: no budget)."""
+        return None if self.schedule is None else self.schedule[epoch] - self.made_before
+
+    def open_epoch(self, epoch: int) -> None:
+        """Before ``epoch``'s first batch (and before the pool starts): its limit; the first counts to start from."""
+        if self.generator.pool is not None:
+            self.generator.ring.set_fresh_limit(self.limit(epoch))
+        if self.before is None:
+            self.before = self.read({"samples": 0, "requested": 0, "replaced": 0})
+
+    def read(self, augmentation: dict) -> SupplyCounts:
+        pool = self.generator.pool
+        return SupplyCounts.read(time.monotonic(), augmentation, self.generator.ring.stats(),
+                                 pool.stats() if pool is not None else None)
+
+    def close_epoch(self, augmentation: dict) -> dict:
+        """The figures since the last call (the epoch, the evaluation after the one before included), from
+        ``augmentation``, ``DiffMix.stats()`` summed over the ranks; logs the starvation warning if any."""
+        after = self.read(augmentation)
+        figures, self.before = supply_figures(self.before, after, p=self.p), after
+        warning = self.watch(figures)
+        if warning is not None:
+            logger.warning(warning)
+        return figures

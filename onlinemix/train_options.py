@@ -107,6 +107,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     gen.add_argument("--ring-size", type=int, help="image size in the ring (default --img-size)")
     gen.add_argument("--max-reuse", type=int, default=4,
                      help="reads a synthetic sample may serve before it must be replaced")
+    gen.add_argument("--gen-budget", type=int, metavar="SAMPLES",
+                     help="unique synthetic samples the generator may make over the run, spread evenly over the "
+                          "epochs; reuse (up to --max-reuse) serves the rest of --p (default: no limit)")
     gen.add_argument("--gen-hang-timeout", type=float, default=600.0, metavar="SECONDS",
                      help="a generator worker that sends no heartbeat this long counts as hung and is restarted")
     gen.add_argument("--gen-warmup", type=float, default=60.0,
@@ -172,12 +175,15 @@ def check_args(args) -> None:
         raise ValueError("--epochs, --batch-size and --eval-every must be >= 1.")
     if strategy_of(args.aug):
         check_generator_args(args)  # now, not after personalising the generator first
-        for flag in ("ring_slots", "max_reuse", "ring_size"):
+        for flag in ("ring_slots", "max_reuse", "ring_size", "gen_budget"):
             value = getattr(args, flag)
             if value is not None and value < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}.")
     elif closed_loop(args.gen_policy, args.strength_schedule):
         raise ValueError(f"--gen-policy and --strength-schedule steer a generator; --aug {args.aug} runs none.")
+    elif args.gen_budget is not None:
+        raise ValueError(f"--gen-budget caps an online generator's samples; --aug {args.aug} runs none (an offline "
+                         "set's size is `onlinemix generate --count`).")
     if args.gen_hang_timeout <= 0:
         raise ValueError(f"--gen-hang-timeout must be > 0 seconds, got {args.gen_hang_timeout}.")
     if args.feedback_every < 1:

@@ -1,6 +1,14 @@
-import pytest
+import logging
+import time
+from types import SimpleNamespace
 
-from onlinemix.supply import STARVED_BELOW, SupplyCounts, SupplyWatch, budget_schedule, reuse_to_keep_p, supply_figures
+import pytest
+import torch
+
+from onlinemix import DiffMix, GeneratorPool, SampleRing
+from onlinemix.supply import (STARVED_BELOW, SupplyCounts, SupplyMonitor, SupplyWatch, budget_schedule,
+                              reuse_to_keep_p, supply_figures)
+from tests.helpers import Counting
 
 
 def counts(time, samples, requested, replaced, written, reads, fresh, age_sum, filled=10, busy=0.0):
@@ -69,3 +77,81 @@ def test_budget_is_spread_over_epochs_in_whole_batches():
     assert reuse_to_keep_p(8640, 120) == 72 and reuse_to_keep_p(10, 0) == 0
     with pytest.raises(ValueError, match="budget, epochs and quantum must be >= 1"):
         budget_schedule(0, 3, 1)
+
+
+def put(ring, n):
+    return ring.put(torch.zeros(n, 3, 8, 8, dtype=torch.uint8), torch.zeros(n), torch.zeros(n), torch.full((n,), .5),
+                    timeout=0.1)
+
+
+def test_the_fresh_limit_gives_each_producer_its_share_and_raising_it_goes_on():
+    with SampleRing.create(16, 8, producers=2, consumers=1) as ring:
+        first, second = (SampleRing.attach(ring.name, "producer", i) for i in range(2))
+        assert ring.fresh_limit() is None and first.fresh_allowance() is None and put(first, 4) == 4
+        ring.set_fresh_limit(9)  # shares 5 and 4; the first has written 4 already
+        assert (first.fresh_allowance(), second.fresh_allowance()) == (1, 4)
+        assert put(first, 4) == 1 and put(second, 6) == 4 and first.fresh_allowance() == 0 == put(first, 2)
+        ring.set_fresh_limit(13)
+        assert put(first, 4) == 2 and put(second, 4) == 2
+        stats = ring.stats()
+        assert stats["written"] == 13 and stats["fresh_limit"] == 13
+        ring.set_fresh_limit(None)
+        assert put(second, 2) == 2
+        with pytest.raises(ValueError, match="integer >= 0 or None"):
+            ring.set_fresh_limit(-1)
+        with pytest.raises(ValueError, match="producer's"):
+            ring.fresh_allowance()
+        first.close(), second.close()
+
+
+def wait_for(condition, timeout=60.0):
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.slow
+def test_a_pool_stops_at_the_limit_counts_what_it_left_and_resumes_when_raised():
+    with SampleRing.create(32, 8, producers=1, consumers=1) as ring:
+        ring.set_fresh_limit(10)  # batches of 4: 4, 4, then 2 of the third, 2 unused
+        with GeneratorPool(ring, Counting(size=8), "cpu") as pool:
+            assert wait_for(lambda: pool.stats()["written"] == 10)
+            time.sleep(1.0)
+            stats = pool.stats()
+            assert stats["written"] == 10 and stats["unused"] == 2 and stats["busy_s"] > 0
+            assert stats["workers"][0]["waiting_s"] == 0, "a spent budget is no stall"
+            ring.set_fresh_limit(14)
+            assert wait_for(lambda: pool.stats()["written"] == 14)
+        assert ring.stats()["written"] == 14
+
+
+@pytest.mark.slow
+def test_a_slow_generator_starves_the_trainer_who_says_so_with_the_figures(caplog):
+    with SampleRing.create(64, 8, producers=1, consumers=1, max_reuse=1) as ring:
+        with GeneratorPool(ring, Counting(size=8, delay=0.25), "cpu") as pool:
+            generator = SimpleNamespace(ring=ring, pool=pool)
+            mix = DiffMix(num_classes=7, p=0.5, source=ring, synthetic_transform=None)
+            watch = SupplyWatch(max_reuse=1, devices=["cpu"], fast_set=False)
+            monitor = SupplyMonitor(generator, p=0.5, epochs=2, watch=watch)
+            pool.wait_started(60)
+            for epoch in range(2):
+                monitor.open_epoch(epoch)
+                for _ in range(20):
+                    mix(torch.zeros(16, 3, 8, 8), torch.zeros(16, dtype=torch.long))
+                    time.sleep(0.05)
+                with caplog.at_level(logging.WARNING, logger="onlinemix"):
+                    figures = monitor.close_epoch(mix.stats())
+                if epoch == 0:
+                    said = [r.getMessage() for r in caplog.records if "short of synthetic" in r.getMessage()]
+                    assert len(said) == 1, "starved: one warning"
+                    first = figures
+            assert len([r for r in caplog.records if "short of synthetic" in r.getMessage()]) <= 2
+    # 320 samples an epoch at p = 0.5 ask for about 160; 16 images/s at most over about 1-2 s give far fewer.
+    assert 110 <= first["asked"] <= 210 and first["got"] < STARVED_BELOW * first["asked"]
+    assert first["fresh_reads"] == first["got"] and first["reused_reads"] == 0, "max_reuse 1: every read fresh"
+    assert first["got"] <= first["written"] + 64 and first["generator_busy_s"] > 0
+    assert first["demand_images_per_s"] > first["generator_images_per_s"]
+    assert f"it got {first['got']} of the {first['asked']}" in said[0] and "--max-reuse" in said[0]

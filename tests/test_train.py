@@ -81,6 +81,22 @@ def test_live_generator_run_on_cpu(data_dir, tmp_path):
     assert result["generator"]["restarts"] == 0
 
 
+def test_a_budget_caps_the_generator_and_each_epoch_says_its_supply(data_dir, tmp_path):
+    result = run(data_dir, tmp_path, "--aug", "realmix", "--p", "0.5", "--gen-device", "cpu", "--gen-model", "tiny",
+                 "--gen-steps", "4", "--gen-resolution", "32", "--gen-batch-size", "4", "--gen-dtype", "float32",
+                 "--ring-slots", "16", "--epochs", "2", "--gen-budget", "6", "--max-reuse", "2")
+    # The budget in whole batches of 4: 4 by the end of epoch 1, 6 by the end of epoch 2.
+    assert result["ring"]["written"] == 6 and result["ring"]["fresh_limit"] == 6
+    supply = result["supply"]
+    assert supply["written"] <= 6 and supply["got"] <= supply["asked"] and supply["reused_reads"] >= 0
+    assert supply["fresh_reads"] + supply["reused_reads"] == supply["got"] <= 12, "6 samples, 2 reads each"
+    history = lines(tmp_path / "run" / "metrics.jsonl")
+    assert sum(epoch["supply"]["got"] for epoch in history) == result["augmentation"]["replaced"]
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["supply_got"]) for row in rows] == [epoch["supply"]["got"] for epoch in history]
+
+
 def test_long_tail_run_reports_shot_groups(data_dir, tmp_path):
     result = run(data_dir, tmp_path, "--aug", "none", "--imbalance-factor", "4")
     assert {"many", "medium", "few"} & set(result["val"])
