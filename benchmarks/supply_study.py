@@ -44,7 +44,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import yaml
 from demo_study import called_target, epochs, mean_and_se
 from report import RESULTS, machine, pyplot, write_report
