@@ -25,7 +25,7 @@ start included), and wall-clock including generation; paired differences (each a
 online-N minus offline-N) over seeds. Every run is kept in the JSON as it finishes, and a rerun
 skips the (arm, seed) pairs already there, so a study cut short resumes.
 
-    python benchmarks/supply_study.py                        # 7 arms x 5 seeds, about 100 min on 2 cores
+    python benchmarks/supply_study.py -- --eval-every 60     # 7 arms x 5 seeds as reported (evaluated once, at the end)
     python benchmarks/supply_study.py --seeds 0 1 --online-budgets 24 --offline-budgets 24 48 -- --epochs 1
                                                              # flags after -- go to train.py
 
@@ -80,15 +80,15 @@ def train(name: str, args, extra: list) -> tuple[list, float]:
 def setup(args) -> int:
     """Writes the demo world and personalises the demo generator (one epoch of a run does both, so no
     arm pays for them); returns the training samples per epoch."""
-    history, _ = train("setup", args, ["--aug", "diffmix", "--epochs", "1", "--seed", "0"])
+    history, _ = train("setup", args, ["--aug", args.aug, "--epochs", "1", "--seed", "0"])
     return history[-1]["augmentation"]["samples"]
 
 
 def generate(out: str, count: int, seed: int, args) -> float:
-    """``onlinemix generate`` of ``count`` Diff-Mix samples into ``out``; its wall-clock seconds."""
+    """``onlinemix generate`` of ``count`` samples of the study's strategy into ``out``; its wall-clock seconds."""
     with open(args.config) as f:
         config = yaml.safe_load(f)
-    command = [sys.executable, "-m", "onlinemix.cli", "generate", "--aug", "diffmix", "--count", str(count),
+    command = [sys.executable, "-m", "onlinemix.cli", "generate", "--aug", args.aug, "--count", str(count),
                "--seed", str(seed), "--out", out, "--cluster", "local", "--workers", str(GENERATE_WORKERS), "--gpus", "0"]
     for key in GENERATOR_KEYS:
         if key in config:
@@ -169,7 +169,7 @@ def run_arm(arm: str, seed: int, args, sets: dict) -> dict:
     if kind == "none":
         extra += ["--aug", "none"]
     elif kind == "online":
-        extra += ["--aug", "diffmix"]
+        extra += ["--aug", args.aug]
         if size == "all":
             extra += ["--max-reuse", str(UNLIMITED_REUSE)]
         else:
@@ -240,6 +240,9 @@ def plot(summary: dict, path: str) -> None:
                 x, y, e = zip(*points)
                 ax.errorbar(x, y, yerr=e, fmt=marker, capsize=3, label=kind)
         ax.set_xscale("log")
+        ticks = sorted({round(s["unique"]["mean"]) for s in summary.values() if s["unique"]["mean"] > 0})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("unique synthetic images over the run")
         ax.set_ylabel(f"{key} top-1 (mean ± s.e.)")
         ax.grid(alpha=0.3)
@@ -260,6 +263,7 @@ def main(argv=None) -> dict:
                    help="--count of the offline sets, multiples of the config's gen_batch_size")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
+    p.add_argument("--aug", default="diffmix", help="the strategy of the online and offline arms")
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "supply-study"), help="where runs and sets are written")
     p.add_argument("--out", default=os.path.join(RESULTS, "supply_study.json"))
     args = p.parse_args(argv)
@@ -267,7 +271,7 @@ def main(argv=None) -> dict:
     with open(args.config) as f:
         config = yaml.safe_load(f)
     names = arms(args.online_budgets, args.offline_budgets)
-    settings = dict(config=config, train_overrides=overrides, seeds=args.seeds, online_budgets=args.online_budgets,
+    settings = dict(config=config, aug=args.aug, train_overrides=overrides, seeds=args.seeds, online_budgets=args.online_budgets,
                     offline_budgets=args.offline_budgets,
                     unlimited_max_reuse=UNLIMITED_REUSE)
     report = {"rows": [], "generation": {}}

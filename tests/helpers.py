@@ -179,3 +179,17 @@ class ThreadCount:
 def held_out(grid, drawn) -> list:
     """The timesteps of ``grid`` that no training step drew."""
     return [t for t in grid if t not in drawn]
+
+
+def tiny_study_config(folder) -> str:
+    """A one-epoch demo-world config at 32 px with the untrained demo generator, for the study scripts' tests;
+    written to ``folder/study.yaml``, whose path is returned."""
+    import yaml
+
+    config = dict(dataset="demo", data_dir=os.path.join(folder, "world"), metaclass="bird", model="resnet18",
+                  img_size=32, batch_size=16, epochs=1, workers=0, device="cpu", gen_device=["cpu"], gen_model="demo",
+                  gen_steps=4, gen_resolution=32, gen_batch_size=4, gen_dtype="float32", ring_slots=16, p=0.5)
+    path = os.path.join(folder, "study.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    return path

@@ -5,21 +5,19 @@ import subprocess
 import sys
 
 import pytest
-import yaml
+
+from tests.helpers import tiny_study_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
 def test_study_runs_every_pair_and_summarises_over_seeds(tmp_path):
-    config = dict(dataset="demo", data_dir=str(tmp_path / "world"), metaclass="bird", model="resnet18", img_size=32,
-                  batch_size=16, epochs=1, workers=0, device="cpu", gen_device=["cpu"], gen_model="demo",
-                  gen_steps=4, gen_resolution=32, gen_batch_size=4, gen_dtype="float32", ring_slots=16, p=0.5)
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
+    config = tiny_study_config(str(tmp_path))
     out = tmp_path / "results" / "study.json"
     out.parent.mkdir()
     subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "demo_study.py"), "--augs", "none", "realmix",
-                    "--seeds", "0", "1", "--config", str(tmp_path / "study.yaml"), "--runs", str(tmp_path / "runs"),
+                    "--seeds", "0", "1", "--config", config, "--runs", str(tmp_path / "runs"),
                     "--out", str(out), "--", "--lr", "0.01"], check=True, cwd=ROOT, timeout=600)
 
     report = json.loads(out.read_text())
