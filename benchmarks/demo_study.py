@@ -198,10 +198,16 @@ def plot(summary: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
+def split_overrides(argv=None) -> tuple[list, list]:
+    """``(study arguments, train.py overrides)``: the overrides are what follows ``--``."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    if "--" not in argv:
+        return argv, []
+    return argv[:argv.index("--")], argv[argv.index("--") + 1:]
+
+
+def main(argv=None) -> dict:
+    argv, overrides = split_overrides(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--augs", nargs="+", choices=AUGS + POLICY_AUGS, default=list(AUGS),
                    help="augmentations; AUG@POLICY runs AUG with train.py --gen-policy POLICY")

@@ -45,7 +45,7 @@ import sys
 import time
 
 import yaml
-from demo_study import called_target, epochs, mean_and_se
+from demo_study import called_target, epochs, mean_and_se, split_overrides
 from report import RESULTS, machine, pyplot, write_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,6 +216,7 @@ def paired_differences(rows: list, online, offline) -> dict:
     by = {(r["arm"], r["seed"]): r for r in rows}
     pairs = [(arm, "none") for arm in arms(online, offline)[1:]]
     pairs += [(f"online-{n}", f"offline-{n}") for n in online if n in offline]
+    pairs.append(("online-all", f"offline-{max(offline)}"))  # about the same generator seconds on the demo
     out = {}
     for a, b in pairs:
         seeds = sorted(s for (arm, s) in by if arm == a and (b, s) in by)
@@ -253,9 +254,7 @@ def plot(summary: dict, path: str) -> None:
 
 
 def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, overrides = split_overrides(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--online-budgets", nargs="+", type=int, default=list(ONLINE_BUDGETS),
                    help="--gen-budget of the budgeted online arms (unique synthetic images over the run)")
@@ -270,6 +269,10 @@ def main(argv=None) -> dict:
     args.overrides = overrides
     with open(args.config) as f:
         config = yaml.safe_load(f)
+    uneven = [n for n in args.offline_budgets if n % config["gen_batch_size"]]
+    if uneven:  # a set of N is the first N // gen_batch_size tasks of the largest set
+        p.error(f"--offline-budgets must be multiples of the config's gen_batch_size ({config['gen_batch_size']}); "
+                f"got {uneven}.")
     names = arms(args.online_budgets, args.offline_budgets)
     settings = dict(config=config, aug=args.aug, train_overrides=overrides, seeds=args.seeds, online_budgets=args.online_budgets,
                     offline_budgets=args.offline_budgets,

@@ -11,7 +11,9 @@ loads the generator once, renders each task as one batch (``DiffusionProducer.re
 writes its images to ``OUT/data/<source>/<target>-<number>-<strength>.png`` with a
 ``meta.csv`` row each (``SampleRecorder``: the layout of the official sampler, which
 ``train.py --aug replay --replay-dir OUT`` reads). ``--regenerate SET`` renders a manifest's
-tasks again: the same images, bit for bit, on the same software and kind of device.
+tasks again: the same images, bit for bit, on the same software and kind of device (and, on CPU actors,
+the same threads per actor: Ray gives each its CPU count). So that an actor renders each task as if it
+were alone, the VAE posterior cache is off here (``--gen-posterior-cache`` is ignored).
 
     onlinemix generate --data-dir data/cub --metaclass bird --aug diffmix --gen-model MODEL \\
         --gen-finetuned runs/cub-ti-db --count 20000 --out runs/cub-diffmix --cluster auto --workers 8
@@ -77,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         recorded = read_manifest(args.regenerate)["options"]
         args = argparse.Namespace(**{**recorded, **{k: getattr(args, k) for k in PLACEMENT}})
     check_args(args)
+    # A task's bits must not depend on the tasks its actor rendered before (a regeneration deals them out
+    # again): with cached posteriors a task encodes only its uncached references, in a smaller batch, and a
+    # convolution need not give an image the same bits in batches of different sizes.
+    args.gen_posterior_cache = 0
     return args
 
 

@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -133,3 +134,25 @@ def test_a_format_1_manifest_reads_its_interpolation_weights_as_the_partners(tmp
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "onlinemix-generate/1", "samples": samples}))
     manifest = read_manifest(str(tmp_path))
     assert manifest["format"] == FORMAT and [s["alpha"] for s in manifest["samples"]] == [pytest.approx(0.2), 0.0]
+
+
+def test_a_task_renders_the_same_bits_whatever_its_actor_rendered_before(data_dir, base, tmp_path):
+    """Regeneration spreads tasks over other actors, so a task's bits must not depend on the tasks before it
+    (here one that shares a reference: with a posterior cache, the other reference would be encoded alone,
+    and a convolution over one image need not give the bits it gives inside a batch)."""
+    from onlinemix.data import load_splits
+    from onlinemix.options import data_options, generator_factory
+    from onlinemix.plan import Request
+
+    args = parse_args(options(data_dir, base, tmp_path / "a"))
+    splits = load_splits(args.data_dir, **data_options(args))
+    factory = generator_factory(args, splits, str(tmp_path), image_size=32)
+    label = splits.train.labels
+    task = [Request(reference=0, source=int(label[0]), target=1, strength=0.75, seed=7),
+            Request(reference=9, source=int(label[9]), target=0, strength=0.5, seed=8)]
+    before = [Request(reference=i, source=int(label[i]), target=2, strength=0.5, seed=i) for i in (0, 3, 15, 20)]
+    alone, _ = factory("cpu").render(task)
+    producer = factory("cpu")
+    producer.render(before)
+    after, _ = producer.render(task)
+    assert torch.equal(alone, after)

@@ -77,7 +77,7 @@ def test_prompt_embeddings_are_cached(components):
         torch.testing.assert_close(first[0], first[2])
         sampler.embed(["a cat", "a bird"])
         sampler.translate(references(2), ["a cat", "a bird"], [0.5, 0.7], SEEDS[:2])
-        assert calls == [2, 1], "each prompt, and the empty one, is encoded once"
+        assert calls == [1, 1, 1], "each prompt, and the empty one, is encoded once, alone"
     finally:
         hook.remove()
 

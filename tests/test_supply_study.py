@@ -52,9 +52,14 @@ def test_a_prefix_set_holds_exactly_the_first_samples(tmp_path):
 def test_online_and_offline_are_paired_at_equal_budgets_seed_by_seed():
     rows = [dict(arm=arm, seed=seed, test=value, counterfactual=value / 2)
             for arm, seed, value in (("none", 0, 0.4), ("none", 1, 0.5), ("online-24", 0, 0.6), ("online-24", 1, 0.5),
-                                     ("offline-24", 0, 0.5), ("offline-24", 1, 0.6), ("offline-96", 0, 0.7))]
+                                     ("offline-24", 0, 0.5), ("offline-24", 1, 0.6), ("offline-96", 0, 0.7),
+                                     ("online-all", 0, 0.6), ("online-all", 1, 0.6), ("offline-96", 2, 0.6))]
     diff = supply_study.paired_differences(rows, [24], [24, 96])
-    assert set(diff) == {"online-24 - none", "offline-24 - none", "online-24 - offline-24"}, "pairs need two seeds"
+    assert set(diff) == {"online-all - none", "online-24 - none", "offline-24 - none", "online-24 - offline-24"}, \
+        "pairs need two seeds: offline-96 shares only seed 0 with online-all"
+    rows.append(dict(arm="offline-96", seed=1, test=0.8, counterfactual=0.4))
+    assert supply_study.paired_differences(rows, [24], [24, 96])["online-all - offline-96"]["test"]["mean"] == \
+        pytest.approx(-0.15), "the unbudgeted run against the largest set"
     assert diff["online-24 - offline-24"]["test"]["mean"] == pytest.approx(0.0)
     assert diff["online-24 - offline-24"]["test"]["se"] == pytest.approx(0.1)
     assert diff["online-24 - none"]["counterfactual"]["mean"] == pytest.approx(0.05)
@@ -93,14 +98,19 @@ def test_the_table_turns_fresh_supply_into_generator_gpus(tmp_path):
     assert json.loads((tmp_path / "a.json").read_text())["measured_overrides"] == {"25": 10.0, "fast": 20.0}
 
 
-def test_n_star_is_the_smallest_set_within_a_standard_error_of_the_largest(tmp_path):
-    summary = {"none": {"test": {"mean": 0.4, "se": 0.01}},
-               "offline-24": {"test": {"mean": 0.45, "se": 0.01}},
-               "offline-120": {"test": {"mean": 0.49, "se": 0.01}},
-               "offline-600": {"test": {"mean": 0.50, "se": 0.02}}}
+def test_n_star_is_the_smallest_set_within_a_standard_error_of_the_largest_on_both_sets(tmp_path):
+    def arm(test, counterfactual):
+        return {"test": {"mean": test, "se": 0.01}, "counterfactual": {"mean": counterfactual, "se": 0.01}}
+
+    summary = {"none": arm(0.4, 0.1), "offline-24": arm(0.45, 0.15), "offline-120": arm(0.495, 0.16),
+               "offline-600": arm(0.50, 0.20)}
     (tmp_path / "s.json").write_text(json.dumps({"summary": summary, "samples_per_epoch": 96}))
     found = supply_arithmetic.saturation(str(tmp_path / "s.json"))
-    assert found["n_star"] == 120 and found["fresh_per_training_image"] == pytest.approx(120 / 96)
+    assert found["n_star_per_set"] == {"test": 120, "counterfactual": 600}
+    assert found["n_star"] == 600 and found["fresh_per_training_image"] == pytest.approx(600 / 96)
+    summary["offline-120"] = arm(0.495, 0.195)
+    (tmp_path / "s.json").write_text(json.dumps({"summary": summary, "samples_per_epoch": 96}))
+    assert supply_arithmetic.saturation(str(tmp_path / "s.json"))["n_star"] == 120
     (tmp_path / "empty.json").write_text(json.dumps({"summary": {"none": summary["none"]}, "samples_per_epoch": 96}))
     with pytest.raises(SystemExit, match="no offline arm yet"):
         supply_arithmetic.saturation(str(tmp_path / "empty.json"))
@@ -111,6 +121,13 @@ def test_a_bad_measured_rate_is_refused_with_the_accepted_forms(tmp_path, capsys
         supply_arithmetic.main(["--fresh-per-training-image", "1", "--gen-images-per-s", "12=3",
                                 "--out", str(tmp_path / "a.json")])
     assert "STEPS 25, 8, 4 or fast" in capsys.readouterr().err
+
+
+def test_offline_budgets_off_the_task_size_are_refused_before_any_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        supply_study.main(["--offline-budgets", "24", "30", "--runs", str(tmp_path), "--out", str(tmp_path / "s.json")])
+    assert "multiples of the config's gen_batch_size (12); got [30]" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.slow

@@ -181,21 +181,22 @@ class Sampler:
         cross-attention layer, where on the input side the encoder's final LayerNorm would
         normalise most of the scale away again.
         """
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._embeddings]
-        if missing:
-            c = self.components
-            plain = [p for p in missing if isinstance(p, str)]
-            if plain:
-                ids = c.tokenizer(plain, padding="max_length", max_length=c.tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt").input_ids
-                self._embeddings.update(zip(plain, c.text_encoder(ids.to(self.device))[0].to(self.dtype)))
-            weighted = [p for p in missing if not isinstance(p, str)]
-            if weighted:
-                ids, weights = zip(*(weighted_tokens(c.tokenizer, p) for p in weighted))
-                states = c.text_encoder(torch.tensor(ids, device=self.device))[0]
-                states = states * torch.tensor(weights, device=self.device, dtype=states.dtype)[..., None]
-                self._embeddings.update(zip(weighted, states.to(self.dtype)))
+        for prompt in dict.fromkeys(prompts):
+            # Each prompt is encoded alone, so its cached bits never depend on the prompts that happened to
+            # arrive with it (a GEMM need not give a row the same bits in batches of different sizes).
+            if prompt not in self._embeddings:
+                self._embeddings[prompt] = self._encode_prompt(prompt)
         return torch.stack([self._embeddings[p] for p in prompts])
+
+    def _encode_prompt(self, prompt) -> torch.Tensor:
+        c = self.components
+        if isinstance(prompt, str):
+            ids = c.tokenizer([prompt], padding="max_length", max_length=c.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+            return c.text_encoder(ids.to(self.device))[0][0].to(self.dtype)
+        ids, weights = weighted_tokens(c.tokenizer, prompt)
+        states = c.text_encoder(torch.tensor([ids], device=self.device))[0][0]
+        return (states * torch.tensor(weights, device=self.device, dtype=states.dtype)[:, None]).to(self.dtype)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
