@@ -87,7 +87,8 @@ class ConsistencyDistillation:
     Args:
         student: The student's noise prediction (the U-Net with the acceleration adapter on).
         teacher: The teacher's (the same U-Net with it off).
-        alphas_cumprod: The noise schedule's cumulative alphas ``[T]`` (the training scheduler's).
+        scheduler_config: The base model's scheduler config: its schedule noises the latents
+            (``TrainingNoise``, the project's one forward process).
         guidance: The teacher's classifier-free guidance scale, baked into the student.
         solver_steps: Points of the solver grid (``solver_timesteps``); 50 as ``LCMScheduler``'s default
             ``original_inference_steps``.
@@ -97,15 +98,21 @@ class ConsistencyDistillation:
         timestep_scaling: The boundary condition's timestep scaling (``LCMScheduler``'s).
     """
 
-    def __init__(self, student: NoisePrediction, teacher: NoisePrediction, alphas_cumprod: torch.Tensor, *,
+    def __init__(self, student: NoisePrediction, teacher: NoisePrediction, scheduler_config, *,
                  guidance: float = 7.5, solver_steps: int = 50, max_strength: float = 0.9, huber_c: float = 0.001,
                  timestep_scaling: float = 10.0):
         if guidance < 1:
             raise ValueError(f"guidance must be >= 1 (1: no classifier-free guidance), got {guidance}.")
         if not 0 < max_strength <= 1:
             raise ValueError(f"max_strength must be in (0, 1], got {max_strength}.")
+        from .training_noise import TrainingNoise
+
+        self.noising = TrainingNoise(scheduler_config)
+        if self.noising.prediction_type != "epsilon":
+            raise ValueError(f"Distillation supports epsilon-predicting models; this one predicts "
+                             f"{self.noising.prediction_type!r}.")
         self.student, self.teacher = student, teacher
-        self.alphas_cumprod = alphas_cumprod.float().cpu()
+        alphas_cumprod = self.alphas_cumprod = self.noising.schedule.alphas_cumprod.float().cpu()
         self.guidance, self.huber_c, self.timestep_scaling = guidance, huber_c, timestep_scaling
         grid = solver_timesteps(len(alphas_cumprod), solver_steps)
         self.step = int(grid[0]) + 1
@@ -139,12 +146,9 @@ class ConsistencyDistillation:
         """The loss of clean latents ``[B, C, h, w]`` under text states ``conditions`` ``[B, 77, D]`` (a
         target class's prompt each: the image may be of another class, as in a translation) and the empty
         prompt's ``unconditional`` ``[1, 77, D]``."""
-        n = len(latents)
-        pick = torch.randint(len(self.starts), (n,), generator=generator)
+        pick = torch.randint(len(self.starts), (len(latents),), generator=generator)
         timesteps = self.starts[pick].to(latents.device)
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-        a = _per_sample(self.alphas_cumprod[timesteps.cpu()], latents)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        noisy = self.noising(latents, generator, timesteps).noisy
         prediction = self.consistency(self.student(noisy, timesteps, conditions), noisy, timesteps)
         with torch.no_grad():
             previous, earlier = self.teacher_step(noisy, timesteps, conditions, unconditional)

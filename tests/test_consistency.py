@@ -52,7 +52,7 @@ def test_the_teacher_step_is_a_guided_ddim_step_along_the_grid():
                             "clip_sample": False})
     ddim.set_timesteps(50)
     teacher = Recorder(torch.tensor(0.3))
-    loss = ConsistencyDistillation(Recorder(0.1), teacher, ALPHAS, guidance=7.5)
+    loss = ConsistencyDistillation(Recorder(0.1), teacher, SCHEDULE, guidance=7.5)
     sample, text, empty = latents(2), torch.full((2, 77, 8), 0.5), torch.zeros(1, 77, 8)
     for t in (999, 499, 19):
         timesteps = torch.full((2,), t)
@@ -65,7 +65,7 @@ def test_the_teacher_step_is_a_guided_ddim_step_along_the_grid():
 
 def test_the_student_learns_only_from_its_prediction_at_the_start_never_from_the_target():
     student, teacher = Recorder(torch.tensor(0.1, requires_grad=True)), Recorder(torch.tensor(0.3))
-    loss = ConsistencyDistillation(student, teacher, ALPHAS, guidance=7.5, max_strength=0.5)
+    loss = ConsistencyDistillation(student, teacher, SCHEDULE, guidance=7.5, max_strength=0.5)
     value = loss(latents(4), torch.full((4, 77, 8), 0.5), torch.zeros(1, 77, 8),
                  generator=torch.Generator().manual_seed(0))
     value.backward()
@@ -93,12 +93,12 @@ def test_at_the_first_grid_point_the_target_is_the_guided_teachers_denoised_samp
     teacher, text, empty = point_mass_noise(x0), torch.zeros(16, 77, 8), torch.zeros(1, 77, 8)
 
     def score(student):
-        loss = ConsistencyDistillation(student, teacher, ALPHAS, guidance=1.0, max_strength=0.02)
+        loss = ConsistencyDistillation(student, teacher, SCHEDULE, guidance=1.0, max_strength=0.02)
         assert loss.starts.tolist() == [19]
         return loss(x0.expand(16, -1, -1, -1), text, empty, generator=torch.Generator().manual_seed(0)).item()
 
     assert score(teacher) < 0.1 * score(point_mass_noise(x0 + 1)), "the teacher's own end point scores lowest"
-    by_hand = ConsistencyDistillation(teacher, teacher, ALPHAS, guidance=1.0, max_strength=0.02)
+    by_hand = ConsistencyDistillation(teacher, teacher, SCHEDULE, guidance=1.0, max_strength=0.02)
     generator = torch.Generator().manual_seed(0)
     torch.randint(1, (16,), generator=generator)
     noise = torch.randn(16, *x0.shape[1:], generator=generator)
@@ -114,8 +114,8 @@ def test_pseudo_huber_and_bad_settings():
     assert pseudo_huber(torch.zeros(3), torch.zeros(3)) == 0
     assert pseudo_huber(torch.zeros(1), torch.full((1,), 3.0), c=0.001).item() == pytest.approx(3.0, abs=1e-3)
     with pytest.raises(ValueError, match="guidance must be >= 1"):
-        ConsistencyDistillation(Recorder(0.1), Recorder(0.1), ALPHAS, guidance=0.5)
+        ConsistencyDistillation(Recorder(0.1), Recorder(0.1), SCHEDULE, guidance=0.5)
     with pytest.raises(ValueError, match=r"max_strength must be in \(0, 1\]"):
-        ConsistencyDistillation(Recorder(0.1), Recorder(0.1), ALPHAS, max_strength=0.0)
+        ConsistencyDistillation(Recorder(0.1), Recorder(0.1), SCHEDULE, max_strength=0.0)
     with pytest.raises(ValueError, match="No solver timestep lies below"):
-        ConsistencyDistillation(Recorder(0.1), Recorder(0.1), ALPHAS, max_strength=0.01)
+        ConsistencyDistillation(Recorder(0.1), Recorder(0.1), SCHEDULE, max_strength=0.01)
