@@ -4,7 +4,8 @@
 ``onlinemix pretrain-demo ...`` rebuilds the demo generator (``onlinemix.demo_model``);
 ``onlinemix invert ...`` learns a condition per training image (``onlinemix.invert``);
 ``onlinemix caption ...`` captions every training image for SGID (``onlinemix.caption``);
-``onlinemix generate ...`` makes a synthetic set offline on a Ray cluster (``onlinemix.generate``).
+``onlinemix generate ...`` makes a synthetic set offline on a Ray cluster (``onlinemix.generate``);
+``onlinemix distill ...`` distils a few-step acceleration LoRA from a personalised generator (``onlinemix.distill``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ COMMANDS = {
     "invert": "learn one condition per training image (Diffusion Inversion's first stage)",
     "caption": "the best caption of every training image and its CLIP similarity (SGID's first stage)",
     "generate": "a synthetic set made offline on a Ray cluster, in the Diff-Mix layout, with a manifest",
+    "distill": "a few-step acceleration LoRA distilled from a personalised generator, for --gen-accelerator",
 }
 
 
@@ -53,6 +55,10 @@ def main(argv=None) -> None:
             from .generate import main as generate
 
             generate(argv[1:])
+        elif argv[0] == "distill":
+            from .distill import main as distill
+
+            distill(argv[1:])
         else:
             from .demo_model import main as pretrain_demo
 
