@@ -26,6 +26,8 @@ probe (``demo_generator.py``) calls the target species, measured per option set 
 the same references and seeds.
 
     python benchmarks/bench_generator.py --options --finetuned runs/demo-ti-db
+    python benchmarks/bench_generator.py --options --accelerator runs/demo-distill \
+        --sets continuous+posteriors deep_cache_2+steps_20 distilled_2 distilled_4 distilled_8
 """
 from __future__ import annotations
 
@@ -108,6 +110,10 @@ OPTION_SETS = {  # GeneratorSpec fields per set, each adding one lever; "today":
     "deep_cache_2+steps_20": dict(deep_cache=2, steps=20),
     "deep_cache_3+steps_20": dict(deep_cache=3, steps=20),
     "steps_8+ddim_trailing": dict(scheduler="ddim-trailing", steps=8),  # an 8-step adapter's speed (fused: free)
+    # `onlinemix distill`'s student (--accelerator): every strength runs all its LCM steps, one U-Net call each.
+    "distilled_2": dict(scheduler="lcm-strength", steps=2, guidance=1.0),
+    "distilled_4": dict(scheduler="lcm-strength", steps=4, guidance=1.0),
+    "distilled_8": dict(scheduler="lcm-strength", steps=8, guidance=1.0),
     "channels_last": dict(channels_last=True),
     "compiled": dict(channels_last=True, compile="default"),
     "compiled+cuda_graphs": dict(channels_last=True, compile="reduce-overhead"),
@@ -151,7 +157,8 @@ def option_producers(args, sets: list, device) -> dict:
         spec = GeneratorSpec(**{**dict(model=args.model, finetuned=finetuned, strategy=strategy, steps=args.steps,
                                        guidance=args.guidance, resolution=args.resolution, image_size=64,
                                        batch_size=args.batch, dtype=args.dtype, local_files_only=True),
-                                **OPTION_SETS[name]})
+                                **OPTION_SETS[name],
+                                **(dict(accelerator=args.accelerator) if "distilled" in name else {})})
         factory = DiffusionProducerFactory(spec, references, names, "bird")
         np.random.seed(0)  # every set plans the same stream of requests
         producers[name] = factory.producer(fresh().to(device=device, dtype=DTYPES[args.dtype]))
@@ -205,8 +212,10 @@ def compare_options(args) -> None:
                          "configs/finetune/demo.yaml --out runs/demo-ti-db` (or `make demo`).")
     device = torch.device(args.device)
     # By default the sets that run on a CPU and whose fidelity the demo probe can judge without an adapter.
-    sets = args.sets or [name for name in OPTION_SETS if "compile" not in name and name not in (
-        "channels_last", "steps_8+ddim_trailing")]
+    sets = args.sets or [name for name in OPTION_SETS if "compile" not in name and "distilled" not in name
+                         and name not in ("channels_last", "steps_8+ddim_trailing")]
+    if any("distilled" in name for name in sets) and not args.accelerator:
+        raise SystemExit("the distilled_* sets run an `onlinemix distill` output: pass --accelerator FOLDER.")
     producers = option_producers(args, sets, device)
     for producer in producers.values():  # warm-up (and compilation): a batch in flight, posteriors cached
         stream_rate(producer, 2 * args.batch, device)
@@ -284,6 +293,7 @@ def main() -> None:
     options.add_argument("--options", action="store_true", help="compare the speed options (see above)")
     options.add_argument("--sets", nargs="+", choices=sorted(OPTION_SETS), help="option sets (default: all)")
     options.add_argument("--finetuned", default="runs/demo-ti-db", help="the personalised demo generator")
+    options.add_argument("--accelerator", help="the distilled_* sets' acceleration LoRA (`onlinemix distill --out`)")
     options.add_argument("--resolution", type=int, default=64, help="generation resolution")
     options.add_argument("--data-dir", default="data/demo", help="the demo data set (written there if missing)")
     options.add_argument("--images", type=int, default=48, help="images per timed stretch")

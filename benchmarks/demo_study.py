@@ -3,8 +3,8 @@
 Every (augmentation, seed) pair is one ``python train.py --config configs/demo.yaml --aug AUG
 --seed SEED`` run in its own process, with the generator (where the augmentation uses one)
 in a process of its own on the CPU, as in the quick start. The personalised generator is
-made once (configs/finetune/demo.yaml) and shared by every run, and so are Diffusion
-Inversion's condition store (configs/invert/demo.yaml) where ``diffinversion`` runs and the
+made once (configs/finetune/demo.yaml) and shared by every run, and so are the distilled student
+``diffmix-4step`` runs (configs/distill/demo.yaml), Diffusion Inversion's condition store (configs/invert/demo.yaml) where ``diffinversion`` runs and the
 demo world's caption store (``onlinemix caption --captioner demo``) where ``sgid`` runs. Reported per augmentation:
 the last epoch's top-1 accuracy on the in-distribution test set and on the counterfactual
 set (every bird on its other background), the counterfactual worst-group accuracy, the
@@ -18,6 +18,7 @@ what finished.
 
     python benchmarks/demo_study.py                                   # 8 augmentations x 5 seeds
     python benchmarks/demo_study.py --augs none diffmix --seeds 0 -- --epochs 2   # flags after -- go to train.py
+    python benchmarks/demo_study.py --augs none diffmix diffmix-4step --out benchmarks/results/distill_study.json
     python benchmarks/demo_study.py --augs diffmix diffmix@confusion diffmix@hard-class \
         --out benchmarks/results/closed_loop_study.json -- --ring-slots 48 --feedback-every 3   # the closed loop
 
@@ -36,18 +37,24 @@ import time
 import numpy as np
 from report import RESULTS, machine, pyplot, write_report
 
+from onlinemix.generator.adapters import DISTILL_JSON
 from onlinemix.generator.conditions import STORE_JSON
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUGS = ("none", "cutmix", "diffaug", "realmix", "diffmix", "diffmix+cutmix", "diffinversion", "sgid")
 # The closed loop: an augmentation with a planning policy, spelled AUG@POLICY (train.py --gen-policy POLICY).
 POLICY_AUGS = ("diffmix@confusion", "diffmix@hard-class")
+# Diff-Mix from `onlinemix distill`'s student (--distill-config, made once): 4 LCM steps inside each strength,
+# guidance 1 (baked in), one U-Net call per step.
+DISTILLED_AUGS = ("diffmix-4step",)
+DISTILLED_SAMPLING = ["--gen-scheduler", "lcm-strength", "--guidance", "1", "--gen-steps", "4"]
 METRICS = {"test": ("test", "top1"), "counterfactual": ("test_counterfactual", "top1"),
            "counterfactual_worst_group": ("test_counterfactual", "worst_group")}
 # What Diff-Mix is compared with, seed by seed.
 PAIRS = (("diffmix", "none"), ("diffmix", "diffaug"), ("diffmix", "realmix"), ("diffmix+cutmix", "cutmix"),
          ("diffmix@confusion", "diffmix"), ("diffmix@hard-class", "diffmix"), ("diffinversion", "none"),
-         ("diffinversion", "diffaug"), ("diffmix", "diffinversion"), ("sgid", "none"), ("sgid", "diffaug"))
+         ("diffinversion", "diffaug"), ("diffmix", "diffinversion"), ("sgid", "none"), ("sgid", "diffaug"),
+         ("diffmix-4step", "diffmix"), ("diffmix-4step", "none"))
 
 
 def epochs(run_dir: str) -> list:
@@ -55,11 +62,11 @@ def epochs(run_dir: str) -> list:
         return [json.loads(line) for line in f.read().strip().splitlines()]
 
 
-def called_target(history: list, *, first_read: bool = False):
-    """The share of all synthetic samples of a run that the classifier called their target class (the
-    fidelity monitor's counts summed over epochs; one epoch holds only a few dozen), over every read or
-    over each sample's first; None without any."""
-    counts = [e["fidelity"]["all"] for e in history if "fidelity" in e]
+def called_target(history: list, *, first_read: bool = False, strength: str = "all"):
+    """The share of all synthetic samples of a run (or of those at ``strength``, e.g. "s=0.7") that the
+    classifier called their target class (the fidelity monitor's counts summed over epochs; one epoch holds
+    only a few dozen), over every read or over each sample's first; None without any."""
+    counts = [e["fidelity"][strength] for e in history if strength in e.get("fidelity", {})]
     if first_read:
         counts = [c["first_read"] for c in counts if "first_read" in c]
     total = sum(c["count"] for c in counts)
@@ -79,10 +86,14 @@ def policy_summary(history: list) -> dict:
 def run(aug: str, seed: int, args, overrides: list) -> dict:
     name = f"{aug}-seed{seed}"
     base, _, policy = aug.partition("@")
-    command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", args.config, "--aug", base,
-               "--seed", str(seed), "--output", args.runs, "--name", name, *overrides]
+    distilled = base in DISTILLED_AUGS
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", args.config, "--aug",
+               "diffmix" if distilled else base, "--seed", str(seed), "--output", args.runs, "--name", name,
+               *overrides]
     if policy:
         command += ["--gen-policy", policy]
+    if distilled:
+        command += ["--gen-accelerator", acceleration_lora(args.distill_config), *DISTILLED_SAMPLING]
     if base == "diffinversion":
         command += ["--inversion", condition_store(args.invert_config)]
     if base == "sgid":
@@ -103,6 +114,9 @@ def run(aug: str, seed: int, args, overrides: list) -> dict:
         row["synthetic_called_target"] = called_target(history)
     if called_target(history, first_read=True) is not None:
         row["synthetic_first_read_called_target"] = called_target(history, first_read=True)
+        strengths = sorted({key for e in history for key in e.get("fidelity", {}) if key.startswith("s=")})
+        row["first_read_called_target_by_strength"] = {
+            key: called_target(history, first_read=True, strength=key) for key in strengths}
     if policy:
         row.update(policy_summary(history))
     print(f"[{name}]", {k: row[k] for k in (*METRICS, "synthetic_fraction", "seconds")}, flush=True)
@@ -125,6 +139,26 @@ def condition_store(config: str) -> str:
     if any(info.get(key) != recipe.get(key) for key in keys if key in recipe):
         print(f"[store] onlinemix invert --config {config} --out {out}", flush=True)
         subprocess.run([sys.executable, "-m", "onlinemix.cli", "invert", "--config", config, "--out", out,
+                        "--overwrite"], check=True, cwd=ROOT)
+    return out
+
+
+def acceleration_lora(config: str) -> str:
+    """The acceleration LoRA of ``onlinemix distill --config config``, distilled first if its folder holds none
+    or one made with other settings."""
+    import yaml
+
+    with open(config) as f:
+        recipe = yaml.safe_load(f)
+    out = os.path.join(ROOT, recipe["out"])
+    info = {}
+    if os.path.isfile(os.path.join(out, DISTILL_JSON)):
+        with open(os.path.join(out, DISTILL_JSON)) as f:
+            info = json.load(f)
+    keys = ("steps", "rank", "lr", "batch_size", "resolution", "max_strength", "solver_steps", "seed")
+    if not info or any(info.get(key) != recipe.get(key) for key in keys if key in recipe):
+        print(f"[accelerator] onlinemix distill --config {config} --out {out}", flush=True)
+        subprocess.run([sys.executable, "-m", "onlinemix.cli", "distill", "--config", config, "--out", out,
                         "--overwrite"], check=True, cwd=ROOT)
     return out
 
@@ -209,12 +243,14 @@ def split_overrides(argv=None) -> tuple[list, list]:
 def main(argv=None) -> dict:
     argv, overrides = split_overrides(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--augs", nargs="+", choices=AUGS + POLICY_AUGS, default=list(AUGS),
+    p.add_argument("--augs", nargs="+", choices=AUGS + POLICY_AUGS + DISTILLED_AUGS, default=list(AUGS),
                    help="augmentations; AUG@POLICY runs AUG with train.py --gen-policy POLICY")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
     p.add_argument("--invert-config", default=os.path.join(ROOT, "configs", "invert", "demo.yaml"),
                    help="`onlinemix invert` config of the condition store diffinversion runs share")
+    p.add_argument("--distill-config", default=os.path.join(ROOT, "configs", "distill", "demo.yaml"),
+                   help="`onlinemix distill` config of the acceleration LoRA diffmix-4step runs share")
     p.add_argument("--captions", default=os.path.join(ROOT, "runs", "demo-captions.json"),
                    help="the demo world's caption store sgid runs share (made first if missing)")
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "demo-study"), help="where the runs are written")

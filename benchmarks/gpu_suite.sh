@@ -13,7 +13,8 @@
 #   3. generator_bf16:  step 1 in bf16 at 512 px, with the U-Net compiled;
 #   4. overhead:        a ResNet-50 at 224 px training beside a live generator on the same GPU;
 #   5. finetune:        personalisation steps/s at 512 px, fp16 and bf16 autocast;
-#   6. caption:         SGID's caption store per image: BLIP base (10 nucleus + 10 beam captions) and
+#   6. distill:         `onlinemix distill` steps/s and peak memory at 512 px, batch 8, rank 64, bf16 and fp16;
+#   7. caption:         SGID's caption store per image: BLIP base (10 nucleus + 10 beam captions) and
 #                       CLIP ViT-B/32, fp32.
 # Each step has its own time limit and the suite a budget (GPU_SUITE_SECONDS, 480 by default): a step
 # that would start with less than 20 s left is skipped and says so. OUT/suite.log lists every step with
@@ -33,12 +34,14 @@ if [ "$dry_run" = 1 ]; then
     device=cpu gen_model=tiny big=32 small=16 steps=4 classifier=resnet18 img=32 compiled_sets=""
     overhead_extra="--gen-model demo --gen-steps 4 --rounds 2 --block 3 --warmup-steps 1 --warm-samples 4 --sim-ratios 1 --sim-seconds 1"
     finetune_extra="--classes 4 --steps 2 --warmup 1"
+    distill_extra="--rank 4 --batch 2 --steps 2 --warmup 1"
     caption_extra="--size tiny --images 2 --batch-size 1 --nucleus 2 --beam 2 --tokens 4"
 else
     device=cuda gen_model=sd15 big=512 small=256 steps=25 classifier=resnet50 img=224
     compiled_sets="compiled compiled+cuda_graphs"
     overhead_extra="--gen-model sd15 --gen-resolution 512 --gen-dtype float16 --rounds 4 --block 20 --sim-ratios 0.5 1 --sim-seconds 5"
     finetune_extra="--steps 10"
+    distill_extra="--steps 10"
     caption_extra="--images 32 --batch-size 8"
 fi
 
@@ -73,6 +76,8 @@ step overhead 90 "$python" benchmarks/bench_overhead.py --device $device --gen-d
     --model $classifier --img-size $img --batch-size 64 $overhead_extra --out "$out/overhead.json"
 step finetune 60 "$python" benchmarks/bench_finetune.py --device $device --model $gen_model --resolution $big \
     --precision fp16 bf16 $finetune_extra --out "$out/finetune.json"
+step distill 60 "$python" benchmarks/bench_distill.py --device $device --model $gen_model --resolution $big \
+    --precision bf16 fp16 $distill_extra --out "$out/distill.json"
 
 step caption 60 "$python" benchmarks/bench_caption.py --device $device --parts cost $caption_extra \
     --out "$out/caption.json"

@@ -6,8 +6,8 @@ new LoRA, the acceleration adapter, trained by latent consistency distillation t
 translation (``onlinemix.consistency``) on the training images: start points noised as SDEdit
 noises them (up to the largest strength served), prompts of every class drawn uniformly, as
 Diff-Mix draws its targets. The output folder holds ``pytorch_lora_weights.safetensors``, the
-format ``--gen-accelerator`` loads, to sample with ``--gen-scheduler lcm --gen-guidance 1`` and 4
-steps (one U-Net call per step).
+format ``--gen-accelerator`` loads, to sample with ``--gen-scheduler lcm-strength --guidance 1``
+and 4 steps (one U-Net call per step, every step inside the strength).
 
 Every step draws its images, flips, targets, noise and timesteps from generators seeded with
 ``(seed, rank, step)``, so a resumed run continues exactly where it stopped.
@@ -28,7 +28,7 @@ from .commands import (STEP_CHECKPOINTS, check_base_model, check_out_folder, che
 from .consistency import ConsistencyDistillation
 from .data import check_data_options, load_splits
 from .finetune import StepBatches, append_loss
-from .generator.adapters import LORA_WEIGHTS, attach_personalisation, personalisation_info
+from .generator.adapters import DISTILL_JSON, LORA_WEIGHTS, attach_personalisation, personalisation_info
 from .generator.components import load_components
 from .options import HelpFormatter, add_data_arguments, data_options, data_record, model_record, parse_with_config
 from .personalise import cast_frozen
@@ -36,7 +36,6 @@ from .plan import get_strategy
 
 logger = logging.getLogger("onlinemix")
 
-DISTILL_JSON = "onlinemix-distill.json"
 SETTINGS_JSON = "settings.json"  # what a --resume must match, written at the start
 TRAINABLE = "accelerator.safetensors"  # a step checkpoint's acceleration LoRA (peft keys)
 # LCM-LoRA's layers: attention, feed-forward, the resnets' convolutions and time embeddings, resampling.
@@ -64,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=7.5, help="the teacher's classifier-free guidance, baked in")
     p.add_argument("--max-strength", type=float, default=0.9,
                    help="the largest SDEdit strength the student serves (Diff-Mix's: 0.9)")
-    p.add_argument("--solver-steps", type=int, default=50, help="points of the teacher's DDIM grid (LCM's 50)")
+    p.add_argument("--solver-steps", type=int, default=50,
+                   help="points of the teacher's DDIM grid (LCM's 50; fewer, longer teacher steps propagate faster, "
+                        "see docs/usage/distill.md); the generator samples on this grid")
     p.add_argument("--huber-c", type=float, default=0.001, help="the pseudo-Huber loss constant")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast (accelerate)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes preparing batches")
@@ -120,7 +121,7 @@ def main(argv=None) -> dict:
     result = distill(args)
     if result["info"]:
         print(f"wrote the acceleration LoRA to {args.out}; generate with --gen-accelerator {args.out} "
-              "--gen-scheduler lcm --gen-guidance 1 --gen-steps 4", flush=True)
+              "--gen-scheduler lcm-strength --guidance 1 --gen-steps 4", flush=True)
     return result
 
 
@@ -273,7 +274,7 @@ def distill(args) -> dict:
         model.save(args.out)
         facts = {"base_model": model_record(args.model), "finetuned": model_record(args.finetuned),
                  "objective": "latent consistency distillation (arXiv:2310.04378) toward SDEdit translation",
-                 "scheduler": "lcm", "guidance_baked_in": args.guidance, "sample_with_guidance": 1,
+                 "scheduler": "lcm-strength", "guidance_baked_in": args.guidance, "sample_with_guidance": 1,
                  "recommended_steps": 4, "max_strength": args.max_strength, "steps": args.steps, "rank": args.rank,
                  "lr": args.lr, "batch_size": args.batch_size, "resolution": args.resolution,
                  "solver_steps": args.solver_steps, "seed": args.seed, "class_names": splits.class_names,

@@ -144,11 +144,12 @@ def add_generator_arguments(parser) -> None:
     parser.add_argument("--gen-posterior-cache", type=int, default=1024, metavar="N",
                         help="VAE posteriors of the last N references each generator worker keeps")
     parser.add_argument("--gen-scheduler", choices=SCHEDULERS, default="dpm-solver++",
-                        help="sampling scheduler; an acceleration LoRA needs the one it was distilled for")
+                        help="sampling scheduler; an acceleration LoRA needs the one it was distilled for "
+                             "(lcm-strength: LCM with every step inside the strength, for `onlinemix distill` output)")
     parser.add_argument("--gen-accelerator", metavar="LORA",
                         help="few-step acceleration LoRA (a .safetensors file, a folder, or "
                              "org/name/file.safetensors), fused next to the personalisation: Hyper-SD's CFG LoRAs "
-                             "with --gen-scheduler ddim-trailing")
+                             "with --gen-scheduler ddim-trailing; an `onlinemix distill` folder with lcm-strength")
     parser.add_argument("--gen-accelerator-weight", type=float, default=1.0, help="the acceleration LoRA's weight")
     parser.add_argument("--gen-attention", choices=["sdpa", "xformers"], default="sdpa",
                         help="the U-Net's attention: PyTorch's SDPA, or xformers (needs the xformers package)")

@@ -40,6 +40,9 @@ def test_study_runs_every_pair_and_summarises_over_seeds(tmp_path):
     assert report["summary"]["realmix"]["synthetic_fraction"]["mean"] > 0, "the generator ran"
     assert 0 <= report["summary"]["realmix"]["synthetic_called_target"]["mean"] <= 1, "the fidelity monitor counted"
     assert "synthetic_called_target" not in report["summary"]["none"]
+    for row in (r for r in report["runs"] if r["aug"] == "realmix"):
+        by_strength = row["first_read_called_target_by_strength"]
+        assert by_strength and all(k.startswith("s=") and 0 <= v <= 1 for k, v in by_strength.items())
     assert (tmp_path / "results" / "study.png").stat().st_size > 0
     assert (tmp_path / "runs" / "realmix-seed1" / "metrics.jsonl").exists()
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ("generator_fp16", "options_fp16", "generator_bf16", "overhead", "finetune", "caption")
+STEPS = ("generator_fp16", "options_fp16", "generator_bf16", "overhead", "finetune", "distill", "caption")
 
 
 @pytest.mark.slow

@@ -323,3 +323,33 @@ def test_deep_cache_with_guided_and_unguided_samples_equals_each_alone(component
         alone = sampler.translate(images[tag:tag + 1], PROMPTS[tag:tag + 1], [[0.5, 0.9, 0.5][tag]], SEEDS[tag:tag + 1],
                                   guidance=[[4.0, 1.0, 3.0][tag]])
         torch.testing.assert_close(mixed[row:row + 1], alone, rtol=0, atol=1e-4)
+
+
+class NoEmbedding:
+    def to(self, **kwargs):
+        return None
+
+
+def test_a_schedule_fitted_inside_each_strength_equals_diffusers_lcm_img2img(components):
+    """``schedule_in_strength``: every strength runs all its steps from s·T, as diffusers' LCM img2img pipeline
+    places them; mixed strengths in one batch equal the pipeline run at each."""
+    from diffusers import LatentConsistencyModelImg2ImgPipeline, LCMScheduler
+
+    from onlinemix.generator.components import Components
+
+    lcm = Components(**{**vars(components), "scheduler": LCMScheduler.from_config(components.scheduler.config)})
+    pipe = lcm.pipeline(LatentConsistencyModelImg2ImgPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    # The pipeline embeds the guidance scale for a full LCM's U-Net; an LCM-LoRA's U-Net takes none.
+    pipe.get_guidance_scale_embedding = lambda w, embedding_dim: NoEmbedding()
+    images, strengths = references(), [0.5, 0.7, 0.9]
+    sampler = Sampler(lcm, steps=4, guidance=1.0, schedule_in_strength=True)
+    ours = sampler.translate(images, PROMPTS, strengths, SEEDS)
+    for i, strength in enumerate(strengths):
+        expected = pipe(prompt=PROMPTS[i:i + 1], image=images[i:i + 1], strength=strength, num_inference_steps=4,
+                        guidance_scale=1.0, generator=generators(SEEDS[i:i + 1]), output_type="pt").images
+        torch.testing.assert_close(ours[i:i + 1], expected, rtol=0, atol=1e-4)
+    first = sampler._scheduler_at(0.7)[0].timesteps
+    assert len(first) == 4 and int(first[0]) == 699, "4 steps from the grid point at 0.7 T"
+    with pytest.raises(ValueError, match="schedule_in_strength needs a scheduler"):
+        Sampler(components, schedule_in_strength=True)

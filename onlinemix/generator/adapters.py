@@ -11,6 +11,7 @@ import torch
 from .components import Components
 
 PERSONALISATION_JSON = "onlinemix.json"
+DISTILL_JSON = "onlinemix-distill.json"  # the facts of an `onlinemix distill` output
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 EMBEDDINGS = "learned_embeds.safetensors"
 DIFFMIX_EMBEDDINGS = "learned_embeds-steps-last.bin"  # what the original Diff-Mix fine-tuning writes
@@ -30,6 +31,18 @@ def accelerator_location(source: Union[str, os.PathLike], *, local_files_only: b
         return f"{org}/{name}", dict(weight_name=file, local_files_only=local_files_only)
     raise FileNotFoundError(f"No acceleration LoRA at {source!r}: pass a .safetensors file, a folder with "
                             f"{LORA_WEIGHTS}, or org/name/file.safetensors on a model hub.")
+
+
+def accelerator_schedule(source: Union[str, os.PathLike]) -> dict:
+    """The LCM solver grid an ``onlinemix distill`` folder was trained on, as the scheduler option
+    ``{"original_inference_steps": N}`` (its few steps must lie on that grid); {} for any other LoRA."""
+    import json
+
+    facts = os.path.join(os.fspath(source), DISTILL_JSON)
+    if not os.path.isfile(facts):
+        return {}
+    with open(facts) as f:
+        return {"original_inference_steps": json.load(f)["solver_steps"]}
 
 
 def attach_accelerator(components: Components, source: Union[str, os.PathLike], *, weight: float = 1.0,

@@ -81,7 +81,7 @@ def dpm_solver_scheduler(config: Optional[dict] = None):
     return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
 
 
-SCHEDULERS = ("dpm-solver++", "ddim-trailing", "lcm", "tcd")
+SCHEDULERS = ("dpm-solver++", "ddim-trailing", "lcm", "lcm-strength", "tcd")
 
 
 def sampling_scheduler(name: str, config: dict):
@@ -89,7 +89,8 @@ def sampling_scheduler(name: str, config: dict):
 
     ``dpm-solver++``: DPM-Solver++ (2M), the paper's; ``ddim-trailing``: DDIM with trailing
     timestep spacing, what Hyper-SD's LoRAs are distilled for; ``lcm`` / ``tcd``: what LCM-LoRA /
-    TCD-LoRA are distilled for.
+    TCD-LoRA are distilled for; ``lcm-strength``: LCM with every strength running all its steps
+    (the sampler's ``schedule_in_strength``), what ``onlinemix distill``'s students sample with.
     """
     from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
 
@@ -98,8 +99,8 @@ def sampling_scheduler(name: str, config: dict):
     if name == "ddim-trailing":
         # Latents are not images: never clip them to [-1, 1] (SD 1.5's own config says so; a DPM config is silent).
         return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=False)
-    if name in ("lcm", "tcd"):
-        return {"lcm": LCMScheduler, "tcd": TCDScheduler}[name].from_config(config)
+    if name in ("lcm", "lcm-strength", "tcd"):
+        return {"lcm": LCMScheduler, "lcm-strength": LCMScheduler, "tcd": TCDScheduler}[name].from_config(config)
     raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {name!r}.")
 
 

@@ -139,10 +139,15 @@ class Sampler:
         deep_cache: Recompute the U-Net's deep features every ``deep_cache``-th step of a
             trajectory and reuse them in between (DeepCache); 1 (default): never reuse, exact.
         posterior_cache: How many references' VAE posteriors ``posteriors`` keeps (LRU).
+        schedule_in_strength: Fit the whole ``steps``-step schedule inside each strength: an SDEdit
+            of strength ``s`` starts at ``s·T`` and runs every step (``LCMScheduler.set_timesteps(
+            strength=s)``, diffusers' ``LatentConsistencyModelImg2ImgPipeline``). False: it runs the
+            last ``int(steps·s)`` steps of the full schedule (``StableDiffusionImg2ImgPipeline``),
+            coarse at few steps.
     """
 
     def __init__(self, components: Components, *, steps: int = 25, guidance: float = 7.5, deep_cache: int = 1,
-                 posterior_cache: int = 0):
+                 posterior_cache: int = 0, schedule_in_strength: bool = False):
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}.")
         if guidance < 1:
@@ -151,7 +156,11 @@ class Sampler:
             raise ValueError(f"deep_cache must be >= 1 (1 recomputes every step), got {deep_cache}.")
         if posterior_cache < 0:
             raise ValueError(f"posterior_cache must be >= 0, got {posterior_cache}.")
+        if schedule_in_strength and "strength" not in inspect.signature(components.scheduler.set_timesteps).parameters:
+            raise ValueError(f"schedule_in_strength needs a scheduler that places its schedule inside a strength "
+                             f"(LCMScheduler); {type(components.scheduler).__name__} cannot.")
         self.components = components
+        self.schedule_in_strength = schedule_in_strength
         # diffusers finds a model's dtype by walking its parameters (ms each): read once, so move
         # the components before building a sampler.
         self.device, self.dtype = components.device, components.dtype
@@ -254,11 +263,13 @@ class Sampler:
         eps = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
         latents = (mean + std * eps) * c.vae.config.scaling_factor
         noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
-        starts = [self.steps - denoising_steps(self.steps, s) for s in strengths]
+        # Samples that start together share a scheduler: one per first step, or per strength.
+        starts = [float(s) if self.schedule_in_strength else self.steps - denoising_steps(self.steps, s)
+                  for s in strengths]
         trajectories = []
         for first in sorted(set(starts)):
             rows = [i for i, start in enumerate(starts) if start == first]
-            scheduler, index = self._scheduler(first)
+            scheduler, index = self._scheduler_at(first) if self.schedule_in_strength else self._scheduler(first)
             t = scheduler.timesteps[index:index + 1].repeat(len(rows))
             trajectories.append(Trajectory([tags[i] for i in rows], scheduler, index,
                                            scheduler.add_noise(latents[rows], noise[rows], t), states[rows],
@@ -347,7 +358,8 @@ class Sampler:
             )
         if any(not 0 < float(s) <= 1 for s in strengths):
             raise ValueError(f"strengths must lie in (0, 1], got {list(strengths)}.")
-        check_steps(self.steps, strengths)
+        if not self.schedule_in_strength:
+            check_steps(self.steps, strengths)
         scales = torch.tensor([self.guidance if g is None else float(g) for g in guidance or [None] * count])
         if (scales < 1).any():
             raise ValueError(f"guidance scales must be >= 1 (1 turns guidance off), got {scales.tolist()}.")
@@ -377,6 +389,13 @@ class Sampler:
         if hasattr(scheduler, "set_begin_index"):  # stateless ones (DDIM) step from the timestep alone
             scheduler.set_begin_index(index)
         return scheduler, index
+
+    def _scheduler_at(self, strength: float):
+        """A fresh scheduler whose whole schedule lies inside ``strength`` (``schedule_in_strength``), at its start."""
+        scheduler = copy.deepcopy(self.components.scheduler)
+        scheduler.set_timesteps(self.steps, device=self.device, strength=strength)
+        scheduler.set_begin_index(0)
+        return scheduler, 0
 
     def _step(self, trajectories: list[Trajectory], *, copies: int, reuse: bool) -> None:
         latents = torch.cat([t.scheduler.scale_model_input(t.latents, t.timestep) for t in trajectories])

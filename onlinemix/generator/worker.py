@@ -28,7 +28,8 @@ from .captions import CAPTION_WEIGHTS, CaptionStore, captioned_guidance, caption
 from .clip_filter import ClipFilter
 from .conditions import ConditionStore, check_inversion_options
 from .components import SCHEDULERS, Components, load_components, sampling_scheduler
-from .adapters import accelerator_location, attach_accelerator, attach_personalisation, personalisation_info
+from .adapters import (accelerator_location, accelerator_schedule, attach_accelerator, attach_personalisation,
+                       personalisation_info)
 from .sampler import Sampler, Trajectory, check_steps, denoising_steps
 
 logger = logging.getLogger("onlinemix")
@@ -90,11 +91,13 @@ class GeneratorSpec:
             ``"reduce-overhead"`` also captures CUDA graphs); None: eager. Continuous
             batching keeps its input shapes fixed, so it compiles once.
         scheduler: The sampling scheduler (``components.SCHEDULERS``): ``dpm-solver++`` (the
-            paper's), or what an acceleration LoRA was distilled for.
+            paper's), or what an acceleration LoRA was distilled for (``lcm-strength`` for an
+            ``onlinemix distill`` student: every step inside the strength, on the student's grid).
         accelerator: A few-step acceleration LoRA (``attach_accelerator``: a file, a folder or
             ``org/name/file.safetensors``), loaded next to the personalisation as its own adapter
             and fused with it. Needs its ``scheduler`` and fewer ``steps`` (8 for Hyper-SD's
-            CFG-preserving SD 1.5 LoRA, 4 for LCM-LoRA and TCD), and ``steps · s ≥ 1``.
+            CFG-preserving SD 1.5 LoRA, 4 for LCM-LoRA, TCD and an ``onlinemix distill`` student),
+            and ``steps · s ≥ 1`` (but for ``lcm-strength``).
         accelerator_weight: The acceleration adapter's weight.
         inversion: The condition store (``onlinemix invert --out``) of an inverted strategy
             (diffinversion), learned on this run's training images at ``resolution``.
@@ -265,10 +268,11 @@ class DiffusionProducerFactory:
         if self.strategy.inverted:  # a store from another data set or resolution stops here, before any worker
             ConditionStore.check(spec.inversion, references, self.class_names, spec.resolution)
         self.captions = self._captions() if self.strategy.captioned else None
-        check_steps(spec.steps, self.planner.scheduled_strengths())
+        if spec.scheduler != "lcm-strength":  # which runs every step at any strength
+            check_steps(spec.steps, self.planner.scheduled_strengths())
         if spec.accelerator:
             accelerator_location(spec.accelerator, local_files_only=spec.local_files_only)  # a missing file: now
-        if not self.strategy.text_to_image:
+        if not self.strategy.text_to_image and spec.scheduler != "lcm-strength":
             warn_coarse_strengths(spec.steps, self.planner.scheduled_strengths())
 
     def _captions(self) -> tuple[list[str], np.ndarray]:
@@ -339,7 +343,10 @@ class DiffusionProducerFactory:
 def build_sampler(components: Components, spec: GeneratorSpec) -> Sampler:
     """The sampler of ``spec`` over loaded (and personalised) ``components``, with its speed options applied."""
     unet = components.unet
-    components.scheduler = sampling_scheduler(spec.scheduler, components.scheduler.config)
+    config = components.scheduler.config
+    if spec.accelerator and spec.scheduler in ("lcm", "lcm-strength"):  # a distilled student's own grid
+        config = {**config, **accelerator_schedule(spec.accelerator)}
+    components.scheduler = sampling_scheduler(spec.scheduler, config)
     if spec.fuse_lora and getattr(unet, "peft_config", None):
         # Fold the LoRAs into the weights they adapt: the same maps, without peft's per-layer detour.
         unet.fuse_lora()
@@ -349,7 +356,7 @@ def build_sampler(components: Components, spec: GeneratorSpec) -> Sampler:
     if spec.compile:
         components.unet = torch.compile(unet, mode=spec.compile)
     return Sampler(components, steps=spec.steps, guidance=spec.guidance_scales[0], deep_cache=spec.deep_cache,
-                   posterior_cache=spec.posterior_cache)
+                   posterior_cache=spec.posterior_cache, schedule_in_strength=spec.scheduler == "lcm-strength")
 
 
 class DiffusionProducer:
