@@ -89,6 +89,14 @@ def test_the_output_loads_as_an_accelerator_next_to_the_personalisation(base, tu
             outputs[accelerator] = sampler.translate(images, prompts, [0.5, 0.7, 0.9], [0, 1, 2])
     assert os.path.isfile(out / LORA_WEIGHTS)
     assert (outputs[None] - outputs[str(out)]).abs().max() > 1e-4, "the distilled adapter changes translations"
+    from onlinemix.data import load_splits
+    from onlinemix.generator.worker import DiffusionProducerFactory
+
+    splits = load_splits(data_dir)
+    too_many = GeneratorSpec(model=base, finetuned=tuned, scheduler="lcm-strength", steps=8, guidance=1.0,
+                             resolution=32, accelerator=str(out))
+    with pytest.raises(ValueError, match="Strength 0.5 holds 5 of the 10-point LCM grid.*at most 5 steps"):
+        DiffusionProducerFactory(too_many, splits.train, splits.class_names, "shape")
 
 
 @pytest.mark.slow
@@ -205,3 +213,20 @@ def test_distillation_brings_the_student_to_its_guided_teachers_trajectory_end(d
 
 # Measured: 0.369 -> 0.331 (10 % closer) after 200 steps; the margin leaves room for other builds' rounding.
 STEPS, MARGIN = 200, 0.05
+
+
+@pytest.mark.slow
+def test_two_processes_distil_one_adapter(base, tuned, data_dir, tmp_path):
+    """torchrun on the CPU (gloo): one data-parallel run, rank 0 alone logs and writes."""
+    import subprocess
+    import sys
+
+    command = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node", "2",
+               "-m", "onlinemix.cli", "distill", "--model", base, "--finetuned", tuned, "--data-dir", data_dir,
+               "--metaclass", "shape", "--out", str(tmp_path / "ddp"), "--steps", "3", "--rank", "4",
+               "--batch-size", "2", "--resolution", "32", "--workers", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(tmp_path / "ddp" / "loss.csv") as f:
+        assert [row["step"] for row in csv.DictReader(f)] == ["1", "2", "3"], "rank 0 alone logs each step once"
+    assert os.path.isfile(tmp_path / "ddp" / LORA_WEIGHTS)

@@ -84,6 +84,19 @@ def check_steps(steps: int, strengths) -> None:
             )
 
 
+def check_steps_in_strength(steps: int, strengths, grid: int) -> None:
+    """With every step inside the strength (``schedule_in_strength``), a strength's share of LCM's ``grid``
+    points, ``int(grid·s)``, must hold all ``steps``."""
+    for strength in strengths:
+        if int(grid * float(strength)) < steps:
+            low = min(float(s) for s in strengths)
+            raise ValueError(
+                f"Strength {float(strength)} holds {int(grid * float(strength))} of the {grid}-point LCM grid, fewer "
+                f"than the {steps} steps asked; use at most {int(grid * low)} steps, or strengths of at least "
+                f"{steps / grid:g}."
+            )
+
+
 @dataclass
 class Trajectory:
     """Samples admitted together at one first step: they share a scheduler state and a position.

@@ -30,7 +30,7 @@ from .conditions import ConditionStore, check_inversion_options
 from .components import SCHEDULERS, Components, load_components, sampling_scheduler
 from .adapters import (accelerator_location, accelerator_schedule, attach_accelerator, attach_personalisation,
                        personalisation_info)
-from .sampler import Sampler, Trajectory, check_steps, denoising_steps
+from .sampler import Sampler, Trajectory, check_steps, check_steps_in_strength, denoising_steps
 
 logger = logging.getLogger("onlinemix")
 
@@ -268,7 +268,11 @@ class DiffusionProducerFactory:
         if self.strategy.inverted:  # a store from another data set or resolution stops here, before any worker
             ConditionStore.check(spec.inversion, references, self.class_names, spec.resolution)
         self.captions = self._captions() if self.strategy.captioned else None
-        if spec.scheduler != "lcm-strength":  # which runs every step at any strength
+        if spec.scheduler == "lcm-strength":  # every step inside the strength, on the student's grid
+            grid = accelerator_schedule(spec.accelerator).get("original_inference_steps", 50) if spec.accelerator \
+                else 50
+            check_steps_in_strength(spec.steps, self.planner.scheduled_strengths(), grid)
+        else:
             check_steps(spec.steps, self.planner.scheduled_strengths())
         if spec.accelerator:
             accelerator_location(spec.accelerator, local_files_only=spec.local_files_only)  # a missing file: now
