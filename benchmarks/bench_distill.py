@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
-from report import RESULTS, machine, sync, write_report
+from report import RESULTS, machine, timed_steps, write_report
 from sd15 import sd15_architecture
 
 from onlinemix.consistency import ConsistencyDistillation
@@ -62,25 +60,8 @@ def measure(args, precision: str, device: torch.device) -> dict:
         scaler.update()
         return loss.item()
 
-    for k in range(args.warmup):
-        step(k)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for k in range(args.steps):
-        sync(device)
-        start = time.perf_counter()
-        loss = step(args.warmup + k)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    row = {"precision": precision, "median_step_s": round(median, 4), "steps_per_s": round(1 / median, 3),
-           "images_per_s": round(args.batch / median, 2), "last_loss": round(loss, 5),
-           "trainable_parameters": sum(p.numel() for p in parameters)}
-    if device.type == "cuda":
-        row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    print(row)
-    return row
+    return timed_steps(step, warmup=args.warmup, steps=args.steps, batch=args.batch, device=device,
+                       precision=precision, parameters=parameters)
 
 
 def main() -> None:

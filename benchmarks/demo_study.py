@@ -123,44 +123,35 @@ def run(aug: str, seed: int, args, overrides: list) -> dict:
     return row
 
 
-def condition_store(config: str) -> str:
-    """The store of ``onlinemix invert --config config``, made first if its folder holds none, or one made
-    with another recipe (an earlier config, or an earlier version of the command)."""
+def made_once(command: str, config: str, facts: str, keys: tuple) -> str:
+    """The output folder of ``onlinemix COMMAND --config config``, made first if it holds no ``facts`` file or
+    one whose ``keys`` differ from the recipe's (an earlier config, or an earlier version of the command)."""
     import yaml
 
     with open(config) as f:
         recipe = yaml.safe_load(f)
     out = os.path.join(ROOT, recipe["out"])
     info = {}
-    if os.path.isfile(os.path.join(out, STORE_JSON)):
-        with open(os.path.join(out, STORE_JSON)) as f:
+    if os.path.isfile(os.path.join(out, facts)):
+        with open(os.path.join(out, facts)) as f:
             info = json.load(f)
-    keys = ("vectors", "resolution", "group_size", "batch_size", "updates_per_image", "lr", "weight_decay", "seed")
     if any(info.get(key) != recipe.get(key) for key in keys if key in recipe):
-        print(f"[store] onlinemix invert --config {config} --out {out}", flush=True)
-        subprocess.run([sys.executable, "-m", "onlinemix.cli", "invert", "--config", config, "--out", out,
+        print(f"[{command}] onlinemix {command} --config {config} --out {out}", flush=True)
+        subprocess.run([sys.executable, "-m", "onlinemix.cli", command, "--config", config, "--out", out,
                         "--overwrite"], check=True, cwd=ROOT)
     return out
+
+
+def condition_store(config: str) -> str:
+    """The condition store of ``onlinemix invert --config config`` (``made_once``)."""
+    return made_once("invert", config, STORE_JSON, ("vectors", "resolution", "group_size", "batch_size",
+                                                    "updates_per_image", "lr", "weight_decay", "seed"))
 
 
 def acceleration_lora(config: str) -> str:
-    """The acceleration LoRA of ``onlinemix distill --config config``, distilled first if its folder holds none
-    or one made with other settings."""
-    import yaml
-
-    with open(config) as f:
-        recipe = yaml.safe_load(f)
-    out = os.path.join(ROOT, recipe["out"])
-    info = {}
-    if os.path.isfile(os.path.join(out, DISTILL_JSON)):
-        with open(os.path.join(out, DISTILL_JSON)) as f:
-            info = json.load(f)
-    keys = ("steps", "rank", "lr", "batch_size", "resolution", "max_strength", "solver_steps", "seed")
-    if not info or any(info.get(key) != recipe.get(key) for key in keys if key in recipe):
-        print(f"[accelerator] onlinemix distill --config {config} --out {out}", flush=True)
-        subprocess.run([sys.executable, "-m", "onlinemix.cli", "distill", "--config", config, "--out", out,
-                        "--overwrite"], check=True, cwd=ROOT)
-    return out
+    """The acceleration LoRA of ``onlinemix distill --config config`` (``made_once``)."""
+    return made_once("distill", config, DISTILL_JSON, ("steps", "rank", "lr", "batch_size", "resolution",
+                                                       "max_strength", "solver_steps", "seed"))
 
 
 def caption_store(path: str) -> str:

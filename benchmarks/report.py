@@ -40,6 +40,34 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_steps(step, *, warmup: int, steps: int, batch: int, device: torch.device, precision: str,
+                parameters) -> dict:
+    """Time an optimisation ``step(k) -> loss`` (``warmup`` untimed calls, then ``steps`` timed): the row a
+    training-step benchmark reports, with the peak GPU memory of the timed steps on a GPU."""
+    import statistics
+    import time
+
+    for k in range(warmup):
+        step(k)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for k in range(steps):
+        sync(device)
+        start = time.perf_counter()
+        loss = step(warmup + k)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    row = {"precision": precision, "median_step_s": round(median, 4), "steps_per_s": round(1 / median, 3),
+           "images_per_s": round(batch / median, 2), "last_loss": round(loss, 5),
+           "trainable_parameters": sum(p.numel() for p in parameters)}
+    if device.type == "cuda":
+        row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    print(row)
+    return row
+
+
 def write_report(name: str, path: str, settings: dict, runs: list, **extra) -> dict:
     """Write ``{benchmark, date, machine, settings, runs}`` as JSON to ``path``."""
     report = {
