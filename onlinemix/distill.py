@@ -104,6 +104,9 @@ def check_args(args) -> None:
     check_out_folder(args.out, resume=args.resume, overwrite=args.overwrite, progress=progress,
                      progress_is="checkpoint")
     if args.resume:
+        if not os.path.isfile(os.path.join(args.out, SETTINGS_JSON)):
+            raise FileNotFoundError(f"--resume: {args.out!r} holds checkpoints but no {SETTINGS_JSON}, so it was not "
+                                    "started by onlinemix distill; distil into another --out.")
         with open(os.path.join(args.out, SETTINGS_JSON)) as f:
             started = json.load(f)
         check_resume_settings(args.out, started, settings(args), otherwise="distil into another --out")

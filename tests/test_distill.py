@@ -230,3 +230,13 @@ def test_two_processes_distil_one_adapter(base, tuned, data_dir, tmp_path):
     with open(tmp_path / "ddp" / "loss.csv") as f:
         assert [row["step"] for row in csv.DictReader(f)] == ["1", "2", "3"], "rank 0 alone logs each step once"
     assert os.path.isfile(tmp_path / "ddp" / LORA_WEIGHTS)
+
+
+def test_a_resume_of_a_folder_distill_did_not_start_is_refused(base, tuned, data_dir, tmp_path):
+    from onlinemix.commands import STEP_CHECKPOINTS
+
+    out = tmp_path / "foreign"
+    (out / STEP_CHECKPOINTS / "step-00000002").mkdir(parents=True)
+    (out / STEP_CHECKPOINTS / "latest").write_text("step-00000002")
+    with pytest.raises(FileNotFoundError, match="no settings.json, so it was not started by onlinemix distill"):
+        distill(base, tuned, data_dir, out, "--resume")
