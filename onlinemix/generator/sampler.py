@@ -3,7 +3,9 @@
 For samples of one strength the result equals diffusers'
 ``StableDiffusionImg2ImgPipeline`` (``StableDiffusionPipeline`` for text-to-image)
 on the same components, settings and per-sample generators: the same posterior
-and noise draws, the same DPM-Solver++ steps. What changes is the batching.
+and noise draws, the same DPM-Solver++ steps. What changes is the batching. With
+``schedule_in_strength`` (an LCM scheduler) every step lies inside the strength, as in
+``LatentConsistencyModelImg2ImgPipeline``.
 
 Every sample lives in a ``Trajectory``: the samples admitted together at the same
 first step of the schedule, with their own scheduler state (the solver's history)
@@ -19,6 +21,10 @@ prompt, plain or weighted (``weighted_tokens``); each reference's VAE posterior,
 a bounded LRU keyed by the caller's reference key (``posteriors``); and, with ``deep_cache=k``, the U-Net's deep
 features, recomputed every ``k``-th step of each trajectory (``deep_cache.py``;
 an approximation, unlike the others).
+
+It is one module because where a trajectory starts (its scheduler and first step), how
+``Sampler.step`` advances it and the checks of strengths against steps are one piece of
+arithmetic that must agree with diffusers' pipelines; split, the halves could drift apart.
 """
 from __future__ import annotations
 
