@@ -1,3 +1,4 @@
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -335,9 +336,7 @@ def test_a_schedule_fitted_inside_each_strength_equals_diffusers_lcm_img2img(com
     places them; mixed strengths in one batch equal the pipeline run at each."""
     from diffusers import LatentConsistencyModelImg2ImgPipeline, LCMScheduler
 
-    from onlinemix.generator.components import Components
-
-    lcm = Components(**{**vars(components), "scheduler": LCMScheduler.from_config(components.scheduler.config)})
+    lcm = dataclasses.replace(components, scheduler=LCMScheduler.from_config(components.scheduler.config))
     pipe = lcm.pipeline(LatentConsistencyModelImg2ImgPipeline)
     pipe.set_progress_bar_config(disable=True)
     # The pipeline embeds the guidance scale for a full LCM's U-Net; an LCM-LoRA's U-Net takes none.

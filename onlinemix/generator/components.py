@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Optional, Union
 
@@ -31,21 +31,61 @@ SD_SCHEDULER = dict(
 
 @dataclass
 class Components:
-    """A text-to-image latent diffusion model, split into the parts the sampler drives."""
+    """A text-to-image latent diffusion model, split into the parts the sampler drives.
+
+    ``family`` (``families.FAMILIES``) says which parts it has: Stable Diffusion 1.x/2.x a tokenizer, text
+    encoder and ``unet``; SDXL a second tokenizer and encoder; SD 3.x a third (T5, optional) and a
+    ``transformer`` for the U-Net; FLUX.1 a CLIP and a T5 encoder and a ``transformer``.
+    ``pipeline_config`` holds the pipeline's own settings from ``model_index.json`` (SDXL's
+    ``force_zeros_for_empty_prompt``).
+    """
 
     tokenizer: object
     text_encoder: torch.nn.Module
-    unet: torch.nn.Module
+    unet: Optional[torch.nn.Module]
     vae: torch.nn.Module
     scheduler: object
+    tokenizer_2: object = None
+    text_encoder_2: Optional[torch.nn.Module] = None
+    tokenizer_3: object = None
+    text_encoder_3: Optional[torch.nn.Module] = None
+    transformer: Optional[torch.nn.Module] = None
+    family: str = "sd"
+    pipeline_config: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from .families import FAMILIES
+
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {self.family!r}.")
+        if (self.unet is None) == (self.transformer is None):
+            raise ValueError("A generator has one denoiser: a unet (sd, sdxl) or a transformer (sd3, flux).")
+
+    @property
+    def kind(self):
+        """The family (``families.Family``) that drives these parts."""
+        from .families import FAMILIES
+
+        return FAMILIES[self.family]
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The U-Net or the transformer."""
+        return self.unet if self.unet is not None else self.transformer
+
+    @property
+    def modules(self) -> list:
+        """Every model (text encoders, denoiser, VAE) this generator has."""
+        return [m for m in (self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.denoiser, self.vae)
+                if m is not None]
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.denoiser.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return self.denoiser.dtype
 
     @property
     def vae_scale_factor(self) -> int:
@@ -54,22 +94,33 @@ class Components:
     def to(self, device=None, dtype=None) -> "Components":
         # Only name what changes: diffusers warns about fp32-kept modules whenever `dtype=` is passed, even None.
         moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        for module in (self.text_encoder, self.unet, self.vae):
+        for module in self.modules:
             module.to(**moves)
         return self
 
     def save(self, folder: Union[str, os.PathLike]) -> None:
         """Save in the diffusers folder layout, loadable by ``load_components`` and diffusers' pipelines."""
-        from diffusers import StableDiffusionPipeline
+        import diffusers
 
         quiet_loading_bars()  # transformers draws a "Writing model shards" bar too
-        self.pipeline(StableDiffusionPipeline).save_pretrained(folder, safe_serialization=True)
+        self.pipeline(getattr(diffusers, self.kind.pipelines[0])).save_pretrained(folder, safe_serialization=True)
 
     def pipeline(self, cls):
-        """A diffusers pipeline of class ``cls`` over these very modules (no safety checker)."""
-        return cls(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-                   scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
-                   requires_safety_checker=False)
+        """A diffusers pipeline of class ``cls`` over these very modules (no safety checker, watermark or
+        image encoder)."""
+        import inspect
+
+        accepts = inspect.signature(cls.__init__).parameters
+        parts = {name: getattr(self, name) for name in accepts if name in PART_NAMES}
+        absent = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False, image_encoder=None,
+                      add_watermarker=False)
+        settings = {**{k: v for k, v in absent.items() if k in accepts},
+                    **{k: v for k, v in self.pipeline_config.items() if k in accepts}}
+        return cls(**parts, **settings)
+
+
+PART_NAMES = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3", "unet",
+              "transformer", "vae", "scheduler")
 
 
 def dpm_solver_scheduler(config: Optional[dict] = None):
@@ -104,17 +155,27 @@ def sampling_scheduler(name: str, config: dict):
     raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {name!r}.")
 
 
-MODEL_PARTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+def model_index(model: str, *, local_files_only: bool = False) -> dict:
+    """A diffusers model's ``model_index.json`` (its pipeline class and the classes of its parts); a folder
+    without one is read as the Stable Diffusion layout it predates."""
+    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
+        return {"_class_name": "StableDiffusionPipeline"}
+    from diffusers import DiffusionPipeline
+
+    return dict(DiffusionPipeline.load_config(model, local_files_only=local_files_only))
 
 
 def model_source(model: Union[str, os.PathLike], *, local_files_only: bool = False) -> str:
     """What ``load_components`` reads ``model`` from, checked without loading any weights: a complete
-    diffusers folder (``demo``: the shipped one), or a hub id of the form org/name (with
-    ``local_files_only``, one already in the hub cache).
+    diffusers folder of a supported family (``demo``: the shipped one), or a hub id of the form org/name
+    (with ``local_files_only``, one already in the hub cache).
 
     Raises:
         FileNotFoundError: A path that is no complete diffusers folder, or an uncached hub id offline.
+        ValueError: A folder of a pipeline no family supports (``families.family_of``).
     """
+    from .families import family_of
+
     model = os.fspath(model)
     if model == "demo":
         model = demo_model_path()
@@ -126,11 +187,14 @@ def model_source(model: Union[str, os.PathLike], *, local_files_only: bool = Fal
     if not os.path.isdir(model) and looks_like_path:
         raise FileNotFoundError(f"No model folder at {model!r}; pass a diffusers folder or a hub id (org/name).")
     if os.path.isdir(model):
-        missing = [p for p in MODEL_PARTS if not os.path.isdir(os.path.join(model, p))]
+        index = model_index(model)
+        family = family_of(index["_class_name"])
+        missing = [p for p in family.parts if not os.path.isdir(os.path.join(model, p))
+                   and not (p in family.optional_parts and index.get(p, [None])[0] is None)]
         if missing:
             raise FileNotFoundError(
-                f"{model!r} is not a complete diffusers Stable Diffusion folder: it lacks {missing}. "
-                "Save one with StableDiffusionPipeline.save_pretrained(folder)."
+                f"{model!r} is not a complete diffusers {index['_class_name']} folder: it lacks {missing}. "
+                "Save one with the pipeline's save_pretrained(folder)."
             )
     elif local_files_only:
         from huggingface_hub import try_to_load_from_cache
@@ -161,20 +225,25 @@ def load_components(
     local_files_only: bool = False,
     attention: str = "sdpa",
 ) -> Components:
-    """Load tokenizer, text encoder, U-Net, VAE and scheduler of a Stable Diffusion model.
+    """Load the parts of a text-to-image model of a supported family (``families.FAMILIES``).
+
+    The family is read from the model's ``model_index.json``; each part is loaded with the class it names.
+    The sampling scheduler is DPM-Solver++ on the model's noise schedule for the U-Net families (the paper's),
+    the model's own flow-matching Euler for SD 3 and FLUX.
 
     Args:
-        model: A diffusers folder (``model_index.json`` with ``tokenizer/``,
-            ``text_encoder/``, ``unet/``, ``vae/``, ``scheduler/``), a hub id, or
-            ``"demo"``: the tiny generator shipped with the package (``demo_model.py``).
-        dtype: Weights' dtype (``torch.float16``/``bfloat16`` on GPUs).
+        model: A diffusers folder (``model_index.json`` and a sub-folder per part), a hub id, or ``"demo"``:
+            the tiny Stable Diffusion generator shipped with the package (``demo_model.py``).
+        dtype: Weights' dtype (``torch.float16``/``bfloat16`` on GPUs). SDXL's VAE stays float32 under float16
+            when its config says ``force_upcast``, as its pipelines upcast it.
         device: Where the modules go.
         local_files_only: Never reach a hub.
         attention: ``"sdpa"`` (PyTorch's scaled-dot-product attention, default) or
             ``"xformers"`` (needs the ``xformers`` package).
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    import importlib
+
+    from .families import family_of
 
     if attention not in ("sdpa", "xformers"):
         raise ValueError(f"attention must be 'sdpa' or 'xformers', got {attention!r}.")
@@ -182,28 +251,57 @@ def load_components(
     quiet_loading_bars()
     kwargs = dict(local_files_only=local_files_only)
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype, **kwargs)
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kwargs)
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **kwargs)
-        from diffusers import DPMSolverMultistepScheduler
+        index = model_index(model, local_files_only=local_files_only)
+        family = family_of(index["_class_name"])
+        parts = {}
+        for name in family.parts[:-1]:  # the scheduler is the sampler's choice, below
+            # A folder older than model_index.json names no classes: Stable Diffusion's.
+            library, class_name = index.get(name, SD_CLASSES.get(name)) or (None, None)
+            if library is None and name in family.optional_parts:
+                parts[name] = None
+                continue
+            if library is None:
+                raise FileNotFoundError(f"{model!r}'s model_index.json names no class for its {name!r}, which a "
+                                        f"{family.name} generator needs.")
+            cls = getattr(importlib.import_module(library), class_name)
+            weights = {} if "tokenizer" in name else dict(torch_dtype=dtype)
+            if name == "vae" and family.name == "sdxl" and dtype == torch.float16:
+                weights = dict(torch_dtype=torch.float32) if cls.load_config(model, subfolder="vae", **kwargs).get(
+                    "force_upcast", True) else weights
+            parts[name] = cls.from_pretrained(model, subfolder=name, **weights, **kwargs)
+        from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
-        scheduler = dpm_solver_scheduler(DPMSolverMultistepScheduler.load_config(model, subfolder="scheduler", **kwargs))
+        base = FlowMatchEulerDiscreteScheduler if family.flow else DPMSolverMultistepScheduler
+        config = base.load_config(model, subfolder="scheduler", **kwargs)
+        scheduler = base.from_config(config) if family.flow else dpm_solver_scheduler(config)
     except OSError as error:
         raise FileNotFoundError(
             f"Could not load the model {model!r} ({error.__class__.__name__}: {str(error).splitlines()[0]}). "
             "Without network access, download it elsewhere and pass its local folder, e.g. "
             "--gen-model /models/stable-diffusion-v1-5."
         ) from None
-    components = Components(tokenizer, text_encoder, unet, vae, scheduler).to(device=device)
+    settings = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, (list, tuple))}
+    components = Components(parts.pop("tokenizer"), parts.pop("text_encoder"), parts.pop("unet", None),
+                            parts.pop("vae"), scheduler, **parts, family=family.name, pipeline_config=settings)
+    components.to(device=device)
     set_attention(components, attention)
-    for module in (text_encoder, unet, vae):
+    for module in components.modules:
         module.requires_grad_(False).eval()
     return components
 
 
+SD_CLASSES = {"tokenizer": ("transformers", "CLIPTokenizer"), "text_encoder": ("transformers", "CLIPTextModel"),
+              "unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL")}
+
+
 def set_attention(components: Components, attention: str) -> None:
-    """Route the U-Net's and VAE's attention through SDPA or xformers."""
+    """Route the U-Net's and VAE's attention through SDPA or xformers. The transformers of SD 3 and FLUX keep
+    their own joint-attention processors, which are SDPA already."""
+    if components.unet is None:
+        if attention == "xformers":
+            raise ValueError(f"attention='xformers' is for the U-Net families; a {components.family} generator's "
+                             "transformer runs PyTorch's SDPA (attention='sdpa').")
+        return
     if attention == "xformers":
         try:
             import xformers  # noqa: F401 - only whether it imports

@@ -112,8 +112,10 @@ class Trajectory:
         scheduler: Their DPM-Solver++ state.
         index: Position in ``scheduler.timesteps`` of the next step.
         latents: ``[n, C, h, w]``.
-        states: Conditioning ``[n, L, D]`` (prompt embeddings: ``L = 77``).
+        states: Conditioning ``[n, L, D]`` (prompt embeddings: ``L = 77`` for CLIP).
         unconditional: The unconditional input of guidance ``[n, L, D]`` (the empty prompt's embedding by default).
+        pooled: The pooled text conditioning ``[n, P]`` of SDXL, SD 3 and FLUX; None for Stable Diffusion.
+        unconditional_pooled: Its unconditional counterpart ``[n, P]``, or None.
         guidance: Classifier-free guidance scale per sample ``[n]``.
         generators: The samples' generators, for schedulers that draw noise while stepping (LCM, TCD).
         taken: Steps taken so far (DeepCache refreshes the deep features when ``taken % k == 0``).
@@ -128,6 +130,8 @@ class Trajectory:
     unconditional: torch.Tensor
     guidance: torch.Tensor
     generators: list
+    pooled: Optional[torch.Tensor] = None
+    unconditional_pooled: Optional[torch.Tensor] = None
     taken: int = 0
     deep: Optional[torch.Tensor] = None
 
@@ -175,14 +179,20 @@ class Sampler:
             raise ValueError(f"deep_cache must be >= 1 (1 recomputes every step), got {deep_cache}.")
         if posterior_cache < 0:
             raise ValueError(f"posterior_cache must be >= 0, got {posterior_cache}.")
+        family = components.kind
+        if deep_cache > 1 and family.name != "sd":
+            raise ValueError(f"deep_cache needs a Stable Diffusion 1.x/2.x U-Net; a {family.name} generator has none "
+                             "with DeepCache's shallow branch (use deep_cache=1).")
         if schedule_in_strength and "strength" not in inspect.signature(components.scheduler.set_timesteps).parameters:
             raise ValueError(f"schedule_in_strength needs a scheduler that places its schedule inside a strength "
                              f"(LCMScheduler); {type(components.scheduler).__name__} cannot.")
         self.components = components
+        self.family = family
         self.schedule_in_strength = schedule_in_strength
         # diffusers finds a model's dtype by walking its parameters (ms each): read once, so move
         # the components before building a sampler.
         self.device, self.dtype = components.device, components.dtype
+        self.vae_dtype = components.vae.dtype  # SDXL's VAE stays float32 under fp16 (``load_components``)
         self.steps = steps
         self.guidance = guidance
         self.deep_cache = deep_cache
@@ -193,43 +203,43 @@ class Sampler:
         accepts = inspect.signature(components.scheduler.step).parameters
         self._stochastic = "generator" in accepts
         self._step_kwargs = {"eta": 0.0} if "eta" in accepts else {}
-        self._embeddings: dict[str, torch.Tensor] = {}
+        self._embeddings: dict = {}
+        self._unconditional_cache: dict = {}
         self._posteriors: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
         self.posterior_hits = 0
         self.posterior_misses = 0
 
     @torch.no_grad()
     def embed(self, prompts: Sequence) -> torch.Tensor:
-        """Text-encoder states ``[B, 77, D]`` of ``prompts``, cached per prompt.
+        """Text-encoder states ``[B, L, D]`` of ``prompts``, cached per prompt (``embed_pooled`` adds the pooled part)."""
+        return self.embed_pooled(prompts)[0]
 
-        A prompt is a string, or a tuple of ``(text, weight)`` fragments (``weighted_tokens``):
-        the encoder reads the joined text and each fragment's output states are multiplied by
-        its weight. The weights scale the outputs, not the token embeddings, because the U-Net
-        reads the outputs: a weight scales exactly that fragment's keys and values in every
-        cross-attention layer, where on the input side the encoder's final LayerNorm would
-        normalise most of the scale away again.
+    @torch.no_grad()
+    def embed_pooled(self, prompts: Sequence) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """States ``[B, L, D]`` and pooled conditioning ``[B, P]`` (None for Stable Diffusion) of ``prompts``,
+        encoded as the family's pipeline encodes them and cached per prompt.
+
+        A Stable Diffusion prompt may also be a tuple of ``(text, weight)`` fragments (``weighted_tokens``):
+        each fragment's output states are multiplied by its weight. The weights scale the outputs, not the
+        token embeddings, because the U-Net reads the outputs: a weight scales exactly that fragment's keys
+        and values in every cross-attention layer, where on the input side the encoder's final LayerNorm
+        would normalise most of the scale away again.
         """
         for prompt in dict.fromkeys(prompts):
             # Each prompt is encoded alone, so its cached bits never depend on the prompts that happened to
             # arrive with it (a GEMM need not give a row the same bits in batches of different sizes).
             if prompt not in self._embeddings:
-                self._embeddings[prompt] = self._encode_prompt(prompt)
-        return torch.stack([self._embeddings[p] for p in prompts])
-
-    def _encode_prompt(self, prompt) -> torch.Tensor:
-        c = self.components
-        if isinstance(prompt, str):
-            ids = c.tokenizer([prompt], padding="max_length", max_length=c.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
-            return c.text_encoder(ids.to(self.device))[0][0].to(self.dtype)
-        ids, weights = weighted_tokens(c.tokenizer, prompt)
-        states = c.text_encoder(torch.tensor([ids], device=self.device))[0][0]
-        return (states * torch.tensor(weights, device=self.device, dtype=states.dtype)[:, None]).to(self.dtype)
+                self.family.check_prompt(prompt)
+                states, pooled = self.family.encode_prompt(self.components, prompt)
+                self._embeddings[prompt] = (states.to(self.dtype), None if pooled is None else pooled.to(self.dtype))
+        states = torch.stack([self._embeddings[p][0] for p in prompts])
+        pooled = [self._embeddings[p][1] for p in prompts]
+        return states, None if pooled[0] is None else torch.stack(pooled)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """VAE posterior moments ``[B, 2C, h, w]`` (mean, log-variance) of float ``[B, 3, H, W]`` images in [0, 1]."""
-        return self.components.vae.encode(images.to(self.device, self.dtype) * 2 - 1).latent_dist.parameters
+        return self.components.vae.encode(images.to(self.device, self.vae_dtype) * 2 - 1).latent_dist.parameters
 
     @torch.no_grad()
     def posteriors(self, keys: Sequence[Hashable], load: Callable[[list], torch.Tensor]) -> torch.Tensor:
@@ -261,9 +271,9 @@ class Sampler:
 
         Args:
             moments: Posterior moments ``[B, 2C, h, w]`` (``encode``, ``posteriors``).
-            conditions: One prompt per sample (a string or weighted fragments, ``embed``), or
-                conditioning tensors ``[B, L, D]`` (``D`` the U-Net's cross-attention width; prompt
-                embeddings have ``L = 77``).
+            conditions: One prompt per sample (a string, or weighted fragments: ``embed_pooled``), or
+                conditioning tensors ``[B, L, D]`` for Stable Diffusion (``D`` the U-Net's cross-attention
+                width; prompt embeddings have ``L = 77``).
             strengths: One strength in ``(0, 1]`` per sample, as Python floats (see
                 ``denoising_steps``); they may differ.
             seeds: One seed per sample (its posterior sample, then its noise).
@@ -273,26 +283,28 @@ class Sampler:
                 ``[B, L, D]``; default the empty prompt's embedding.
         """
         c = self.components
-        states, unconditional, guidance = self._conditioning(len(moments), conditions, strengths, seeds, tags,
-                                                             guidance, unconditional)
+        states, unconditional, guidance, pooled = self._conditioning(len(moments), conditions, strengths, seeds, tags,
+                                                                     guidance, unconditional)
         mean, logvar = moments.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         shape = (1, *mean.shape[1:])
-        eps = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
-        latents = (mean + std * eps) * c.vae.config.scaling_factor
+        eps = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device, mean.dtype)
+        latents = self.family.to_latents(c, mean + std * eps).to(self.dtype)
         noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
+        size = tuple(latents.shape[-2:])
         # Samples that start together share a scheduler: one per first step, or per strength.
-        starts = [float(s) if self.schedule_in_strength else self.steps - denoising_steps(self.steps, s)
-                  for s in strengths]
+        starts = [float(s) if self.schedule_in_strength else self.family.first_step(self.steps, s) for s in strengths]
         trajectories = []
         for first in sorted(set(starts)):
             rows = [i for i, start in enumerate(starts) if start == first]
-            scheduler, index = self._scheduler_at(first) if self.schedule_in_strength else self._scheduler(first)
+            scheduler, index = self._scheduler_at(first) if self.schedule_in_strength else self._scheduler(first, size)
             t = scheduler.timesteps[index:index + 1].repeat(len(rows))
-            trajectories.append(Trajectory([tags[i] for i in rows], scheduler, index,
-                                           scheduler.add_noise(latents[rows], noise[rows], t), states[rows],
-                                           unconditional[rows], guidance[rows], [generators[i] for i in rows]))
+            trajectories.append(Trajectory(
+                [tags[i] for i in rows], scheduler, index, self.family.noise(scheduler, latents[rows], noise[rows], t),
+                states[rows], unconditional[0][rows], guidance[rows], [generators[i] for i in rows],
+                pooled=None if pooled is None else pooled[rows],
+                unconditional_pooled=None if unconditional[1] is None else unconditional[1][rows]))
         return trajectories
 
     def start_generations(self, conditions, seeds: Sequence[int], tags: Sequence, *, height: int, width: int,
@@ -300,17 +312,21 @@ class Sampler:
                           unconditional: Optional[torch.Tensor] = None) -> list[Trajectory]:
         """One trajectory of text-to-image samples from pure noise (arguments as ``start_translations``)."""
         c = self.components
-        states, unconditional, guidance = self._conditioning(len(seeds), conditions, [1.0] * len(seeds), seeds, tags,
-                                                             guidance, unconditional)
-        f = c.vae_scale_factor
+        states, unconditional, guidance, pooled = self._conditioning(len(seeds), conditions, [1.0] * len(seeds), seeds,
+                                                                     tags, guidance, unconditional)
+        f = self.family.size_multiple(c)
         if height % f or width % f:
-            raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}.")
-        shape = (1, c.unet.config.in_channels, height // f, width // f)
+            raise ValueError(f"height and width must be multiples of {f} for this {self.family.name} generator, got "
+                             f"{height}x{width}.")
+        size = (height // c.vae_scale_factor, width // c.vae_scale_factor)
+        shape = (1, self.family.latent_channels(c), *size)
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        scheduler, index = self._scheduler(0)
+        scheduler, index = self._scheduler(0, size)
         latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
-        return [Trajectory(list(tags), scheduler, index, latents * scheduler.init_noise_sigma, states, unconditional,
-                           guidance, generators)]
+        # Flow schedulers start at pure noise, σ = 1; DDPM-type ones scale it by their first σ (Euler: > 1).
+        scale = 1.0 if self.family.flow else scheduler.init_noise_sigma
+        return [Trajectory(list(tags), scheduler, index, latents * scale, states, unconditional[0], guidance,
+                           generators, pooled=pooled, unconditional_pooled=unconditional[1])]
 
     @torch.no_grad()
     def step(self, trajectories: Sequence[Trajectory]) -> None:
@@ -318,7 +334,7 @@ class Sampler:
         DeepCache when some refresh their deep features and some reuse them). The call runs the
         unconditional rows too when any sample in it is guided."""
         active = [t for t in trajectories if not t.done]
-        copies = 2 if any(t.guided for t in active) else 1
+        copies = 2 if self.family.classifier_free and any(t.guided for t in active) else 1
         if len({tuple(t.states.shape[1:]) for t in active}) > 1:
             raise ValueError("Samples stepped together need conditioning of one length: got "
                              f"{sorted({tuple(t.states.shape[1:]) for t in active})}.")
@@ -339,14 +355,15 @@ class Sampler:
             raise ValueError("decode() needs finished trajectories; call step() until each is done.")
         c = self.components
         latents = torch.cat([t.latents for t in trajectories])
-        images = c.vae.decode(latents / c.vae.config.scaling_factor, return_dict=False)[0]
+        images = c.vae.decode(self.family.from_latents(c, latents).to(self.vae_dtype), return_dict=False)[0]
         return [tag for t in trajectories for tag in t.tags], (images.float() / 2 + 0.5).clamp(0, 1).cpu()
 
     def translate(self, images: torch.Tensor, conditions, strengths: Sequence[float], seeds: Sequence[int], *,
                   guidance: Optional[Sequence[float]] = None,
                   unconditional: Optional[torch.Tensor] = None) -> torch.Tensor:
         """SDEdit a batch (``start_translations`` on float ``[B, 3, H, W]`` images in ``[0, 1]``,
-        ``H`` and ``W`` multiples of 8), run to the end; float32 ``[B, 3, H, W]`` on the CPU."""
+        ``H`` and ``W`` multiples of the family's ``size_multiple``), run to the end; float32 ``[B, 3, H, W]`` on
+        the CPU."""
         rows = range(len(images))
         self._conditioning(len(images), conditions, strengths, seeds, rows, guidance, unconditional)  # before encoding
         return self._run(self.start_translations(self.encode(images), conditions, strengths, seeds, rows,
@@ -366,8 +383,9 @@ class Sampler:
         return images[torch.argsort(torch.tensor(rows))]
 
     def _conditioning(self, count: int, conditions, strengths, seeds, tags, guidance, unconditional):
-        """Check one condition, strength, seed, tag and guidance scale per sample; return the
-        conditioning ``[B, L, D]``, the unconditional input ``[B, L, D]`` and the scales ``[B]``."""
+        """Check one condition, strength, seed, tag and guidance scale per sample; return the conditioning
+        ``[B, L, D]``, the unconditional input ``([B, L, D], [B, P] or None)``, the scales ``[B]`` and the pooled
+        conditioning ``[B, P]`` (None for Stable Diffusion)."""
         if not (len(conditions) == len(strengths) == len(seeds) == len(tags) == count) or (
                 guidance is not None and len(guidance) != count):
             raise ValueError(
@@ -377,33 +395,47 @@ class Sampler:
             )
         if any(not 0 < float(s) <= 1 for s in strengths):
             raise ValueError(f"strengths must lie in (0, 1], got {list(strengths)}.")
-        if not self.schedule_in_strength:
+        if not self.schedule_in_strength and not self.family.flow:  # a flow schedule runs >= 1 step at any strength
             check_steps(self.steps, strengths)
         scales = torch.tensor([self.guidance if g is None else float(g) for g in guidance or [None] * count])
         if (scales < 1).any():
             raise ValueError(f"guidance scales must be >= 1 (1 turns guidance off), got {scales.tolist()}.")
-        width = self.components.unet.config.cross_attention_dim
+        if self.family.name != "sd" and (isinstance(conditions, torch.Tensor) or unconditional is not None):
+            raise ValueError(f"Conditioning tensors (learned conditions, an own unconditional input) need a Stable "
+                             f"Diffusion 1.x/2.x generator; the {self.family.name} family takes prompts.")
+        pooled = None
         if isinstance(conditions, torch.Tensor):
+            width = self.components.unet.config.cross_attention_dim
             if conditions.dim() != 3 or conditions.shape[-1] != width:
                 raise ValueError(f"Conditioning tensors must be [B, L, {width}] (the U-Net's cross-attention width), "
                                  f"got {list(conditions.shape)}.")
             states = conditions.to(self.device, self.dtype)
         else:
-            states = self.embed(conditions)
+            states, pooled = self.embed_pooled(conditions)
+        return states, self._unconditional(count, states, unconditional), scales, pooled
+
+    def _unconditional(self, count: int, states: torch.Tensor, unconditional: Optional[torch.Tensor]):
+        """Guidance's unconditional input per sample: the caller's ``[L, D]`` or ``[B, L, D]``, else the family's."""
         if unconditional is None:
-            unconditional = self.embed([""])[0]
-        unconditional = unconditional.to(self.device, self.dtype)
+            if "" not in self._unconditional_cache:
+                uncond, uncond_pooled = self.family.unconditional(self.components)
+                self._unconditional_cache[""] = (uncond.to(self.dtype),
+                                                 None if uncond_pooled is None else uncond_pooled.to(self.dtype))
+            unconditional, pooled = self._unconditional_cache[""]
+            pooled = None if pooled is None else pooled.expand(count, -1)
+        else:
+            unconditional, pooled = unconditional.to(self.device, self.dtype), None
         if unconditional.dim() == 2:
             unconditional = unconditional.expand(count, -1, -1)
         if unconditional.shape != states.shape:
             raise ValueError(f"The unconditional input must be [L, D] or [B, L, D] like the conditioning "
                              f"{list(states.shape)}, got {list(unconditional.shape)}.")
-        return states, unconditional, scales
+        return unconditional, pooled
 
-    def _scheduler(self, first_step: int):
+    def _scheduler(self, first_step: int, latent_size: tuple[int, int]):
         """A fresh scheduler positioned at ``first_step`` of the schedule, as diffusers' img2img positions it."""
         scheduler = copy.deepcopy(self.components.scheduler)
-        scheduler.set_timesteps(self.steps, device=self.device)
+        self.family.set_timesteps(self.components, scheduler, self.steps, latent_size)
         index = first_step * scheduler.order
         if hasattr(scheduler, "set_begin_index"):  # stateless ones (DDIM) step from the timestep alone
             scheduler.set_begin_index(index)
@@ -417,15 +449,22 @@ class Sampler:
         return scheduler, 0
 
     def _step(self, trajectories: list[Trajectory], *, copies: int, reuse: bool) -> None:
-        latents = torch.cat([t.scheduler.scale_model_input(t.latents, t.timestep) for t in trajectories])
+        # Flow-matching schedulers have no input scaling; DDPM-type ones may (Euler's 1/sqrt(σ² + 1)).
+        latents = torch.cat([t.scheduler.scale_model_input(t.latents, t.timestep)
+                             if hasattr(t.scheduler, "scale_model_input") else t.latents for t in trajectories])
         states = torch.cat([t.states for t in trajectories])
+        pooled = None if trajectories[0].pooled is None else torch.cat([t.pooled for t in trajectories])
         timesteps = torch.cat([t.timestep.repeat(len(t)) for t in trajectories])
+        guidance = torch.cat([t.guidance for t in trajectories])
         if copies == 2:
             latents = torch.cat([latents, latents])
             states = torch.cat([torch.cat([t.unconditional for t in trajectories]), states])
+            if pooled is not None:
+                pooled = torch.cat([torch.cat([t.unconditional_pooled for t in trajectories]), pooled])
             timesteps = torch.cat([timesteps, timesteps])
         if self._unet is None:
-            noise = self.components.unet(latents, timesteps, encoder_hidden_states=states, return_dict=False)[0]
+            noise = self.family.predict(self.components, latents, timesteps, states, pooled,
+                                        torch.cat([guidance] * copies))
         elif reuse:
             deep = torch.cat([t.deep[-copies:] for t in trajectories], dim=1).flatten(0, 1)  # [-1:]: the conditional
             noise = self._unet.shallow(latents, timesteps, states, deep)
@@ -436,7 +475,7 @@ class Sampler:
                 t.deep = part
         if copies == 2:
             noise_uncond, noise_text = noise.chunk(2)
-            scale = torch.cat([t.guidance for t in trajectories]).to(noise.device, noise.dtype).view(-1, 1, 1, 1)
+            scale = guidance.to(noise.device, noise.dtype).view(-1, 1, 1, 1)
             noise = noise_uncond + scale * (noise_text - noise_uncond)
         for t, part in zip(trajectories, noise.split([len(t) for t in trajectories])):
             extra = dict(self._step_kwargs, generator=t.generators) if self._stochastic else self._step_kwargs
