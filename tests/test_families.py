@@ -117,7 +117,7 @@ def test_folders_of_other_pipelines_or_missing_parts_are_refused_before_loading(
 
     tiny_sdxl_components(0).save(tmp_path / "sdxl")
     shutil.rmtree(tmp_path / "sdxl" / "text_encoder_2")
-    with pytest.raises(FileNotFoundError, match=r"not a complete diffusers StableDiffusionXLPipeline .*'text_encoder_2'"):
+    with pytest.raises(FileNotFoundError, match=r"not a complete diffusers SDXL folder: .*'text_encoder_2'"):
         model_source(tmp_path / "sdxl")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))

@@ -193,7 +193,7 @@ def model_source(model: Union[str, os.PathLike], *, local_files_only: bool = Fal
                    and not (p in family.optional_parts and index.get(p, [None])[0] is None)]
         if missing:
             raise FileNotFoundError(
-                f"{model!r} is not a complete diffusers {index['_class_name']} folder: it lacks {missing}. "
+                f"{model!r} is not a complete diffusers {family.title} folder: it lacks {missing}. "
                 "Save one with the pipeline's save_pretrained(folder)."
             )
     elif local_files_only:

@@ -35,7 +35,8 @@ class Family:
     """Stable Diffusion 1.x/2.x: one CLIP text encoder, a U-Net, DDPM noise; the base of the others.
 
     Attributes:
-        name: What ``--gen-model`` folders of this family are called in messages and configs.
+        name: What ``--gen-model`` folders of this family are called in configs.
+        title: What they are called in messages.
         pipelines: diffusers' text-to-image and img2img pipeline class names, in that order.
         parts: The model folder's sub-folders the family loads (``None`` in ``model_index.json``
             is allowed for ``optional_parts``).
@@ -46,6 +47,7 @@ class Family:
     """
 
     name = "sd"
+    title = "Stable Diffusion"
     pipelines = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
     parts = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
     optional_parts: tuple = ()
@@ -130,6 +132,7 @@ class StableDiffusionXL(Family):
     """
 
     name = "sdxl"
+    title = "SDXL"
     pipelines = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
     parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "unet", "vae", "scheduler")
 
@@ -192,6 +195,7 @@ class StableDiffusion3(FlowFamily):
     projections joined; classifier-free guidance on the empty prompt, as its pipelines do."""
 
     name = "sd3"
+    title = "Stable Diffusion 3"
     pipelines = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
     parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3",
              "transformer", "vae", "scheduler")
@@ -237,6 +241,7 @@ class Flux(FlowFamily):
     """
 
     name = "flux"
+    title = "FLUX.1"
     pipelines = ("FluxPipeline", "FluxImg2ImgPipeline")
     parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae", "scheduler")
     classifier_free = False
