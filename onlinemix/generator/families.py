@@ -30,6 +30,8 @@ from typing import Optional
 
 import torch
 
+from .sampler import denoising_steps, weighted_tokens
+
 
 class Family:
     """Stable Diffusion 1.x/2.x: one CLIP text encoder, a U-Net, DDPM noise; the base of the others.
@@ -54,9 +56,6 @@ class Family:
     classifier_free = True
     flow = False
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
     # Conditioning.
     def encode_prompt(self, components, prompt) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(states [L, D], pooled [P] or None)`` of one prompt, as the family's pipeline encodes it.
@@ -64,8 +63,6 @@ class Family:
         Stable Diffusion's prompt may also be ``(text, weight)`` fragments (``sampler.weighted_tokens``): the
         encoder reads the joined text and each fragment's output states are multiplied by its weight.
         """
-        from .sampler import weighted_tokens
-
         device = components.device
         if isinstance(prompt, str):
             ids = components.tokenizer([prompt], padding="max_length", max_length=components.tokenizer.model_max_length,
@@ -81,7 +78,7 @@ class Family:
 
     def check_prompt(self, prompt) -> None:
         """Weighted fragments are Stable Diffusion's alone: the other families' encoders are their pipelines'."""
-        if not isinstance(prompt, str) and type(self) is not Family:
+        if not isinstance(prompt, str) and self.name != "sd":
             raise ValueError(f"Weighted prompts (text, weight fragments) need a Stable Diffusion 1.x/2.x generator; "
                              f"the {self.name} family takes plain strings.")
 
@@ -105,7 +102,7 @@ class Family:
     def first_step(self, steps: int, strength: float) -> int:
         """Where an SDEdit of ``strength`` starts in a ``steps``-step schedule (diffusers' ``get_timesteps``):
         after ``steps - min(int(steps·s), steps)`` steps, ``int`` on the Python float (see ``denoising_steps``)."""
-        return steps - min(int(steps * float(strength)), steps)
+        return steps - denoising_steps(steps, strength)
 
     def set_timesteps(self, components, scheduler, steps: int, latent_size: tuple[int, int]) -> None:
         """``scheduler``'s ``steps``-step schedule for latents of ``latent_size`` ``(h, w)``, as the pipelines set it."""

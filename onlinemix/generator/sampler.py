@@ -204,7 +204,7 @@ class Sampler:
         self._stochastic = "generator" in accepts
         self._step_kwargs = {"eta": 0.0} if "eta" in accepts else {}
         self._embeddings: dict = {}
-        self._unconditional_cache: dict = {}
+        self._default_unconditional = None  # the family's default, encoded on first use
         self._posteriors: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
         self.posterior_hits = 0
         self.posterior_misses = 0
@@ -417,11 +417,11 @@ class Sampler:
     def _unconditional(self, count: int, states: torch.Tensor, unconditional: Optional[torch.Tensor]):
         """Guidance's unconditional input per sample: the caller's ``[L, D]`` or ``[B, L, D]``, else the family's."""
         if unconditional is None:
-            if "" not in self._unconditional_cache:
-                uncond, uncond_pooled = self.family.unconditional(self.components)
-                self._unconditional_cache[""] = (uncond.to(self.dtype),
-                                                 None if uncond_pooled is None else uncond_pooled.to(self.dtype))
-            unconditional, pooled = self._unconditional_cache[""]
+            if self._default_unconditional is None:
+                states_u, pooled_u = self.family.unconditional(self.components)
+                self._default_unconditional = (states_u.to(self.dtype),
+                                               None if pooled_u is None else pooled_u.to(self.dtype))
+            unconditional, pooled = self._default_unconditional
             pooled = None if pooled is None else pooled.expand(count, -1)
         else:
             unconditional, pooled = unconditional.to(self.device, self.dtype), None
