@@ -43,7 +43,7 @@ def check_base_model(args, *, out: str) -> None:
 
     if not args.model or not args.out:
         raise ValueError(f"--model (the base: a diffusers folder, hub id or 'demo') and --out ({out}) are required.")
-    model_source(args.model, local_files_only=args.local_files_only)
+    model_source(args.model, local_files_only=args.local_files_only, families=("sd",))
     if args.resolution <= 0 or args.resolution % 8:
         raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE's factor), got {args.resolution}.")
 

@@ -223,7 +223,7 @@ def check_generator_args(args: argparse.Namespace) -> None:
     from .plan import get_strategy
 
     if args.gen_model != "tiny":
-        model_source(args.gen_model, local_files_only=args.local_files_only)
+        model_source(args.gen_model, local_files_only=args.local_files_only, families=("sd",))
     to_be_made = getattr(args, "gen_finetune_config", None)  # train.py personalises it first
     if args.gen_finetuned and not to_be_made and get_strategy(strategy_of(args.aug)).personalised:
         personalisation_info(args.gen_finetuned)  # made by `onlinemix finetune`

@@ -138,3 +138,22 @@ def test_prompt_encodings_equal_the_pipelines_encode_prompt(components):
         expected_states, _, expected_pooled, _ = pipe.encode_prompt(PROMPTS[0], do_classifier_free_guidance=False)
     torch.testing.assert_close(states, expected_states[0], rtol=0, atol=0)
     torch.testing.assert_close(pooled, expected_pooled[0], rtol=0, atol=0)
+
+
+def test_the_commands_refuse_a_family_they_cannot_train_yet(tmp_path):
+    """finetune, distill, invert (``check_base_model``) and train.py's generator check take Stable Diffusion only,
+    before loading anything."""
+    import argparse
+
+    from onlinemix.commands import check_base_model
+    from onlinemix.generator.components import model_source
+
+    tiny_flux_components(0).save(tmp_path / "flux")
+    assert model_source(tmp_path / "flux") == str(tmp_path / "flux")
+    with pytest.raises(ValueError, match="is a FLUX.1 model; this command takes Stable Diffusion models for now"):
+        model_source(tmp_path / "flux", families=("sd",))
+    args = argparse.Namespace(model=str(tmp_path / "flux"), out=str(tmp_path / "out"), local_files_only=True,
+                              resolution=64)
+    with pytest.raises(ValueError, match="is a FLUX.1 model"):
+        check_base_model(args, out="the personalised generator")
+    assert not (tmp_path / "out").exists()

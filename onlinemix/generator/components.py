@@ -165,16 +165,19 @@ def model_index(model: str, *, local_files_only: bool = False) -> dict:
     return dict(DiffusionPipeline.load_config(model, local_files_only=local_files_only))
 
 
-def model_source(model: Union[str, os.PathLike], *, local_files_only: bool = False) -> str:
+def model_source(model: Union[str, os.PathLike], *, local_files_only: bool = False,
+                 families: Optional[tuple] = None) -> str:
     """What ``load_components`` reads ``model`` from, checked without loading any weights: a complete
     diffusers folder of a supported family (``demo``: the shipped one), or a hub id of the form org/name
-    (with ``local_files_only``, one already in the hub cache).
+    (with ``local_files_only``, one already in the hub cache). ``families``: the family names a caller can
+    use (a folder of another is refused); None: any.
 
     Raises:
         FileNotFoundError: A path that is no complete diffusers folder, or an uncached hub id offline.
-        ValueError: A folder of a pipeline no family supports (``families.family_of``).
+        ValueError: A folder of a pipeline no family supports (``families.family_of``), or of a family
+            outside ``families``.
     """
-    from .families import family_of
+    from .families import FAMILIES, family_of
 
     model = os.fspath(model)
     if model == "demo":
@@ -196,6 +199,11 @@ def model_source(model: Union[str, os.PathLike], *, local_files_only: bool = Fal
                 f"{model!r} is not a complete diffusers {family.title} folder: it lacks {missing}. "
                 "Save one with the pipeline's save_pretrained(folder)."
             )
+        if families is not None and family.name not in families:
+            raise ValueError(f"{model!r} is a {family.title} model; this command takes "
+                             f"{' or '.join(FAMILIES[f].title for f in families)} models for now (the {family.title} "
+                             "family samples through onlinemix.generator.sampler.Sampler, but personalising and "
+                             "training with it are not built yet).")
     elif local_files_only:
         from huggingface_hub import try_to_load_from_cache
 
