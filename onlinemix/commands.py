@@ -36,16 +36,19 @@ def checked_loss(accelerator, loss: torch.Tensor, step: int) -> float:
     return value
 
 
-def check_base_model(args, *, out: str) -> None:
-    """``--model`` and ``--out`` given (``out`` says what the output is), the model resolvable, the
-    generation ``--resolution`` on the VAE's grid."""
-    from .generator.components import model_source
+def check_base_model(args, *, out: str, families: Optional[tuple] = None) -> None:
+    """``--model`` and ``--out`` given (``out`` says what the output is), the model resolvable and of one of
+    ``families`` (None: any, ``components.model_source``), the generation ``--resolution`` on the VAE's grid."""
+    from .generator.components import model_family, model_source
 
     if not args.model or not args.out:
         raise ValueError(f"--model (the base: a diffusers folder, hub id or 'demo') and --out ({out}) are required.")
-    model_source(args.model, local_files_only=args.local_files_only, families=("sd",))
+    family = model_family(model_source(args.model, local_files_only=args.local_files_only, families=families))
     if args.resolution <= 0 or args.resolution % 8:
         raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE's factor), got {args.resolution}.")
+    if family is not None and family.flow and args.resolution % 16:
+        raise ValueError(f"--resolution must be a multiple of 16 for a {family.title} model (the VAE's factor 8 times "
+                         f"its transformer's 2x2 patches), got {args.resolution}.")
 
 
 def check_resume_settings(out: str, started: dict, now: dict, *, otherwise: str) -> None:

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """Stop before any work on settings that cannot run."""
-    check_base_model(args, out="the output folder")
+    check_base_model(args, out="the output folder", families=("sd",))
     if not args.finetuned:
         raise ValueError("--finetuned (the teacher: the output folder of `onlinemix finetune`) is required.")
     info = personalisation_info(args.finetuned)

@@ -71,7 +71,8 @@ class StepBatches(torch.utils.data.Dataset):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onlinemix finetune", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--config", help="YAML file of defaults; flags given here override it")
-    p.add_argument("--model", help="base model: a diffusers folder or hub id (Stable Diffusion 1.5), or 'demo'")
+    p.add_argument("--model", help="base model: a diffusers folder or hub id (Stable Diffusion 1.x/2.x, the paper's "
+                   "1.5; SDXL; SD 3.x; FLUX.1), or 'demo'")
     add_data_arguments(p.add_argument_group("data"))
     p.add_argument("--method", choices=PERSONALISATIONS, default="ti_db",
                    help="ti_db: tokens + LoRA (the paper's); ti: tokens only (DA-Fusion); db: LoRA only")
@@ -179,11 +180,7 @@ def finetune(args) -> dict:
                                 descriptions=descriptions)
     groups = personaliser.parameter_groups(args.lr, args.token_lr or args.lr)
     optimizer = accelerator.prepare(torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2))
-    # Only modules that learn are wrapped (DDP refuses one without trainable parameters).
-    if args.method != "ti":
-        personaliser.unet = accelerator.prepare(personaliser.unet)
-    if args.method != "db":
-        personaliser.text_encoder = accelerator.prepare(personaliser.text_encoder)
+    personaliser.wrap(accelerator.prepare)
     scaler = accelerator.scaler
 
     start = 0
@@ -200,7 +197,7 @@ def finetune(args) -> dict:
                                          num_workers=args.workers)
     log_path = os.path.join(args.out, "loss.csv")
     losses = {}
-    personaliser.unet.train()
+    components.denoiser.train()
     bar = tqdm(total=args.steps, initial=start, desc="fine-tuning", disable=not main_process)
     for step, (images, labels) in zip(range(start, args.steps), loader):
         # A stream of its own (tag 1): StepBatches draws the images from (seed, rank, step).
@@ -270,7 +267,7 @@ def save_personalised(args, personaliser: Personaliser, train) -> dict:
             "batch_size": args.batch_size, "resolution": args.resolution, "seed": args.seed,
             "captions": personaliser.captions[:3], "training_images": train.fingerprint(),
             "data": data_record(args)}
-    save_personalisation(args.out, personaliser.components.unet, personaliser.embeddings(), info)
+    save_personalisation(args.out, personaliser.components, personaliser.embeddings(), info)
     with open(os.path.join(args.out, PERSONALISATION_JSON)) as f:
         return json.load(f)
 
@@ -284,7 +281,7 @@ def save_preview(personaliser: Personaliser, references, path: str, *, steps: in
     from .generator.sampler import Sampler
 
     components, names = personaliser.components, personaliser.class_names
-    components.unet.eval()
+    components.denoiser.eval()
     sampler = Sampler(components, steps=steps, guidance=7.5)
     classes = list(range(min(16, len(names))))
     prompt = get_strategy("diffmix")

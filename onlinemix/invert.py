@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """Stop before any work on settings that cannot run."""
-    check_base_model(args, out="the store's folder")
+    check_base_model(args, out="the store's folder", families=("sd",))
     check_data_options(args.data_dir, **data_options(args))
     if not 1 <= args.vectors <= 77:
         raise ValueError(f"--vectors must lie in [1, 77] (the text encoder's length), got {args.vectors}.")

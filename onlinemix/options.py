@@ -128,8 +128,9 @@ def add_generator_arguments(parser) -> None:
                         help="inter-class strategies: each target class takes references from only this many "
                              "source classes, chosen at random (the paper's Fig. 7b)")
     parser.add_argument("--gen-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                        help="diffusers folder or hub id; 'demo': the shipped demo generator; "
-                             "'tiny': an untrained tiny model (smoke runs only)")
+                        help="diffusers folder or hub id of Stable Diffusion 1.x/2.x, SDXL, SD 3.x or FLUX.1 (read "
+                             "from its model_index.json); 'demo': the shipped demo generator; 'tiny': an untrained "
+                             "tiny model (smoke runs only)")
     parser.add_argument("--gen-finetuned", help="personalised generator folder (onlinemix finetune)")
     parser.add_argument("--gen-steps", type=int, default=25, help="sampling steps of a full trajectory")
     parser.add_argument("--guidance", type=float, nargs="+", metavar="SCALE",
@@ -144,7 +145,8 @@ def add_generator_arguments(parser) -> None:
     parser.add_argument("--gen-posterior-cache", type=int, default=1024, metavar="N",
                         help="VAE posteriors of the last N references each generator worker keeps")
     parser.add_argument("--gen-scheduler", choices=SCHEDULERS, default="dpm-solver++",
-                        help="sampling scheduler; an acceleration LoRA needs the one it was distilled for "
+                        help="sampling scheduler of a U-Net generator (SD 3 and FLUX always use their own "
+                             "flow-matching Euler); an acceleration LoRA needs the one it was distilled for "
                              "(lcm-strength: LCM with every step inside the strength, for `onlinemix distill` output)")
     parser.add_argument("--gen-accelerator", metavar="LORA",
                         help="few-step acceleration LoRA (a .safetensors file, a folder, or "
@@ -208,7 +210,12 @@ def generator_spec(args: argparse.Namespace):
     try:
         return GeneratorSpec(strategy=strategy_of(args.aug), **fields)
     except SpecFieldError as error:
-        raise ValueError(f"--{SPEC_OPTIONS[error.field].replace('_', '-')} {error.requirement}") from None
+        raise flag_error(error) from None
+
+
+def flag_error(error) -> ValueError:
+    """A ``SpecFieldError`` told by the command-line flag of its field."""
+    return ValueError(f"--{SPEC_OPTIONS[error.field].replace('_', '-')} {error.requirement}")
 
 
 def check_generator_args(args: argparse.Namespace) -> None:
@@ -219,17 +226,24 @@ def check_generator_args(args: argparse.Namespace) -> None:
     from .generator.captions import CaptionStore
     from .generator.conditions import read_store_info
     from .generator.adapters import accelerator_location, personalisation_info
-    from .generator.components import model_source
+    from .generator.components import model_family, model_source
+    from .generator.worker import SpecFieldError, check_family_options
     from .plan import get_strategy
 
+    family = None
     if args.gen_model != "tiny":
-        model_source(args.gen_model, local_files_only=args.local_files_only, families=("sd",))
+        family = model_family(model_source(args.gen_model, local_files_only=args.local_files_only))
     to_be_made = getattr(args, "gen_finetune_config", None)  # train.py personalises it first
     if args.gen_finetuned and not to_be_made and get_strategy(strategy_of(args.aug)).personalised:
         personalisation_info(args.gen_finetuned)  # made by `onlinemix finetune`
     if args.gen_accelerator:
         accelerator_location(args.gen_accelerator, local_files_only=args.local_files_only)
-    generator_spec(args)
+    spec = generator_spec(args)
+    if family is not None:
+        try:
+            check_family_options(family, spec)
+        except SpecFieldError as error:
+            raise flag_error(error) from None
     if args.inversion:
         read_store_info(args.inversion)
     if args.captions:  # its rows now; whether it covers every training image once the data is loaded

@@ -1,10 +1,12 @@
-"""The forward process every objective here trains a U-Net condition against.
+"""The forward process every objective here trains a denoiser or a condition against.
 
 Personalisation (``personalise.py``), Diffusion Inversion (``invert.py``) and the demo
 generator's pretraining (``demo_model.py``) all noise clean latents at a random training
-timestep and regress the U-Net's output on a target. ``TrainingNoise`` is that one step, on
+timestep and regress the denoiser's output on a target. ``TrainingNoise`` is that one step, on
 the base model's DDPM schedule, as diffusers' training scripts do it
-(``DDPMScheduler.add_noise``, and ``get_velocity`` for v-prediction).
+(``DDPMScheduler.add_noise``, and ``get_velocity`` for v-prediction). ``FlowTrainingNoise`` is
+the flow-matching one (SD 3.x, FLUX.1), as diffusers' DreamBooth scripts for those families
+draw it; ``training_noise_of`` picks the one a model trains with.
 
 It is built from the model's scheduler config, whatever scheduler samples: a sampling
 scheduler's own ``add_noise`` (DPM-Solver++ before ``set_timesteps``) indexes its sigmas
@@ -27,10 +29,12 @@ class NoisedLatents(NamedTuple):
     """One training draw.
 
     Attributes:
-        noisy: ``sqrt(alpha_bar_t)·latents + sqrt(1 - alpha_bar_t)·noise``, float32.
+        noisy: ``sqrt(alpha_bar_t)·latents + sqrt(1 - alpha_bar_t)·noise`` (flow: ``(1 - σ)·latents + σ·noise``),
+            float32.
         noise: The Gaussian noise drawn.
-        timesteps: int64 ``[B]``, each row's training timestep.
-        target: What the U-Net should predict: ``noise`` (epsilon) or the velocity (v_prediction).
+        timesteps: ``[B]``, each row's training timestep: int64 on a DDPM schedule, float32 on a flow one.
+        target: What the denoiser should predict: ``noise`` (epsilon), the velocity (v_prediction), or the
+            flow velocity ``noise - latents``.
     """
 
     noisy: torch.Tensor
@@ -76,6 +80,72 @@ class TrainingNoise:
         else:
             target = noise
         return NoisedLatents(noisy, noise, timesteps, target)
+
+
+class FlowTrainingNoise:
+    """Noise latents on a flow-matching model's training schedule: ``x_σ = (1 - σ)·x0 + σ·ε``, target the
+    velocity ``ε - x0`` (so one Euler step of ``-σ·velocity`` lands on ``x0``).
+
+    As diffusers' SD 3 and FLUX DreamBooth scripts draw it: ``u`` in [0, 1) (``compute_density_for_timestep_
+    sampling``: logit-normal(0, 1) or uniform), index ``int(u·N)`` of the scheduler's ``N`` training timesteps,
+    and that timestep's σ (shifted by the model's ``shift`` unless the schedule shifts per resolution, FLUX's).
+    The loss is not weighted by σ: the SD 3 script's default ``--precondition_outputs`` regresses ``x0`` instead,
+    which is this loss weighted by σ²; the FLUX script and the SD 3 paper's rectified flow use this one.
+
+    Args:
+        scheduler_config: The model's ``FlowMatchEulerDiscreteScheduler`` config.
+        sampling: ``"uniform"`` or ``"logit_normal"`` (``Family.timestep_sampling``).
+    """
+
+    SAMPLINGS = ("uniform", "logit_normal")
+
+    def __init__(self, scheduler_config, *, sampling: str):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if sampling not in self.SAMPLINGS:
+            raise ValueError(f"sampling must be one of {self.SAMPLINGS}, got {sampling!r}.")
+        self.schedule = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)  # its training timesteps
+        self.sampling = sampling
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.schedule.config.num_train_timesteps)
+
+    def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """float32 ``[B]``: the noise level σ of each training timestep (one of ``schedule.timesteps``)."""
+        grid = self.schedule.timesteps.to(timesteps.device)
+        matches = timesteps.float()[:, None] == grid[None]
+        if not bool(matches.any(1).all()):
+            raise ValueError("Flow training timesteps must be ones of the scheduler's training timesteps.")
+        return self.schedule.sigmas.to(timesteps.device)[matches.float().argmax(1)].float()
+
+    def __call__(self, latents: torch.Tensor, generator: torch.Generator,
+                 timesteps: Optional[torch.Tensor] = None) -> NoisedLatents:
+        """Noise ``latents`` (the VAE's shifted and scaled latents): the noise first, then, unless given, one
+        training timestep per row, both from ``generator`` (on the CPU)."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        latents = latents.float()
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        if timesteps is None:
+            u = compute_density_for_timestep_sampling("logit_normal" if self.sampling == "logit_normal" else "none",
+                                                      len(latents), logit_mean=0.0, logit_std=1.0,
+                                                      generator=generator)
+            indices = (u * self.num_train_timesteps).long().clamp(max=self.num_train_timesteps - 1)
+            timesteps = self.schedule.timesteps[indices]
+        timesteps = timesteps.to(latents.device, torch.float32)
+        sigma = self.sigmas(timesteps).reshape(-1, *[1] * (latents.ndim - 1))
+        noisy = (1 - sigma) * latents + sigma * noise
+        return NoisedLatents(noisy, noise, timesteps, noise - latents)
+
+
+def training_noise_of(components):
+    """The forward process ``components``' denoiser trains with: ``TrainingNoise`` on a U-Net family's
+    DDPM schedule, ``FlowTrainingNoise`` on a flow family's (``Family.timestep_sampling``)."""
+    family = components.kind
+    if family.flow:
+        return FlowTrainingNoise(components.scheduler.config, sampling=family.timestep_sampling)
+    return TrainingNoise(components.scheduler.config)
 
 
 def sample_latents(components, moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

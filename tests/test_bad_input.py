@@ -47,6 +47,9 @@ def inputs(tmp_path_factory):
     torch.save({"fc.weight": torch.zeros(2, 2)}, root / "unfitting.pth")
     incomplete = root / "incomplete_model"
     os.makedirs(incomplete / "unet")
+    from onlinemix.generator.tiny import tiny_flux_components
+
+    tiny_flux_components(0).save(str(root / "flux_model"))
     replay = root / "replay"
     write_offline_output(replay, [(c.replace(" ", "_"), c.replace(" ", "_"), i + 1, 0.5)
                                   for i, c in enumerate(["class 0", "class 1", "class 2"])])
@@ -136,6 +139,12 @@ TRAIN_CASES = [
      "No model folder at '/models/none'"),
     ("generator model incomplete", ["--aug", "realmix", "--gen-device", "cpu", "--gen-model",
                                     "{inputs}/incomplete_model"], "not a complete diffusers Stable Diffusion folder"),
+    ("a U-Net scheduler on a flow generator", ["--aug", "realmix", "--gen-device", "cpu", "--gen-model",
+                                               "{inputs}/flux_model", "--gen-scheduler", "tcd"],
+     "FLUX.1 generator samples with its own flow-matching Euler scheduler"),
+    ("a flow generator off its patch grid", ["--aug", "realmix", "--gen-device", "cpu", "--gen-model",
+                                             "{inputs}/flux_model", "--gen-resolution", "40"],
+     "--gen-resolution must be a multiple of 16 for a FLUX.1 generator"),
     ("personalisation of other classes", ["--aug", "diffmix", "--gen-device", "cpu", "--gen-model", "demo",
                                           "--gen-finetuned", "{inputs}/tuned_on_two"], "knows 2 classes but the data set has 3"),
     ("personalisation missing", ["--aug", "diffmix", "--gen-device", "cpu", "--gen-model", "demo",
@@ -231,6 +240,11 @@ COMMAND_CASES = [
                                        "{inputs}/toy"], "'tiny' is train.py's untrained smoke-test generator"),
     ("finetune a missing model", ["finetune", "--model", "/models/none", "--out", "{tmp}/o", "--data-dir",
                                   "{inputs}/toy"], "No model folder at '/models/none'"),
+    ("finetune a flow model off its patch grid", ["finetune", "--model", "{inputs}/flux_model", "--out", "{tmp}/o",
+                                                  "--data-dir", "{inputs}/toy", "--resolution", "40"],
+     "--resolution must be a multiple of 16 for a FLUX.1 model"),
+    ("invert a flow model", ["invert", "--model", "{inputs}/flux_model", "--out", "{tmp}/o", "--data-dir",
+                             "{inputs}/toy"], "is a FLUX.1 model; this command takes Stable Diffusion models only"),
     ("finetune descriptions malformed", ["finetune", "--model", "demo", "--out", "{tmp}/o", "--data-dir",
                                          "{inputs}/toy", "--class-descriptions", "{inputs}/descriptions.json",
                                          "--steps", "1"], "descriptions.json' is not valid JSON"),

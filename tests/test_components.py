@@ -71,7 +71,7 @@ def test_personalisation_round_trips_and_changes_the_output(tmp_path):
     base = translate(tiny_components(seed=0), tokens=["tern"] * 3)  # the un-tuned model
     add_tokens(tuned, embeddings)
     expected = translate(tuned)
-    save_personalisation(tmp_path, tuned.unet, embeddings,
+    save_personalisation(tmp_path, tuned, {"text_encoder": embeddings},
                          {"base_model": "tiny", "method": "ti_db", "class_names": CLASSES, "metaclass": "bird"})
     info = json.loads((tmp_path / "onlinemix.json").read_text())
     assert info["tokens"] == [placeholder_token(i) for i in range(3)] and info["class_names"] == CLASSES
@@ -87,7 +87,7 @@ def test_personalisation_round_trips_and_changes_the_output(tmp_path):
 def test_original_diffmix_outputs_load(tmp_path):
     tuned = tiny_components(seed=0)
     embeddings = personalise(tuned)
-    save_personalisation(tmp_path, tuned.unet, {}, {})
+    save_personalisation(tmp_path, tuned, {}, {})
     os.remove(tmp_path / "onlinemix.json")
     torch.save(embeddings, tmp_path / DIFFMIX_EMBEDDINGS)
     fresh = tiny_components(seed=0)

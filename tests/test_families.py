@@ -140,20 +140,28 @@ def test_prompt_encodings_equal_the_pipelines_encode_prompt(components):
     torch.testing.assert_close(pooled, expected_pooled[0], rtol=0, atol=0)
 
 
-def test_the_commands_refuse_a_family_they_cannot_train_yet(tmp_path):
-    """finetune, distill, invert (``check_base_model``) and train.py's generator check take Stable Diffusion only,
-    before loading anything."""
+def test_distill_and_invert_refuse_the_families_they_cannot_train_before_loading(tmp_path):
+    """distill and invert train a Stable Diffusion U-Net's objective (``check_base_model(families=("sd",))``);
+    finetune and train.py's generator take every family, but refuse the U-Net families' speed options on a flow
+    model, all before loading anything."""
     import argparse
 
     from onlinemix.commands import check_base_model
-    from onlinemix.generator.components import model_source
+    from onlinemix.generator.components import model_family, model_source
+    from onlinemix.generator.worker import GeneratorSpec, check_family_options
 
     tiny_flux_components(0).save(tmp_path / "flux")
     assert model_source(tmp_path / "flux") == str(tmp_path / "flux")
-    with pytest.raises(ValueError, match="is a FLUX.1 model; this command takes Stable Diffusion models for now"):
+    assert model_family(str(tmp_path / "flux")).name == "flux" and model_family("org/name") is None
+    with pytest.raises(ValueError, match="is a FLUX.1 model; this command takes Stable Diffusion models only"):
         model_source(tmp_path / "flux", families=("sd",))
     args = argparse.Namespace(model=str(tmp_path / "flux"), out=str(tmp_path / "out"), local_files_only=True,
                               resolution=64)
+    check_base_model(args, out="the personalised generator")
     with pytest.raises(ValueError, match="is a FLUX.1 model"):
-        check_base_model(args, out="the personalised generator")
+        check_base_model(args, out="the store", families=("sd",))
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="own flow-matching Euler scheduler; scheduler='lcm' is for the U-Net"):
+        check_family_options(FAMILIES["flux"], GeneratorSpec(model="m", scheduler="lcm", accelerator="a.safetensors"))
+    with pytest.raises(ValueError, match="DeepCache need a Stable Diffusion 1.x/2.x generator"):
+        check_family_options(FAMILIES["sdxl"], GeneratorSpec(model="m", deep_cache=2))

@@ -87,7 +87,8 @@ def test_only_the_new_token_rows_change():
     table = components.text_encoder.get_input_embeddings().weight
     assert torch.equal(table[: len(old)], old), "every existing row is bit-for-bit unchanged"
     start = personaliser.initial_vectors("ktn", 1)[0]
-    assert all(not torch.allclose(table[i], start) for i in personaliser.token_ids), "every new token learned"
+    assert all(not torch.allclose(table[i], start) for i in personaliser.token_rows["text_encoder"].ids), \
+        "every new token learned"
     after = components.unet.state_dict()
     assert any(not torch.equal(after[k], v) for k, v in unet.items()), "LoRA learned"
 
@@ -236,10 +237,11 @@ def test_gradient_clipping_measures_only_what_learns():
     table = components.text_encoder.get_input_embeddings().weight
     words = components.tokenizer("a photo of a shape", add_special_tokens=False).input_ids
     assert table.grad[words].abs().sum() > 0, "the caption's own words get gradients"
-    learned = torch.cat([table.grad[personaliser.token_ids].flatten()] +
+    rows = personaliser.token_rows["text_encoder"]
+    learned = torch.cat([table.grad[rows.ids].flatten()] +
                         [p.grad.flatten() for n, p in components.unet.named_parameters() if "lora" in n])
     personaliser.drop_frozen_gradients()
-    assert table.grad[personaliser.keep].abs().sum() == 0
+    assert table.grad[rows.keep].abs().sum() == 0
     norm = torch.nn.utils.clip_grad_norm_(personaliser.parameters(), 1.0)
     torch.testing.assert_close(norm, learned.norm())
 
@@ -298,7 +300,7 @@ def test_token_and_lora_learning_rates_reach_their_groups():
     assert lora["lr"] == 1e-4 and lora["params"] and all(p is not table for p in lora["params"])
     names = {id(p): n for n, p in components.unet.named_parameters()}
     assert all("lora" in names[id(p)] for p in lora["params"]), "only LoRA weights of the U-Net"
-    assert len(personaliser.token_ids) == 6, "two rows per class"
+    assert len(personaliser.token_rows["text_encoder"].ids) == 6, "two rows per class"
     [only] = Personaliser(tiny_components(seed=0), NAMES, "shape", method="ti").parameter_groups(1e-4, 5e-3)
     assert only["lr"] == 5e-3
 
@@ -310,7 +312,7 @@ def test_class_descriptions_start_each_class_from_its_words():
     personaliser = Personaliser(components, NAMES, "shape", vectors_per_token=2, initializer="z",
                                 descriptions=descriptions)
     ids = components.tokenizer(["z", "ab", "abcd"], add_special_tokens=False).input_ids
-    rows = components.text_encoder.get_input_embeddings().weight[personaliser.token_ids].detach()
+    rows = components.text_encoder.get_input_embeddings().weight[personaliser.token_rows["text_encoder"].ids].detach()
     torch.testing.assert_close(rows[0:2], table[ids[0]].expand(2, -1), msg="no description: the initializer")
     torch.testing.assert_close(rows[2:4], table[ids[1]], msg="two sub-words, two vectors")
     torch.testing.assert_close(rows[4], table[ids[2][:2]].mean(0))
@@ -359,7 +361,7 @@ def test_personalisation_makes_each_class_prompt_reconstruct_its_class(demo_imag
 
     def error(timesteps, shift=0):
         with torch.no_grad():
-            states = personaliser.text_encoder(personaliser.caption_ids[(labels + shift) % len(labels)])[0]
+            states, _ = personaliser.conditioning((labels + shift) % len(labels))
         return noise_prediction_error(components, states, moments, timesteps, seed=99)
 
     grid = range(13, 1000, 62)

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ("generator_fp16", "options_fp16", "generator_bf16", "overhead", "finetune", "distill", "caption")
+STEPS = ("generator_fp16", "options_fp16", "generator_bf16", "overhead", "finetune", "distill", "caption",
+         "families")
 
 
 @pytest.mark.slow
@@ -36,3 +37,18 @@ def test_gpu_suite_skips_steps_once_its_budget_is_spent(tmp_path):
     log = (tmp_path / "suite.log").read_text()
     assert done.returncode != 0, "a skipped step fails the suite"
     assert all(f"{name}: skipped, the suite's budget of 5 s is spent" in log for name in STEPS)
+
+
+def test_the_native_family_architectures_have_their_real_sizes():
+    """Built on the meta device (no memory, no time): each denoiser has its real model's parameter count, so the
+    GPU step measures the real FLOPs: SDXL base's U-Net 2.57 B, SD 3 medium's MM-DiT 2.03 B, FLUX.1's 11.9 B."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from native_families import build_native
+
+    import torch
+
+    sizes = {name: sum(p.numel() for p in build_native(name, device="meta", dtype=torch.bfloat16).denoiser.parameters())
+             for name in ("sdxl", "sd3", "flux-dev")}
+    assert sizes["sdxl"] == pytest.approx(2.567e9, rel=0.01), sizes
+    assert sizes["sd3"] == pytest.approx(2.028e9, rel=0.01), sizes
+    assert sizes["flux-dev"] == pytest.approx(11.90e9, rel=0.01), sizes

@@ -24,7 +24,7 @@ def folders(tmp_path_factory):
     width = components.text_encoder.get_input_embeddings().weight.shape[1]
     g = torch.Generator().manual_seed(3)
     embeddings = {placeholder_token(i): torch.randn(width, generator=g) for i in range(len(CLASSES))}
-    save_personalisation(tuned, components.unet, embeddings,
+    save_personalisation(tuned, components, {"text_encoder": embeddings},
                          {"base_model": str(base), "method": "ti", "class_names": CLASSES, "metaclass": "bird"})
     return str(base), str(tuned)
 
@@ -210,14 +210,15 @@ def ti_db(folders, tmp_path_factory):
     components = tiny_components(seed=0)
     components.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    g = torch.Generator().manual_seed(4)  # a module fixture: its own seed, whichever test makes it first
     with torch.no_grad():
         for name, p in components.unet.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.5)
+                p.normal_(0, 0.5, generator=g)
     width = components.text_encoder.get_input_embeddings().weight.shape[1]
-    embeddings = {placeholder_token(i): torch.randn(width) for i in range(len(CLASSES))}
+    embeddings = {placeholder_token(i): torch.randn(width, generator=g) for i in range(len(CLASSES))}
     folder = tmp_path_factory.mktemp("ti-db")
-    save_personalisation(folder, components.unet, embeddings,
+    save_personalisation(folder, components, {"text_encoder": embeddings},
                          {"base_model": base, "method": "ti_db", "class_names": CLASSES, "metaclass": "bird"})
     return str(folder)
 
@@ -277,7 +278,8 @@ def test_a_generator_tuned_on_other_training_images_is_refused(folders, tmp_path
     tuned_on = files.subset([0, 2, 4, 6])  # e.g. a 1-shot subset drawn with another seed than the classifier's
     components = tiny_components(seed=0)
     width = components.text_encoder.get_input_embeddings().weight.shape[1]
-    save_personalisation(tmp_path, components.unet, {placeholder_token(i): torch.zeros(width) for i in range(4)},
+    save_personalisation(tmp_path, components, {"text_encoder": {placeholder_token(i): torch.zeros(width)
+                                                            for i in range(4)}},
                          {"method": "ti", "class_names": CLASSES, "training_images": tuned_on.fingerprint(),
                           "data": {"shots": 1, "data_seed": 0}})
     with pytest.raises(ValueError, match=r"fine-tuned on other training images \(4 images.*than this run trains "

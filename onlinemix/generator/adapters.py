@@ -13,9 +13,14 @@ from .components import Components
 PERSONALISATION_JSON = "onlinemix.json"
 DISTILL_JSON = "onlinemix-distill.json"  # the facts of an `onlinemix distill` output
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-EMBEDDINGS = "learned_embeds.safetensors"
+EMBEDDINGS = "learned_embeds.safetensors"  # the first text encoder's tokens; a second's: learned_embeds_2...
 DIFFMIX_EMBEDDINGS = "learned_embeds-steps-last.bin"  # what the original Diff-Mix fine-tuning writes
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def embeddings_file(encoder: str) -> str:
+    """The file of the tokens learned in ``encoder`` (``text_encoder``, ``text_encoder_2``): ``EMBEDDINGS``, or
+    its name with the encoder's suffix."""
+    return EMBEDDINGS.replace(".safetensors", encoder[len("text_encoder"):] + ".safetensors")
 
 
 def accelerator_location(source: Union[str, os.PathLike], *, local_files_only: bool = False) -> tuple[str, dict]:
@@ -65,61 +70,103 @@ def attach_accelerator(components: Components, source: Union[str, os.PathLike], 
     components.unet.set_adapters(names, weights=[1.0 if name == "personalised" else weight for name in names])
 
 
-def save_personalisation(folder: Union[str, os.PathLike], unet: torch.nn.Module, embeddings: dict,
+def save_personalisation(folder: Union[str, os.PathLike], components: Components, embeddings: dict,
                          info: dict) -> None:
-    """Write a personalised generator as one folder: LoRA weights with their alpha (if the
-    U-Net carries a LoRA adapter), learned token embeddings, and ``onlinemix.json``.
+    """Write a personalised generator as one folder: LoRA weights with their alpha (if the denoiser carries
+    a LoRA adapter) in the layout the family's pipeline's ``load_lora_weights`` reads, the learned token
+    embeddings of each text encoder, and ``onlinemix.json``.
 
     Args:
         folder: Output folder (created).
-        unet: The fine-tuned U-Net, with a peft LoRA adapter or none.
-        embeddings: ``{token: embedding}`` of the learned tokens in class order, each ``[D]`` or ``[K, D]``
+        components: The fine-tuned generator, its denoiser with a peft LoRA adapter or none.
+        embeddings: ``{encoder: {token: embedding}}``, one entry per text encoder that learned tokens
+            (``text_encoder``, ``text_encoder_2``; empty for none), tokens in class order, each ``[D]`` or ``[K, D]``
             (K vectors per token; ``info`` then says ``vectors_per_token``).
         info: JSON-able facts: base model, method, class names, metaclass, steps.
     """
     import json
 
-    from diffusers import StableDiffusionPipeline
+    import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
-    if getattr(unet, "peft_config", None):
-        config = next(iter(unet.peft_config.values()))
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, weight_name=LORA_WEIGHTS,
-                                                  unet_lora_adapter_metadata=config.to_dict())
-    if embeddings:
-        save_file({t: e.detach().float().cpu().contiguous() for t, e in embeddings.items()},
-                  os.path.join(folder, EMBEDDINGS))
+    denoiser = components.denoiser
+    if getattr(denoiser, "peft_config", None):
+        config = next(iter(denoiser.peft_config.values()))
+        name = components.denoiser_name
+        layers = get_peft_model_state_dict(denoiser)
+        if name == "unet":  # as diffusers' U-Net LoRA scripts save it; its transformer scripts keep peft's keys
+            layers = convert_state_dict_to_diffusers(layers)
+        pipeline = getattr(diffusers, components.kind.pipelines[0])
+        pipeline.save_lora_weights(folder, weight_name=LORA_WEIGHTS, **{f"{name}_lora_layers": layers,
+                                                                         f"{name}_lora_adapter_metadata": config.to_dict()})
+    for encoder, rows in embeddings.items():
+        if rows:
+            save_file({t: e.detach().float().cpu().contiguous() for t, e in rows.items()},
+                      os.path.join(folder, embeddings_file(encoder)))
+    tokens = next((list(rows) for rows in embeddings.values() if rows), [])
     with open(os.path.join(folder, PERSONALISATION_JSON), "w") as f:
-        json.dump({**info, "tokens": list(embeddings)}, f, indent=2)
+        json.dump({**info, "family": components.family, "tokens": tokens}, f, indent=2)
 
 
 def attach_personalisation(components: Components, folder: Union[str, os.PathLike]) -> dict:
     """Load a personalised generator's LoRA and learned tokens into ``components``.
 
-    Reads the folder ``save_personalisation`` writes, or the original Diff-Mix
-    outputs (``pytorch_lora_weights.safetensors`` and ``learned_embeds-steps-last.bin``,
-    the latter with ``torch.load(weights_only=True)``).
+    Reads the folder ``save_personalisation`` writes (the LoRA through the family's pipeline's
+    ``load_lora_weights``, the tokens of each of the family's ``token_encoders``), or the original Diff-Mix
+    outputs (``pytorch_lora_weights.safetensors`` and ``learned_embeds-steps-last.bin``, the latter with
+    ``torch.load(weights_only=True)``).
 
     Returns:
         The folder's facts (``personalisation_info``), with ``tokens`` what stands for each class in a
         prompt, in class order: its learned token, or its K tokenizer words space-separated when the
         folder learned ``vectors_per_token`` K > 1 (``token_words``).
     """
-    from diffusers import StableDiffusionPipeline
-    from safetensors.torch import load_file
+    import diffusers
 
     info = personalisation_info(folder)
-    embeddings_file, has_lora = personalisation_weights(folder)
-    embeddings = {}
-    if embeddings_file is not None and embeddings_file.endswith(EMBEDDINGS):
-        embeddings = load_file(embeddings_file)
+    family = components.kind
+    trained_on = info.get("family", "sd")
+    if trained_on != components.family:
+        raise ValueError(f"{os.fspath(folder)!r} personalises a {trained_on} model, but the generator is a "
+                         f"{family.title} model: pass the base model it was fine-tuned from.")
+    embeddings_path, has_lora = personalisation_weights(folder)
+    words = {}
+    if embeddings_path is not None:
+        for encoder in family.token_encoders:
+            words = add_tokens(components, read_embeddings(folder, encoder, embeddings_path, info), encoder=encoder)
+    if has_lora:
+        from diffusers.utils import logging as diffusers_logging
+
+        # The pipeline also looks for LoRA of each text encoder, which these folders never hold, and warns
+        # once per encoder that it found none.
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            components.pipeline(getattr(diffusers, family.pipelines[0])).load_lora_weights(
+                os.fspath(folder), weight_name=LORA_WEIGHTS, adapter_name="personalised")
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+    info["tokens"] = list(words.values())
+    return info
+
+
+def read_embeddings(folder: Union[str, os.PathLike], encoder: str, first: str, info: dict) -> dict:
+    """``{token: [K, D] or [D]}`` learned in ``encoder``, in class order: from its ``embeddings_file``, or, for the
+    first encoder, from ``first`` (ours or the original Diff-Mix's, ``personalisation_weights``)."""
+    from safetensors.torch import load_file
+
+    path = first if encoder == "text_encoder" else os.path.join(os.fspath(folder), embeddings_file(encoder))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{os.fspath(folder)!r} lacks {embeddings_file(encoder)}, the tokens of {encoder}; "
+                                "its files are incomplete: fine-tune it again into an empty folder.")
+    if path.endswith(".safetensors"):
+        embeddings = load_file(path)
         embeddings = {t: embeddings[t] for t in info.get("tokens", embeddings)}
-    elif embeddings_file is not None:
-        embeddings = torch.load(embeddings_file, map_location="cpu", weights_only=True)
+    else:
+        embeddings = torch.load(path, map_location="cpu", weights_only=True)
     vectors = info.get("vectors_per_token", 1)
     counts = {t: row.reshape(-1, row.shape[-1]).shape[0] for t, row in embeddings.items()}
     wrong = [t for t, count in counts.items() if count != vectors]
@@ -127,14 +174,7 @@ def attach_personalisation(components: Components, folder: Union[str, os.PathLik
         raise ValueError(f"{os.fspath(folder)!r} says vectors_per_token = {vectors} in {PERSONALISATION_JSON}, but the "
                          f"embedding of {wrong[0]!r} holds {counts[wrong[0]]} vectors: its files come from different "
                          "runs; fine-tune it again into an empty folder.")
-    words = add_tokens(components, embeddings) if embeddings else {}
-    if has_lora:
-        state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
-            folder, weight_name=LORA_WEIGHTS, return_lora_metadata=True)
-        StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=components.unet, adapter_name="personalised",
-                                                    metadata=metadata)
-    info["tokens"] = list(words.values())
-    return info
+    return embeddings
 
 
 def personalisation_weights(folder: Union[str, os.PathLike]) -> tuple[Optional[str], bool]:
@@ -176,18 +216,19 @@ def token_words(token: str, vectors: int) -> list[str]:
     return [token] + [f"{token}_{k}" for k in range(1, vectors)]
 
 
-def add_tokens(components: Components, embeddings: dict) -> dict:
-    """Add learned tokens to the tokenizer and their embedding rows to the text encoder.
+def add_tokens(components: Components, embeddings: dict, *, encoder: str = "text_encoder") -> dict:
+    """Add learned tokens to a tokenizer and their embedding rows to its text encoder.
 
     Args:
         components: The generator to extend.
         embeddings: ``{token: row}``, each row ``[D]`` (one vector) or ``[K, D]`` (K vectors: the
             token becomes K tokenizer words, see ``token_words``).
+        encoder: Which text encoder (``text_encoder``, ``text_encoder_2``) and tokenizer of the same suffix.
 
     Returns:
         ``{token: text}``: what stands for each token in a prompt, its K words space-separated.
     """
-    tokenizer, encoder = components.tokenizer, components.text_encoder
+    tokenizer, encoder = getattr(components, encoder.replace("text_encoder", "tokenizer")), getattr(components, encoder)
     rows = {token: row.reshape(-1, row.shape[-1]) for token, row in embeddings.items()}
     words = {token: token_words(token, len(row)) for token, row in rows.items()}
     clash = [w for ws in words.values() for w in ws if w in tokenizer.get_vocab()]

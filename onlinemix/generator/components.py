@@ -71,7 +71,12 @@ class Components:
     @property
     def denoiser(self) -> torch.nn.Module:
         """The U-Net or the transformer."""
-        return self.unet if self.unet is not None else self.transformer
+        return getattr(self, self.denoiser_name)
+
+    @property
+    def denoiser_name(self) -> str:
+        """Which part holds the denoiser: ``unet`` or ``transformer``."""
+        return "unet" if self.unet is not None else "transformer"
 
     @property
     def modules(self) -> list:
@@ -165,6 +170,14 @@ def model_index(model: str, *, local_files_only: bool = False) -> dict:
     return dict(DiffusionPipeline.load_config(model, local_files_only=local_files_only))
 
 
+def model_family(source: str):
+    """The family (``families.Family``) of a ``model_source`` that is a folder; None for a hub id, whose
+    ``model_index.json`` is read once it is loaded."""
+    from .families import family_of
+
+    return family_of(model_index(source)["_class_name"]) if os.path.isdir(source) else None
+
+
 def model_source(model: Union[str, os.PathLike], *, local_files_only: bool = False,
                  families: Optional[tuple] = None) -> str:
     """What ``load_components`` reads ``model`` from, checked without loading any weights: a complete
@@ -201,9 +214,9 @@ def model_source(model: Union[str, os.PathLike], *, local_files_only: bool = Fal
             )
         if families is not None and family.name not in families:
             raise ValueError(f"{model!r} is a {family.title} model; this command takes "
-                             f"{' or '.join(FAMILIES[f].title for f in families)} models for now (the {family.title} "
-                             "family samples through onlinemix.generator.sampler.Sampler, but personalising and "
-                             "training with it are not built yet).")
+                             f"{' or '.join(FAMILIES[f].title for f in families)} models only (it trains a Stable "
+                             f"Diffusion U-Net's objective); `onlinemix finetune` and the generator take every family "
+                             f"({', '.join(FAMILIES[f].title for f in FAMILIES)}).")
     elif local_files_only:
         from huggingface_hub import try_to_load_from_cache
 

@@ -46,6 +46,13 @@ class Family:
             embeds the guidance scale itself, FLUX.1-dev, or ignores it, FLUX.1-schnell).
         flow: Whether the denoiser predicts a flow-matching velocity (sampled with
             ``FlowMatchEulerDiscreteScheduler``) rather than DDPM noise.
+        lora_targets: The denoiser's attention projections personalisation puts LoRA on (peft's
+            ``target_modules``), those of diffusers' DreamBooth LoRA scripts for the family.
+        token_encoders: The CLIP text encoders that learn class tokens; each reads the tokenizer of the
+            same suffix (``text_encoder_2``: ``tokenizer_2``).
+        timestep_sampling: How personalisation draws its training timesteps (``training_noise``): uniformly,
+            or logit-normal on the flow schedule (SD 3).
+        training_guidance: The guidance scale a guidance-embedding denoiser (FLUX.1-dev) is trained under.
     """
 
     name = "sd"
@@ -55,19 +62,27 @@ class Family:
     optional_parts: tuple = ()
     classifier_free = True
     flow = False
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    token_encoders = ("text_encoder",)
+    timestep_sampling = "uniform"
+    training_guidance = 1.0
 
     # Conditioning.
+    def encode(self, components, prompts) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(states [B, L, D], pooled [B, P] or None)`` of plain-text ``prompts``, as the family's pipeline
+        encodes them; personalisation trains through it, so it runs with gradients when asked."""
+        return components.text_encoder(clip_ids(components.tokenizer, prompts, components.device))[0], None
+
     def encode_prompt(self, components, prompt) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(states [L, D], pooled [P] or None)`` of one prompt, as the family's pipeline encodes it.
+        """``(states [L, D], pooled [P] or None)`` of one prompt (``encode`` of one).
 
         Stable Diffusion's prompt may also be ``(text, weight)`` fragments (``sampler.weighted_tokens``): the
         encoder reads the joined text and each fragment's output states are multiplied by its weight.
         """
-        device = components.device
         if isinstance(prompt, str):
-            ids = components.tokenizer([prompt], padding="max_length", max_length=components.tokenizer.model_max_length,
-                                       truncation=True, return_tensors="pt").input_ids
-            return components.text_encoder(ids.to(device))[0][0], None
+            states, pooled = self.encode(components, [prompt])
+            return states[0], None if pooled is None else pooled[0]
+        device = components.device
         ids, weights = weighted_tokens(components.tokenizer, prompt)
         states = components.text_encoder(torch.tensor([ids], device=device))[0][0]
         return states * torch.tensor(weights, device=device, dtype=states.dtype)[:, None], None
@@ -132,13 +147,14 @@ class StableDiffusionXL(Family):
     title = "SDXL"
     pipelines = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
     parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "unet", "vae", "scheduler")
+    token_encoders = ("text_encoder", "text_encoder_2")
 
-    def encode_prompt(self, components, prompt):
+    def encode(self, components, prompts):
         pairs = ((components.tokenizer, components.text_encoder), (components.tokenizer_2, components.text_encoder_2))
-        outputs = [encoder(clip_ids(tokenizer, prompt, components.device), output_hidden_states=True)
+        outputs = [encoder(clip_ids(tokenizer, prompts, components.device), output_hidden_states=True)
                    for tokenizer, encoder in pairs]
         states = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)  # penultimate layers, side by side
-        return states[0].to(components.text_encoder_2.dtype), outputs[1].text_embeds[0]
+        return states.to(components.text_encoder_2.dtype), outputs[1].text_embeds
 
     def unconditional(self, components):
         states, pooled = self.encode_prompt(components, "")
@@ -160,6 +176,10 @@ class FlowFamily(Family):
     a VAE with a shift, and the flow pipelines' strength arithmetic."""
 
     flow = True
+    # Both blocks' streams: the image's (to_*) and the text's (add_*_proj, to_add_out); FLUX's single blocks
+    # have to_q/k/v only.
+    lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                    "attn.add_v_proj", "attn.to_add_out")
 
     def to_latents(self, components, sample):
         return (sample - components.vae.config.shift_factor) * components.vae.config.scaling_factor
@@ -197,23 +217,25 @@ class StableDiffusion3(FlowFamily):
     parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3",
              "transformer", "vae", "scheduler")
     optional_parts = ("tokenizer_3", "text_encoder_3")
+    token_encoders = ("text_encoder", "text_encoder_2")  # CLIP-L and CLIP-G; T5 reads the token as sub-words
+    timestep_sampling = "logit_normal"  # diffusers' SD 3 scripts' default, the SD 3 paper's
     max_shift = 1.16  # the SD 3 pipelines' default for a dynamically shifted schedule
 
     t5_length = 256  # the SD 3 pipelines' max_sequence_length
 
-    def encode_prompt(self, components, prompt):
+    def encode(self, components, prompts):
         device = components.device
-        outputs = [encoder(clip_ids(tokenizer, prompt, device), output_hidden_states=True) for tokenizer, encoder in
+        outputs = [encoder(clip_ids(tokenizer, prompts, device), output_hidden_states=True) for tokenizer, encoder in
                    ((components.tokenizer, components.text_encoder), (components.tokenizer_2, components.text_encoder_2))]
-        clip = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)[0]
-        pooled = torch.cat([out.text_embeds for out in outputs], dim=-1)[0]
+        clip = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)
+        pooled = torch.cat([out.text_embeds for out in outputs], dim=-1)
         if components.text_encoder_3 is None:  # SD 3 without T5 reads zeros in its place
-            t5 = torch.zeros(self.t5_length, components.transformer.config.joint_attention_dim, device=device,
-                             dtype=clip.dtype)
+            t5 = torch.zeros(len(prompts), self.t5_length, components.transformer.config.joint_attention_dim,
+                             device=device, dtype=clip.dtype)
         else:
-            t5 = components.text_encoder_3(t5_ids(components.tokenizer_3, prompt, self.t5_length, device))[0][0]
+            t5 = components.text_encoder_3(t5_ids(components.tokenizer_3, prompts, self.t5_length, device))[0]
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # CLIP's width padded to T5's
-        return torch.cat([clip.to(t5.dtype), t5]), pooled
+        return torch.cat([clip.to(t5.dtype), t5], dim=1), pooled
 
     def set_timesteps(self, components, scheduler, steps, latent_size):
         patch = components.transformer.config.patch_size
@@ -243,13 +265,17 @@ class Flux(FlowFamily):
     parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae", "scheduler")
     classifier_free = False
     max_shift = 1.15
+    # CLIP-L gives FLUX only its pooled vector (the modulation); T5, which writes the sequence every block
+    # attends to, reads a class token as sub-words. So the tokens carry a global hint and the LoRA the rest.
+    token_encoders = ("text_encoder",)
+    training_guidance = 3.5  # diffusers' FLUX DreamBooth scripts' --guidance_scale
 
     t5_length = 512  # the FLUX pipelines' max_sequence_length
 
-    def encode_prompt(self, components, prompt):
+    def encode(self, components, prompts):
         device = components.device
-        pooled = components.text_encoder(clip_ids(components.tokenizer, prompt, device)).pooler_output[0]
-        states = components.text_encoder_2(t5_ids(components.tokenizer_2, prompt, self.t5_length, device))[0][0]
+        pooled = components.text_encoder(clip_ids(components.tokenizer, prompts, device)).pooler_output
+        states = components.text_encoder_2(t5_ids(components.tokenizer_2, prompts, self.t5_length, device))[0]
         return states, pooled.to(components.text_encoder.dtype)
 
     def latent_channels(self, components):
@@ -280,15 +306,15 @@ class Flux(FlowFamily):
         return velocity.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
-def clip_ids(tokenizer, prompt: str, device) -> torch.Tensor:
-    """``[1, 77]`` token ids of a CLIP tokenizer, padded and truncated to its length, as every pipeline reads them."""
-    return tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+def clip_ids(tokenizer, prompts, device) -> torch.Tensor:
+    """``[B, 77]`` token ids of a CLIP tokenizer, padded and truncated to its length, as every pipeline reads them."""
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids.to(device)
 
 
-def t5_ids(tokenizer, prompt: str, length: int, device) -> torch.Tensor:
-    """``[1, length]`` token ids of a T5 tokenizer, padded and truncated to the pipeline's ``max_sequence_length``."""
-    return tokenizer([prompt], padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
+def t5_ids(tokenizer, prompts, length: int, device) -> torch.Tensor:
+    """``[B, length]`` token ids of a T5 tokenizer, padded and truncated to the pipeline's ``max_sequence_length``."""
+    return tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
                      return_tensors="pt").input_ids.to(device)
 
 

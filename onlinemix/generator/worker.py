@@ -27,10 +27,11 @@ from ..feedback import FeedbackBlock
 from .captions import CAPTION_WEIGHTS, CaptionStore, captioned_guidance, captioned_prompt, check_caption_options
 from .clip_filter import ClipFilter
 from .conditions import ConditionStore, check_inversion_options
-from .components import SCHEDULERS, Components, load_components, sampling_scheduler
+from .components import SCHEDULERS, Components, load_components, model_family, sampling_scheduler
+from .families import FAMILIES, Family
 from .adapters import (accelerator_location, accelerator_schedule, attach_accelerator, attach_personalisation,
                        personalisation_info)
-from .sampler import Sampler, Trajectory, check_steps, check_steps_in_strength, denoising_steps
+from .sampler import Sampler, Trajectory, check_steps, check_steps_in_strength
 
 logger = logging.getLogger("onlinemix")
 
@@ -196,19 +197,19 @@ class GeneratorSpec:
         check_caption_options(strategy, self.captions, self.caption_weights)
 
 
-def warn_coarse_strengths(steps: int, strengths) -> None:
+def warn_coarse_strengths(steps: int, strengths, family: Family = FAMILIES["sd"]) -> None:
     """Warn when few steps make an SDEdit run at a strength far from its label's.
 
-    A strength ``s`` runs ``int(steps·s)`` of ``steps`` steps (diffusers' arithmetic), so it
-    noises to ``int(steps·s)/steps``; labels use ``s``. At 25 steps the two differ by < 0.04;
-    at 4 (an LCM or TCD adapter) 0.7 runs as 0.5.
+    A strength ``s`` runs the last ``steps - family.first_step(steps, s)`` of ``steps`` steps (diffusers'
+    arithmetic: ``int(steps·s)`` on the U-Nets), so it noises to that fraction of the schedule; labels use
+    ``s``. At 25 steps the two differ by < 0.04; at 4 (an LCM or TCD adapter) 0.7 runs as 0.5.
     """
-    effective = {float(s): denoising_steps(steps, s) / steps for s in strengths}
+    effective = {float(s): (steps - family.first_step(steps, s)) / steps for s in strengths}
     far = {s: e for s, e in effective.items() if abs(s - e) > 0.05}
     if far:
         warnings.warn(f"With {steps} steps, strengths {sorted(far)} noise only to {[far[s] for s in sorted(far)]} "
-                      f"(int(steps·s)/steps) while their labels use s; use more steps or strengths that are "
-                      f"multiples of 1/{steps}.", stacklevel=3)
+                      f"(the fraction of the steps they run) while their labels use s; use more steps or strengths "
+                      f"that are multiples of 1/{steps}.", stacklevel=3)
 
 
 def to_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -243,6 +244,9 @@ class DiffusionProducerFactory:
         self.spec, self.references, self.feedback = spec, references, feedback
         self.class_names, self.metaclass = list(class_names), metaclass
         self.strategy = get_strategy(spec.strategy)
+        # A folder tells its family now; a hub model, once a worker loads it (the U-Nets' strength arithmetic here).
+        family = model_family(spec.model) or FAMILIES["sd"]
+        check_family_options(family, spec)
         # The files a strategy runs on are the run's to name, so they are asked for here, with the data:
         # the spec alone can be built (and checked) while they are still to be made.
         if self.strategy.personalised and not spec.finetuned:
@@ -272,12 +276,12 @@ class DiffusionProducerFactory:
             grid = accelerator_schedule(spec.accelerator).get("original_inference_steps", 50) if spec.accelerator \
                 else 50
             check_steps_in_strength(spec.steps, self.planner.scheduled_strengths(), grid)
-        else:
+        elif not family.flow:  # a flow schedule runs at least one step of any strength
             check_steps(spec.steps, self.planner.scheduled_strengths())
         if spec.accelerator:
             accelerator_location(spec.accelerator, local_files_only=spec.local_files_only)  # a missing file: now
         if not self.strategy.text_to_image and spec.scheduler != "lcm-strength":
-            warn_coarse_strengths(spec.steps, self.planner.scheduled_strengths())
+            warn_coarse_strengths(spec.steps, self.planner.scheduled_strengths(), family)
 
     def _captions(self) -> tuple[list[str], np.ndarray]:
         """Every training image's caption and similarity, in data-set order (a missing one stops here)."""
@@ -344,21 +348,39 @@ class DiffusionProducerFactory:
         return DiffusionProducer(self, sampler, planner, tokens, clip, store)
 
 
+def check_family_options(family, spec: GeneratorSpec) -> None:
+    """Stop on speed options the model's family (``families.Family``) cannot take: the schedulers, acceleration
+    LoRAs and DeepCache are the U-Net families' (SD 3 and FLUX sample with their own flow-matching Euler)."""
+    if family.flow and spec.scheduler != "dpm-solver++":
+        raise ValueError(f"A {family.title} generator samples with its own flow-matching Euler scheduler; "
+                         f"scheduler={spec.scheduler!r} is for the U-Net families (Stable Diffusion, SDXL): drop it.")
+    if family.flow and spec.resolution % 16:
+        raise SpecFieldError("resolution", f"must be a multiple of 16 for a {family.title} generator (the VAE's factor "
+                                           f"8 times its transformer's 2x2 patches), got {spec.resolution}.")
+    if family.name != "sd" and (spec.accelerator or spec.deep_cache > 1):
+        raise ValueError(f"Acceleration LoRAs and DeepCache need a Stable Diffusion 1.x/2.x generator; drop them for "
+                         f"the {family.title} one.")
+
+
 def build_sampler(components: Components, spec: GeneratorSpec) -> Sampler:
-    """The sampler of ``spec`` over loaded (and personalised) ``components``, with its speed options applied."""
-    unet = components.unet
-    config = components.scheduler.config
-    if spec.accelerator and spec.scheduler in ("lcm", "lcm-strength"):  # a distilled student's own grid
-        config = {**config, **accelerator_schedule(spec.accelerator)}
-    components.scheduler = sampling_scheduler(spec.scheduler, config)
-    if spec.fuse_lora and getattr(unet, "peft_config", None):
+    """The sampler of ``spec`` over loaded (and personalised) ``components``, with its speed options applied:
+    the scheduler (the U-Net families'; SD 3 and FLUX keep their own), LoRA fusion, memory format, compilation."""
+    family = components.kind
+    check_family_options(family, spec)
+    if not family.flow:
+        config = components.scheduler.config
+        if spec.accelerator and spec.scheduler in ("lcm", "lcm-strength"):  # a distilled student's own grid
+            config = {**config, **accelerator_schedule(spec.accelerator)}
+        components.scheduler = sampling_scheduler(spec.scheduler, config)
+    denoiser = components.denoiser
+    if spec.fuse_lora and getattr(denoiser, "peft_config", None):
         # Fold the LoRAs into the weights they adapt: the same maps, without peft's per-layer detour.
-        unet.fuse_lora()
-        unet.unload_lora()
+        denoiser.fuse_lora()
+        denoiser.unload_lora()
     if spec.channels_last:
-        unet.to(memory_format=torch.channels_last)
+        denoiser.to(memory_format=torch.channels_last)
     if spec.compile:
-        components.unet = torch.compile(unet, mode=spec.compile)
+        setattr(components, components.denoiser_name, torch.compile(denoiser, mode=spec.compile))
     return Sampler(components, steps=spec.steps, guidance=spec.guidance_scales[0], deep_cache=spec.deep_cache,
                    posterior_cache=spec.posterior_cache, schedule_in_strength=spec.scheduler == "lcm-strength")
 
