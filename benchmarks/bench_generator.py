@@ -115,6 +115,7 @@ OPTION_SETS = {  # GeneratorSpec fields per set, each adding one lever; "today":
     "distilled_4": dict(scheduler="lcm-strength", steps=4, guidance=1.0),
     "distilled_8": dict(scheduler="lcm-strength", steps=8, guidance=1.0),
     "channels_last": dict(channels_last=True),
+    "fused_qkv": dict(fuse_qkv=True),
     "compiled": dict(channels_last=True, compile="default"),
     "compiled+cuda_graphs": dict(channels_last=True, compile="reduce-overhead"),
 }

@@ -9,7 +9,7 @@
 #                       256 px, s = 0.7 and mixed strengths, fp16;
 #   2. options_fp16:    the generator's speed options, one DiffusionProducer each, 512 px fp16:
 #                       before continuous batching, continuous, DeepCache 2 and 3, channels-last,
-#                       torch.compile, torch.compile with CUDA graphs;
+#                       fused QKV, torch.compile, torch.compile with CUDA graphs;
 #   3. generator_bf16:  step 1 in bf16 at 512 px, with the U-Net compiled;
 #   4. overhead:        a ResNet-50 at 224 px training beside a live generator on the same GPU;
 #   5. finetune:        personalisation steps/s at 512 px, fp16 and bf16 autocast;
@@ -71,6 +71,7 @@ step generator_fp16 110 "$python" benchmarks/bench_generator.py --device $device
 step options_fp16 170 "$python" benchmarks/bench_generator.py --options --device $device --model $gen_model \
     --resolution $big --dtype float16 --steps $steps --batch 8 --images 24 --repeats 2 \
     --sets today continuous deep_cache_2 deep_cache_3 deep_cache_2+steps_20 steps_8+ddim_trailing channels_last \
+    fused_qkv \
     $compiled_sets \
     --out "$out/options_fp16.json"
 step generator_bf16 90 "$python" benchmarks/bench_generator.py --device $device --model $gen_model \

@@ -156,6 +156,8 @@ def add_generator_arguments(parser) -> None:
     parser.add_argument("--gen-attention", choices=["sdpa", "xformers"], default="sdpa",
                         help="the U-Net's attention: PyTorch's SDPA, or xformers (needs the xformers package)")
     parser.add_argument("--gen-channels-last", action="store_true", help="the U-Net in channels-last memory format")
+    parser.add_argument("--gen-fuse-qkv", action="store_true",
+                        help="one projection for each attention's query, key and value (exact up to rounding)")
     parser.add_argument("--gen-compile", choices=COMPILE_MODES, metavar="MODE",
                         help=f"torch.compile the U-Net in MODE ({', '.join(COMPILE_MODES)}; reduce-overhead adds "
                              "CUDA graphs)")
@@ -189,8 +191,9 @@ SPEC_OPTIONS = {
     "strengths": "strengths", "steps": "gen_steps", "guidance": "guidance", "resolution": "gen_resolution",
     "batch_size": "gen_batch_size", "continuous": "gen_continuous", "deep_cache": "gen_deep_cache",
     "posterior_cache": "gen_posterior_cache", "attention": "gen_attention", "channels_last": "gen_channels_last",
-    "compile": "gen_compile", "scheduler": "gen_scheduler", "accelerator": "gen_accelerator",
-    "accelerator_weight": "gen_accelerator_weight", "dtype": "gen_dtype", "clip_model": "clip_filter",
+    "fuse_qkv": "gen_fuse_qkv", "compile": "gen_compile", "scheduler": "gen_scheduler",
+    "accelerator": "gen_accelerator", "accelerator_weight": "gen_accelerator_weight", "dtype": "gen_dtype",
+    "clip_model": "clip_filter",
     "local_files_only": "local_files_only", "policy": "gen_policy", "policy_floor": "gen_policy_floor",
     "strength_schedule": "strength_schedule", "inversion": "inversion", "inversion_noise": "inversion_noise",
     "inversion_interpolation": "inversion_interpolation", "captions": "captions",

@@ -165,3 +165,23 @@ def test_distill_and_invert_refuse_the_families_they_cannot_train_before_loading
         check_family_options(FAMILIES["flux"], GeneratorSpec(model="m", scheduler="lcm", accelerator="a.safetensors"))
     with pytest.raises(ValueError, match="DeepCache need a Stable Diffusion 1.x/2.x generator"):
         check_family_options(FAMILIES["sdxl"], GeneratorSpec(model="m", deep_cache=2))
+
+
+@pytest.mark.parametrize("name", ["sd", *sorted(BUILDERS)])
+def test_fused_qkv_projections_give_the_same_images_up_to_rounding(name):
+    """``fuse_qkv``: each attention's query, key and value (and SD 3's and FLUX's text-stream ones) become one
+    projection, on every family, and the translations stay what they were."""
+    import dataclasses
+
+    from onlinemix.generator.worker import GeneratorSpec, build_sampler
+
+    make = tiny_components if name == "sd" else BUILDERS[name]
+    spec = GeneratorSpec(model="m", steps=6, guidance=3.0)
+    images = references(2)
+    plain = build_sampler(make(0), spec).translate(images, PROMPTS[:2], [0.7, 0.9], SEEDS[:2])
+    components = make(0)
+    fused = build_sampler(components, dataclasses.replace(spec, fuse_qkv=True))
+    assert any(hasattr(m, "to_qkv") for m in components.denoiser.modules()), "the projections are joined"
+    torch.testing.assert_close(fused.translate(images, PROMPTS[:2], [0.7, 0.9], SEEDS[:2]), plain, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="keep fuse_lora=True and attention='sdpa'"):
+        dataclasses.replace(spec, fuse_qkv=True, fuse_lora=False)

@@ -170,7 +170,7 @@ def test_the_saved_folder_loads_into_a_fresh_model_and_generates_what_the_traine
                                                           if family.startswith("flux") else set()) | (
         {"add_q_proj", "add_k_proj", "add_v_proj"} if family.startswith("sd3") else set())
     # SD 3's last block (the tiny model's only one) drops the text stream's output: it has no to_add_out and its
-    # add_q_proj gets no gradient. Every other LoRA learns.
+    # add_q_proj gets an all-zero gradient. Every other LoRA learns.
     silent = {name for name, moved in lora.items() if not moved}
     assert silent == ({"transformer_blocks.0.attn.add_q_proj"} if family.startswith("sd3") else set()), silent
 
@@ -232,3 +232,21 @@ def test_finetune_then_train_with_diffmix_end_to_end(family, data_dir, tmp_path)
     assert result["augmentation"]["replaced"] > 0 and result["generator"]["restarts"] == 0
     assert (tmp_path / "runs" / "run" / "metrics.jsonl").is_file()
     assert shared_memory() <= before, "the ring and its segments are gone"
+
+
+@pytest.mark.slow
+def test_two_processes_personalise_a_flow_model(data_dir, tmp_path):
+    """torchrun on the CPU (gloo), SD 3: one data-parallel run over the transformer's LoRA and both CLIP
+    encoders' tokens. The last block's text-query LoRA gets an all-zero gradient (the block drops the text
+    output), which DDP accepts without find_unused_parameters."""
+    import subprocess
+    import sys
+
+    BUILDERS["sd3"](0).save(str(tmp_path / "sd3"))
+    command = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node", "2",
+               "-m", "onlinemix.cli", "finetune", "--model", str(tmp_path / "sd3"), "--data-dir", data_dir,
+               "--out", str(tmp_path / "ddp"), "--steps", "2", "--batch-size", "2", "--resolution", "32",
+               "--workers", "0", "--preview-steps", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "ddp" / embeddings_file("text_encoder_2")).is_file()

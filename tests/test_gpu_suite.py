@@ -26,7 +26,7 @@ def test_gpu_suite_dry_run_writes_every_figure(tmp_path):
     options = json.loads((tmp_path / "options_fp16.json").read_text())
     assert [r["options"] for r in options["runs"]] == ["today", "continuous", "deep_cache_2", "deep_cache_3",
                                                        "deep_cache_2+steps_20", "steps_8+ddim_trailing",
-                                                       "channels_last"]
+                                                       "channels_last", "fused_qkv"]
     assert all(r["images_per_s"] > 0 for r in options["runs"])
 
 
