@@ -2,6 +2,8 @@
 call of mixed strengths against the img2img pipeline run per strength, and text-to-image (Diff-Gen)."""
 from __future__ import annotations
 
+import os
+
 import diffusers
 import pytest
 import torch
@@ -185,3 +187,22 @@ def test_fused_qkv_projections_give_the_same_images_up_to_rounding(name):
     torch.testing.assert_close(fused.translate(images, PROMPTS[:2], [0.7, 0.9], SEEDS[:2]), plain, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="keep fuse_lora=True and attention='sdpa'"):
         dataclasses.replace(spec, fuse_qkv=True, fuse_lora=False)
+
+
+def test_a_hub_model_in_the_cache_tells_its_family_before_loading(tmp_path):
+    """``model_family`` of a hub id reads the cached ``model_index.json`` (nothing is fetched); an id not in the
+    cache gives None, to be read once a worker loads it."""
+    import json
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "models--org--flux" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (tmp_path / "models--org--flux" / "refs").mkdir()
+    (tmp_path / "models--org--flux" / "refs" / "main").write_text("abc")
+    code = ("from onlinemix.generator.components import model_family\n"
+            "print(model_family('org/flux').name, model_family('org/elsewhere'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+    assert done.stdout.split() == ["flux", "None"], done.stderr[-2000:]

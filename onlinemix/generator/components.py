@@ -171,11 +171,15 @@ def model_index(model: str, *, local_files_only: bool = False) -> dict:
 
 
 def model_family(source: str):
-    """The family (``families.Family``) of a ``model_source`` that is a folder; None for a hub id, whose
-    ``model_index.json`` is read once it is loaded."""
+    """The family (``families.Family``) of a ``model_source``: a folder's, or a hub model's already in the hub
+    cache; None for a hub model not downloaded yet, whose ``model_index.json`` is read once it is loaded."""
+    from huggingface_hub import try_to_load_from_cache
+
     from .families import family_of
 
-    return family_of(model_index(source)["_class_name"]) if os.path.isdir(source) else None
+    if not os.path.isdir(source) and not isinstance(try_to_load_from_cache(source, "model_index.json"), str):
+        return None
+    return family_of(model_index(source, local_files_only=True)["_class_name"])
 
 
 def model_source(model: Union[str, os.PathLike], *, local_files_only: bool = False,

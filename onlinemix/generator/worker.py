@@ -251,7 +251,8 @@ class DiffusionProducerFactory:
         self.spec, self.references, self.feedback = spec, references, feedback
         self.class_names, self.metaclass = list(class_names), metaclass
         self.strategy = get_strategy(spec.strategy)
-        # A folder tells its family now; a hub model, once a worker loads it (the U-Nets' strength arithmetic here).
+        # A folder or a cached hub model tells its family now; another hub model once a worker loads it (until
+        # then the U-Nets' strength arithmetic is assumed here).
         family = model_family(spec.model) or FAMILIES["sd"]
         check_family_options(family, spec)
         # The files a strategy runs on are the run's to name, so they are asked for here, with the data:
