@@ -16,8 +16,9 @@
 #   6. distill:         `onlinemix distill` steps/s and peak memory at 512 px, batch 8, rank 64, bf16 and fp16;
 #   7. caption:         SGID's caption store per image: BLIP base (10 nucleus + 10 beam captions) and
 #                       CLIP ViT-B/32, fp32;
-#   8. families:        s / image of translation and text-to-image on SDXL base's, SD 3 medium's and
-#                       FLUX.1-dev's architectures (random weights), 512 px, 25 steps, bf16.
+#   8. family_sdxl, family_sd3, family_flux: s / image of translation and text-to-image on SDXL base's,
+#                       SD 3 medium's and FLUX.1-dev's architectures (random weights), one step each,
+#                       512 px, 25 steps, bf16.
 # Each step has its own time limit and the suite a budget (GPU_SUITE_SECONDS, 480 by default): a step
 # that would start with less than 20 s left is skipped and says so. OUT/suite.log lists every step with
 # its exit status and seconds; OUT/<step>.log holds its output, OUT/<step>.json its figures.
@@ -38,7 +39,7 @@ if [ "$dry_run" = 1 ]; then
     finetune_extra="--classes 4 --steps 2 --warmup 1"
     distill_extra="--rank 4 --batch 2 --steps 2 --warmup 1"
     caption_extra="--size tiny --images 2 --batch-size 1 --nucleus 2 --beam 2 --tokens 4"
-    families_extra="--families sdxl sd3 flux-dev --resolution 32 --steps 4 --repeats 1 --rounds 1"
+    families_extra="--resolution 32 --steps 4 --repeats 1 --rounds 1"
 else
     device=cuda gen_model=sd15 big=512 small=256 steps=25 classifier=resnet50 img=224
     compiled_sets="compiled compiled+cuda_graphs"
@@ -46,7 +47,7 @@ else
     finetune_extra="--steps 10"
     distill_extra="--steps 10"
     caption_extra="--images 32 --batch-size 8"
-    families_extra="--native --families sdxl sd3 flux-dev --dtype bfloat16 --resolution 512 --steps 25 --repeats 1 --rounds 1"
+    families_extra="--native --dtype bfloat16 --resolution 512 --steps 25 --repeats 1 --rounds 1"
 fi
 
 start=$(date +%s)
@@ -86,8 +87,13 @@ step distill 60 "$python" benchmarks/bench_distill.py --device $device --model $
 
 step caption 60 "$python" benchmarks/bench_caption.py --device $device --parts cost $caption_extra \
     --out "$out/caption.json"
-step families 120 "$python" benchmarks/bench_families.py --device $device --parts translate generate \
-    $families_extra --out "$out/families.json"
+family_step() {  # family_step NAME FAMILY SECONDS: one family's step 8
+    step "family_$1" "$3" "$python" benchmarks/bench_families.py --device $device --families "$2" \
+        --parts translate generate $families_extra --out "$out/family_$1.json"
+}
+family_step sdxl sdxl 50
+family_step sd3 sd3 50
+family_step flux flux-dev 90  # FLUX.1's transformer holds 12 B parameters
 
 echo "gpu_suite: $(( $(date +%s) - start )) s in all; figures in $out" | tee -a "$out/suite.log"
 ! grep -qv ": exit 0 \|gpu_suite:" "$out/suite.log"

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("generator_fp16", "options_fp16", "generator_bf16", "overhead", "finetune", "distill", "caption",
-         "families")
+         "family_sdxl", "family_sd3", "family_flux")
 
 
 @pytest.mark.slow
