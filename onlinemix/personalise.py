@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .generator.adapters import add_tokens, token_words
+from .generator.adapters import add_tokens, token_words, tokenizer_of
 from .generator.components import Components
 from .plan import PERSONALISATIONS, get_strategy, placeholder_token
 from .training_noise import training_noise_of
@@ -127,8 +127,8 @@ class Personaliser:
                                                       encoder=encoder)
                           for token, name in zip(self.tokens, self.class_names)}
                 self.prompt_tokens = list(add_tokens(components, starts, encoder=encoder).values())
-                tokenizer = getattr(components, encoder.replace("text_encoder", "tokenizer"))
-                ids = tokenizer.convert_tokens_to_ids([w for t in self.tokens for w in token_words(t, vectors_per_token)])
+                words = [w for t in self.tokens for w in token_words(t, vectors_per_token)]
+                ids = tokenizer_of(components, encoder).convert_tokens_to_ids(words)
                 self.token_rows[encoder] = TokenRows(getattr(components, encoder), ids)
         if method != "ti":
             from peft import LoraConfig
@@ -173,7 +173,7 @@ class Personaliser:
             raise ValueError(f"--class-descriptions names classes the data set lacks: {unknown[:3]}; its keys must be "
                              f"class names such as {list(class_names)[:2]}.")
         for encoder in components.kind.token_encoders if method != "db" else ():
-            vocab = getattr(components, encoder.replace("text_encoder", "tokenizer")).get_vocab()
+            vocab = tokenizer_of(components, encoder).get_vocab()
             clash = [placeholder_token(i) for i in range(len(class_names)) if placeholder_token(i) in vocab]
             if clash:
                 raise ValueError(f"The tokenizer already holds {clash[:3]}: fine-tune from the base model, not from "
@@ -182,8 +182,7 @@ class Personaliser:
     def initial_vectors(self, words: str, count: int, *, encoder: str = "text_encoder") -> torch.Tensor:
         """``[count, D]``: the sub-word embeddings of ``words`` in ``encoder`` split into ``count`` consecutive
         runs (each sub-word reused in turn when there are fewer), each run averaged."""
-        tokenizer = getattr(self.components, encoder.replace("text_encoder", "tokenizer"))
-        ids = tokenizer(words, add_special_tokens=False).input_ids
+        ids = tokenizer_of(self.components, encoder)(words, add_special_tokens=False).input_ids
         if not ids:
             raise ValueError(f"{words!r} encodes to no token; pass existing words to --initializer or "
                              "--class-descriptions.")

@@ -216,6 +216,11 @@ def token_words(token: str, vectors: int) -> list[str]:
     return [token] + [f"{token}_{k}" for k in range(1, vectors)]
 
 
+def tokenizer_of(components: Components, encoder: str):
+    """The tokenizer that feeds ``encoder`` (``text_encoder_2``: ``tokenizer_2``)."""
+    return getattr(components, encoder.replace("text_encoder", "tokenizer"))
+
+
 def add_tokens(components: Components, embeddings: dict, *, encoder: str = "text_encoder") -> dict:
     """Add learned tokens to a tokenizer and their embedding rows to its text encoder.
 
@@ -228,7 +233,7 @@ def add_tokens(components: Components, embeddings: dict, *, encoder: str = "text
     Returns:
         ``{token: text}``: what stands for each token in a prompt, its K words space-separated.
     """
-    tokenizer, encoder = getattr(components, encoder.replace("text_encoder", "tokenizer")), getattr(components, encoder)
+    tokenizer, encoder = tokenizer_of(components, encoder), getattr(components, encoder)
     rows = {token: row.reshape(-1, row.shape[-1]) for token, row in embeddings.items()}
     words = {token: token_words(token, len(row)) for token, row in rows.items()}
     clash = [w for ws in words.values() for w in ws if w in tokenizer.get_vocab()]
